@@ -1,0 +1,373 @@
+"""One typed configuration for every part of brainmt: dataclass schema, layered YAML, dot-list overrides.
+
+``load_config(path_or_name, overrides=["model.embed_dim=64"])`` reads a YAML file (or a built-in
+config by name: ``paper``, ``debug``, ``demo``), follows its ``base:`` chain (each file holds only
+its differences from its base), applies ``key=value`` overrides last, and checks every key and
+type against the schema. Unknown keys and wrong types raise :class:`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration key, value or file is wrong; the message names which."""
+
+
+@dataclass
+class ModelConfig:
+    """BrainMT architecture. Input (B, T, in_channels, *volume_shape); output (B, 1)."""
+
+    volume_shape: list[int] = field(default_factory=lambda: [91, 109, 91])
+    in_channels: int = 1
+    stem_channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
+    embed_dim: int = 512
+    num_frames: int = 200          # length of the learned temporal embedding table (frames per training window)
+    max_frames: int = 1200         # longest input accepted; other lengths interpolate the table
+    mamba_depth: int = 12
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: int | None = None     # None: ceil(embed_dim / 16)
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    bidirectional: bool = True
+    attention_depth: int = 8
+    attention: Literal["global", "spatial"] = "spatial"
+    num_heads: int = 8
+    mlp_ratio: float = 4.0
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.1
+    head_dropout: float = 0.0
+    checkpointing: Literal["none", "mamba", "attention", "all"] = "none"
+    backend: Literal["auto", "cuda", "torch"] = "auto"
+    scan_chunk_size: int | None = None  # pure-PyTorch scan only; None: ceil(sqrt(L))
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and what a sample is."""
+
+    shards: str | None = None
+    target: str = "score"
+    task: Literal["regression", "classification"] = "regression"
+    num_frames: int = 200
+    num_workers: int = 4
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay, stepped every optimizer step."""
+
+    lr: float = 2e-4
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_epochs: float = 5.0
+    grad_clip: float = 1.0
+    accumulate_steps: int = 1
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    epochs: int = 20
+    batch_size: int = 2
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    seed: int = 42
+    log_every: int = 20
+    eval_every_epochs: int = 1
+    early_stopping_patience: int = 5
+    keep_last: int = 3
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass
+class ClusterConfig:
+    """How jobs are asked of the scheduler. Site specifics belong in a cluster profile YAML."""
+
+    cluster: Literal["auto", "slurm", "local", "debug"] = "auto"
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    nodes: int = 1
+    gpus_per_node: int = 1
+    gpu_request: Literal["gpus_per_node", "gres"] = "gpus_per_node"
+    cpus_per_task: int = 8
+    mem_gb: float | None = None
+    time_min: int = 24 * 60
+    max_requeues: int = 20
+    setup: list[str] = field(default_factory=list)
+    container: str | None = None
+    binds: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SweepConfig:
+    """Ray Tune sweep: search space over config keys, metric, ASHA and per-trial resources."""
+
+    space: dict[str, Any] = field(default_factory=dict)
+    metric: str = "val_loss"
+    mode: Literal["min", "max"] = "min"
+    num_samples: int = 8
+    grace_period: int = 2
+    reduction_factor: int = 3
+    max_epochs: int = 20
+    gpus_per_trial: float = 1.0
+    cpus_per_trial: float = 4.0
+    max_concurrent_trials: int | None = None
+
+
+@dataclass
+class AnalysisConfig:
+    """Integrated Gradients settings."""
+
+    steps: int = 32
+    baseline: Literal["zeros", "mean", "background"] = "zeros"
+    internal_batch_size: int | None = None
+    split: str = "test"
+    checkpoint: str = "best"
+    atlas: str | None = None
+    atlas_labels: str | None = None
+    top_regions: int = 20
+
+
+@dataclass
+class Config:
+    """The whole configuration; written as ``config.yaml`` into every run directory."""
+
+    name: str = "brainmt"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+
+
+# ---------------------------------------------------------------- typed merging
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widened to float where a float is due)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r} ({type(value).__name__})")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r} ({type(value).__name__})")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r} ({type(value).__name__})")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r} ({type(value).__name__})")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads '1e-3' (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r} ({type(value).__name__})")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r} ({type(value).__name__})")
+        return value
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _unknown_key(key: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(valid)}"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _merge(obj: Any, updates: dict, prefix: str, source: str) -> None:
+    """Apply a nested mapping of updates to the dataclass ``obj`` in place, checking keys and types."""
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in updates.items():
+        full = f"{prefix}{key}"
+        if key not in hints:
+            raise ConfigError(f"{source}: {_unknown_key(full, names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {full}: expected a mapping of {tp.__name__} keys, got {value!r}")
+            _merge(getattr(obj, key), value, f"{full}.", source)
+        else:
+            try:
+                setattr(obj, key, _coerce(value, tp, full))
+            except ConfigError as exc:
+                raise ConfigError(f"{source}: {exc}") from None
+
+
+def _resolve_path(ref: str | Path, relative_to: Path | None = None) -> Path:
+    """A config file from a path, a path relative to the including file, or a built-in name."""
+    ref = Path(ref)
+    candidates = [ref]
+    if relative_to is not None and not ref.is_absolute():
+        candidates.insert(0, relative_to.parent / ref)
+    candidates += [CONFIG_DIR / ref, CONFIG_DIR / f"{ref}.yaml"]
+    for cand in candidates:
+        if cand.is_file():
+            return cand
+    builtin = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"config file not found: {ref} (built-in configs: {', '.join(builtin)})")
+
+
+def _read_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict]]:
+    """The chain of YAML layers, base first, following ``base:`` keys."""
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: circular 'base:' chain: {' -> '.join(map(str, seen + (path,)))}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    base = data.pop("base", None)
+    layers: list[tuple[Path, dict]] = []
+    for ref in [base] if isinstance(base, str) else (base or []):
+        layers += _read_layers(_resolve_path(ref, path), seen + (path.resolve(),))
+    return layers + [(path, data)]
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Split ``a.b=value`` into the key and the YAML-parsed value."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _nest(key: str, value: Any) -> dict:
+    out: dict = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """Apply ``key=value`` overrides to ``cfg`` in place and return it."""
+    for item in overrides:
+        key, value = parse_override(item)
+        _merge(cfg, _nest(key, value), "", f"override '{item}'")
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | list[str | Path] | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load the typed config from YAML layers (``path`` may be a list, applied in order) and overrides."""
+    cfg = Config()
+    paths = [] if path is None else path if isinstance(path, list) else [path]
+    for p in paths:
+        for layer_path, data in _read_layers(_resolve_path(p)):
+            _merge(cfg, data, "", str(layer_path))
+    return apply_overrides(cfg, overrides)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """The config as plain nested dicts and lists."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict, source: str = "<dict>") -> Config:
+    """Build a checked config from nested dicts (e.g. the copy stored in a checkpoint)."""
+    cfg = Config()
+    _merge(cfg, data, "", source)
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write the resolved config as YAML (atomically); ``load_config`` reads it back unchanged."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+    return path
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    m = cfg.model
+    checks = [
+        (len(m.volume_shape) == 3 and all(s > 0 for s in m.volume_shape), "model.volume_shape", "three positive sizes"),
+        (len(m.stem_channels) == 4 and all(c > 0 for c in m.stem_channels), "model.stem_channels", "four positive widths"),
+        (m.num_heads > 0, "model.num_heads", "positive"),
+        (m.embed_dim > 0 and m.embed_dim % max(1, m.num_heads) == 0, "model.embed_dim",
+         f"a positive multiple of model.num_heads ({m.num_heads})"),
+        (0 < m.num_frames <= m.max_frames, "model.num_frames", f"between 1 and model.max_frames ({m.max_frames})"),
+        (m.mamba_depth >= 0 and m.attention_depth >= 0, "model.mamba_depth/attention_depth", "zero or more"),
+        (m.d_state > 0 and m.d_conv > 0 and m.expand > 0, "model.d_state/d_conv/expand", "positive"),
+        (0 < m.dt_min <= m.dt_max, "model.dt_min", "positive and at most model.dt_max"),
+        (0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate", "in [0, 1)"),
+        (0 < cfg.data.num_frames <= m.max_frames, "data.num_frames", f"between 1 and model.max_frames ({m.max_frames})"),
+        (m.scan_chunk_size is None or m.scan_chunk_size > 0, "model.scan_chunk_size", "positive or null"),
+        (cfg.optim.lr > 0, "optim.lr", "positive"),
+        (len(cfg.optim.betas) == 2, "optim.betas", "two numbers"),
+        (cfg.optim.accumulate_steps >= 1, "optim.accumulate_steps", "at least 1"),
+        (cfg.train.batch_size >= 1, "train.batch_size", "at least 1"),
+        (cfg.cluster.nodes >= 1, "cluster.nodes", "at least 1"),
+        (cfg.analysis.steps >= 1, "analysis.steps", "at least 1"),
+    ]
+    for ok, key, want in checks:
+        if not ok:
+            raise ConfigError(f"{key}: must be {want}")

@@ -1,0 +1,91 @@
+"""Config: built-ins, layering, overrides, round trip, and the errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from brainmt.config import Config, ConfigError, load_config, save_config
+
+
+def test_builtin_configs_load():
+    paper = load_config("paper")
+    assert paper.model.embed_dim == 512 and paper.model.mamba_depth == 12 and paper.model.attention_depth == 8
+    assert paper.model.d_state == 16 and paper.model.expand == 2 and paper.optim.lr == pytest.approx(2e-4)
+    debug = load_config("debug")
+    assert debug.name == "debug" and debug.model.embed_dim == 32
+    assert debug.optim.weight_decay == pytest.approx(0.05)  # inherited from paper through base:
+    assert load_config("demo").model.embed_dim == 32     # demo -> debug -> paper
+
+
+def test_overrides_apply_and_parse_types():
+    cfg = load_config("debug", ["model.embed_dim=64", "model.volume_shape=[16, 16, 16]",
+                                "model.attention=global", "optim.lr=1e-3", "model.dt_rank=null", "train.seed=7"])
+    assert cfg.model.embed_dim == 64 and cfg.model.volume_shape == [16, 16, 16]
+    assert cfg.model.attention == "global" and cfg.optim.lr == pytest.approx(1e-3)
+    assert isinstance(cfg.optim.lr, float) and cfg.model.dt_rank is None and cfg.train.seed == 7
+
+
+def test_round_trip(tmp_path):
+    cfg = load_config("paper", ["model.attention=global", "cluster.setup=['module load cuda']",
+                                "sweep.space={model.mamba_depth: [6, 12]}"])
+    path = save_config(cfg, tmp_path / "run" / "config.yaml")
+    again = load_config(path)
+    assert again == cfg
+    assert save_config(again, tmp_path / "again.yaml").read_text() == path.read_text()
+
+
+def test_layered_files_and_relative_base(tmp_path):
+    (tmp_path / "site.yaml").write_text("base: debug\ncluster:\n  partition: gpu-a100\n  account: lab\n")
+    (tmp_path / "run.yaml").write_text("base: site.yaml\nmodel:\n  mamba_depth: 3\n")
+    cfg = load_config(tmp_path / "run.yaml")
+    assert cfg.cluster.partition == "gpu-a100" and cfg.model.mamba_depth == 3 and cfg.model.embed_dim == 32
+    both = load_config([tmp_path / "site.yaml", "paper"])  # later files win
+    assert both.model.embed_dim == 512 and both.cluster.partition == "gpu-a100"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.embd_dim=64", "unknown config key 'model.embd_dim'; did you mean 'embed_dim'"),
+        ("modle.embed_dim=64", "unknown config key 'modle'"),
+        ("model.embed_dim=abc", "model.embed_dim: expected an integer, got 'abc'"),
+        ("model.embed_dim=6.5", "model.embed_dim: expected an integer"),
+        ("model.bidirectional=maybe", "model.bidirectional: expected true or false"),
+        ("model.attention=local", "model.attention: must be one of ['global', 'spatial']"),
+        ("model.volume_shape=[91, x, 91]", "model.volume_shape[1]: expected an integer"),
+        ("model.volume_shape=91", "model.volume_shape: expected a list"),
+        ("model=3", "model: expected a mapping"),
+        ("model.embed_dim=100", "model.embed_dim: must be a positive multiple of model.num_heads"),
+        ("model.embed_dim", "is not of the form key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("paper", [override])
+    assert message in str(err.value)
+
+
+def test_bad_files_name_the_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  depth: 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown config key 'model\.depth'"):
+        load_config(bad)
+    bad.write_text("optim:\n  lr: fast\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: optim\.lr: expected a number, got 'fast'"):
+        load_config(bad)
+    bad.write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML"):
+        load_config(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping at the top level"):
+        load_config(bad)
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="circular 'base:' chain"):
+        load_config(tmp_path / "a.yaml")
+    with pytest.raises(ConfigError, match="config file not found: nope.yaml"):
+        load_config("nope.yaml")
+
+
+def test_defaults_are_the_schema():
+    assert load_config() == Config()

@@ -1,0 +1,1 @@
+"""Data: synthetic scans now; NIfTI reading, shards and loaders follow."""

@@ -1,0 +1,141 @@
+"""Building blocks of BrainMT: the 3-D conv stem, the Mamba and attention blocks, stochastic depth."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from brainmt.models.mamba import BiMambaMixer
+
+
+def _norm3d(channels: int) -> nn.GroupNorm:
+    """GroupNorm for the stem: independent of batch size, so frames folded into the batch do not mix."""
+    return nn.GroupNorm(min(8, channels), channels)
+
+
+def conv_output_size(size: int, num_stride2: int = 4) -> int:
+    """Size of one axis after ``num_stride2`` stride-2 convolutions with kernel 3 and padding 1."""
+    for _ in range(num_stride2):
+        size = (size + 1) // 2
+    return size
+
+
+class ResidualBlock3d(nn.Module):
+    """Residual 3-D conv block that halves each spatial axis: (N, C_in, D, H, W) -> (N, C_out, ~D/2, ~H/2, ~W/2)."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv3d(in_channels, out_channels, 3, stride=2, padding=1, bias=False)
+        self.norm1 = _norm3d(out_channels)
+        self.conv2 = nn.Conv3d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.norm2 = _norm3d(out_channels)
+        self.shortcut = nn.Sequential(
+            nn.Conv3d(in_channels, out_channels, 1, stride=2, bias=False), _norm3d(out_channels)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the block."""
+        out = F.gelu(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        return F.gelu(out + self.shortcut(x))
+
+
+class ConvStem(nn.Module):
+    """Per-frame conv stem: (N, C, D, H, W) -> (N, K, embed_dim) with K = prod of the axes after 4 halvings.
+
+    Two stride-2 convolutions, then two residual blocks that each downsample by 2, then a 1x1x1
+    projection to ``embed_dim``. A 91x109x91 volume gives a 6x7x6 grid: K = 252 tokens.
+    """
+
+    def __init__(self, in_channels: int, channels: list[int], embed_dim: int) -> None:
+        super().__init__()
+        c0, c1, c2, c3 = channels
+        self.conv1 = nn.Sequential(nn.Conv3d(in_channels, c0, 3, stride=2, padding=1, bias=False), _norm3d(c0), nn.GELU())
+        self.conv2 = nn.Sequential(nn.Conv3d(c0, c1, 3, stride=2, padding=1, bias=False), _norm3d(c1), nn.GELU())
+        self.res1 = ResidualBlock3d(c1, c2)
+        self.res2 = ResidualBlock3d(c2, c3)
+        self.proj = nn.Conv3d(c3, embed_dim, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """Return tokens (N, K, embed_dim) and the token grid (d, h, w)."""
+        x = self.proj(self.res2(self.res1(self.conv2(self.conv1(x)))))
+        grid = tuple(x.shape[2:])
+        return x.flatten(2).transpose(1, 2), grid  # type: ignore[return-value]
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample with probability ``p`` in training."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Scale kept samples by 1/(1-p); identity in eval mode or when p == 0."""
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class MambaBlock(nn.Module):
+    """Pre-norm residual Mamba block: x + DropPath(BiMamba(RMSNorm(x))); (B, L, E) -> (B, L, E)."""
+
+    def __init__(self, dim: int, drop_path: float, **mixer_kwargs) -> None:
+        super().__init__()
+        self.norm = nn.RMSNorm(dim, eps=1e-5)
+        self.mixer = BiMambaMixer(dim, **mixer_kwargs)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the block."""
+        return x + self.drop_path(self.mixer(self.norm(x)))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through ``scaled_dot_product_attention``: (B, L, E) -> (B, L, E)."""
+
+    def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.attn_drop, self.proj_drop = attn_drop, nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply attention over the L tokens."""
+        batch, length, dim = x.shape
+        qkv = self.qkv(x).view(batch, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, length, dim)))
+
+
+class Mlp(nn.Module):
+    """Two-layer GELU MLP: (..., E) -> (..., E)."""
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.drop = nn.Linear(dim, hidden), nn.Linear(hidden, dim), nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the MLP."""
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
+
+
+class AttentionBlock(nn.Module):
+    """Pre-norm transformer block with its own norms and MLP: (B, L, E) -> (B, L, E)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop: float, attn_drop: float, drop_path: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads, attn_drop, drop)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the block."""
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))

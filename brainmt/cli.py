@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -52,6 +53,57 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_synth(args: argparse.Namespace) -> int:
+    """Write a synthetic BIDS dataset with planted effects."""
+    from brainmt.data.synthetic import write_synthetic_bids
+
+    out = write_synthetic_bids(args.out, args.subjects, args.frames, args.shape, seed=args.seed, tr=args.tr,
+                               workers=args.workers)
+    print(f"wrote {args.subjects} synthetic scans ({'x'.join(map(str, args.shape))}, {args.frames} frames) to {out}")
+    print(f"phenotypes: {out / 'participants.tsv'}; planted regions: {out / 'derivatives' / 'planted'}")
+    return 0
+
+
+def _parse_part(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--part must look like i/n (e.g. 0/8), got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"--part {text}: need 0 <= i < n")
+    return i, n
+
+
+def cmd_shard(args: argparse.Namespace) -> int:
+    """NIfTI scans + phenotypes -> WebDataset shards, manifest and splits."""
+    from brainmt.data.layouts import LayoutError
+    from brainmt.data.nifti import ScanError
+    from brainmt.data.phenotypes import PhenotypeError
+    from brainmt.data.shards import ShardError, ShardOptions, merge_manifest, shard_dataset
+
+    opts = ShardOptions(chunk_frames=args.chunk_frames, shard_bytes=int(args.shard_size_gb * 1e9),
+                        background=args.background, min_frames=args.min_frames, mask_fraction=args.mask_fraction,
+                        mask_scans=args.mask_scans, split_fractions=tuple(args.split), split_seed=args.split_seed,
+                        strict=args.strict)
+    try:
+        if args.merge:
+            print(f"manifest: {merge_manifest(args.output, opts, resplit=args.resplit)}")
+            return 0
+        if not args.input or not args.phenotypes:
+            print("brainmt shard: --input and --phenotypes are required (unless --merge)", file=sys.stderr)
+            return 2
+        summary = shard_dataset(
+            args.input, args.phenotypes, args.output, layout=args.layout, glob=args.glob,
+            subject_regex=args.subject_regex, bids_space=args.bids_space, mask=args.mask, part=args.part,
+            mask_only=args.mask_only, id_column=args.id_column, targets=args.targets, sex_column=args.sex_column,
+            family_column=args.family_column, options=opts)
+    except (ShardError, ScanError, PhenotypeError, LayoutError) as exc:
+        print(f"brainmt shard: error: {exc}", file=sys.stderr)
+        return 1
+    print(summary.text())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``brainmt`` console script."""
     parser = argparse.ArgumentParser(prog="brainmt", description=__doc__)
@@ -67,6 +119,42 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cluster", choices=["local", "debug"], default="local",
                    help="submitit executor: local (a separate process) or debug (in-process)")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("synth", help="write synthetic scans with planted effects (BIDS layout)")
+    p.add_argument("out")
+    p.add_argument("--subjects", type=int, default=40)
+    p.add_argument("--frames", type=int, default=100)
+    p.add_argument("--shape", type=int, nargs=3, default=[48, 56, 48], metavar=("X", "Y", "Z"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tr", type=float, default=0.735)
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.set_defaults(func=cmd_synth)
+    p = sub.add_parser("shard", help="NIfTI scans + phenotypes -> WebDataset shards, manifest.json, splits.json")
+    p.add_argument("--input", help="directory of scans")
+    p.add_argument("--phenotypes", help="participants.tsv or CSV")
+    p.add_argument("--output", required=True, help="shard directory")
+    p.add_argument("--layout", default="auto", choices=["auto", "bids", "ukb", "hcp", "glob"])
+    p.add_argument("--glob", help="with --layout glob: file pattern relative to --input")
+    p.add_argument("--subject-regex", help="with --glob: regex on the relative path; group 'subject' or group 1")
+    p.add_argument("--bids-space", help="BIDS/fMRIPrep: the space- entity to use (default: MNI*)")
+    p.add_argument("--mask", help="brain mask NIfTI (default: computed from the data)")
+    p.add_argument("--mask-fraction", type=float, default=0.9)
+    p.add_argument("--mask-scans", type=int, help="compute the mask from at most this many scans")
+    p.add_argument("--mask-only", action="store_true", help="compute and save mask.nii.gz, then stop")
+    p.add_argument("--id-column")
+    p.add_argument("--targets", nargs="+", help="target columns (default: sex + every numeric column)")
+    p.add_argument("--sex-column")
+    p.add_argument("--family-column")
+    p.add_argument("--chunk-frames", type=int, default=10, help="frames per stored chunk")
+    p.add_argument("--shard-size-gb", type=float, default=1.0)
+    p.add_argument("--background", choices=["min", "zero"], default="min")
+    p.add_argument("--min-frames", type=int, default=200, help="scans with fewer frames are skipped")
+    p.add_argument("--split", type=float, nargs=3, default=[0.7, 0.15, 0.15], metavar=("TRAIN", "VAL", "TEST"))
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--resplit", action="store_true", help="with --merge: rewrite splits.json")
+    p.add_argument("--part", type=_parse_part, default=(0, 1), help="i/n: write slice i of n (array jobs)")
+    p.add_argument("--merge", action="store_true", help="gather finished parts into manifest.json and splits.json")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad scan instead of skipping it")
+    p.set_defaults(func=cmd_shard)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m brainmt.bench.loader``; the model benchmark follows (issue 9)."""

@@ -1,0 +1,119 @@
+"""Loader benchmark at full size: storage, bytes read per sample, samples/s and MB/s per worker.
+
+``python -m brainmt.bench.loader [--subjects 3 --frames 490 --shape 91 109 91 --num-frames 200]``
+writes synthetic scans, shards them, then reads training samples through a DataLoader with
+``--workers`` worker processes (dense (T, 1, D, H, W) float16, as training uses them) and prints a
+table; ``--json FILE`` writes the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _drop_page_cache() -> bool:
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+        return True
+    except OSError:
+        return False
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Generate, shard and read; return the measurements."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from brainmt.data.loader import ShardSet, TrainStream
+    from brainmt.data.shards import ShardOptions, shard_dataset
+    from brainmt.data.synthetic import write_synthetic_bids
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="brainmt-bench-"))
+    raw, out = work / "raw", work / "shards"
+    t0 = time.time()
+    if not (raw / "participants.tsv").exists():
+        write_synthetic_bids(raw, args.subjects, args.frames, args.shape, seed=0, workers=1, compress=False)
+    t_synth = time.time() - t0
+    if out.exists():
+        shutil.rmtree(out)
+    t0 = time.time()
+    shard_dataset(raw, raw / "participants.tsv", out, options=ShardOptions(min_frames=args.num_frames,
+                  chunk_frames=args.chunk_frames), progress=False)
+    t_shard = time.time() - t0
+    shards = ShardSet(out)
+    scans = sorted(shards.scans)
+    dense_bytes = len(scans) * args.frames * int(np.prod(args.shape)) * 2
+    stored = sum(s["bytes"] for s in shards.manifest["shards"])
+    cache_dropped = _drop_page_cache()
+    results = {"device": "CPU (this machine)", "subjects": len(scans), "frames": args.frames,
+               "shape": list(args.shape), "num_frames": args.num_frames, "chunk_frames": args.chunk_frames,
+               "brain_voxels": shards.n_brain, "cropped_shape": list(shards.volume_shape),
+               "storage_bytes": stored, "dense_fp16_bytes": dense_bytes, "storage_ratio": stored / dense_bytes,
+               "synth_seconds": round(t_synth, 1), "shard_seconds": round(t_shard, 1),
+               "page_cache_dropped": cache_dropped, "runs": []}
+    for align in ("chunk", "frame"):
+        for dense in (True, False):
+            stream = TrainStream(shards, scans, args.num_frames, "cognition", seed=1, align=align, dense=dense)
+            loader = DataLoader(stream, batch_size=None, num_workers=args.workers,
+                                persistent_workers=False, prefetch_factor=2 if args.workers else None)
+            it = iter(loader)
+            for _ in range(args.warmup):
+                next(it)
+            used = read = 0
+            t0 = time.time()
+            for _ in range(args.samples):
+                s = next(it)
+                read += int(s["bytes_read"])
+                used += args.num_frames * shards.n_brain * 2
+            dt = time.time() - t0
+            del it, loader
+            results["runs"].append({
+                "align": align, "output": "dense (T,1,D,H,W)" if dense else "packed (T,n_brain)",
+                "workers": args.workers, "samples_per_s": args.samples / dt,
+                "samples_per_s_per_worker": args.samples / dt / max(1, args.workers),
+                "MB_per_s": read / dt / 1e6, "read_over_used": read / used})
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    if not args.keep and not args.workdir:
+        shutil.rmtree(work)
+    return results
+
+
+def main() -> None:
+    """Command line entry."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--subjects", type=int, default=3)
+    p.add_argument("--frames", type=int, default=490)
+    p.add_argument("--shape", type=int, nargs=3, default=[91, 109, 91])
+    p.add_argument("--num-frames", type=int, default=200)
+    p.add_argument("--chunk-frames", type=int, default=10)
+    p.add_argument("--samples", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workdir", help="keep generated data here (reused if present)")
+    p.add_argument("--keep", action="store_true")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args()
+    r = run(args)
+    print(f"{r['subjects']} scans of {'x'.join(map(str, r['shape']))} x {r['frames']} frames; samples of "
+          f"{r['num_frames']} frames; chunks of {r['chunk_frames']}; {r['brain_voxels']} brain voxels; device: {r['device']}")
+    print(f"storage / dense fp16: {r['storage_ratio']:.3f}   (synth {r['synth_seconds']} s, shard {r['shard_seconds']} s, "
+          f"page cache dropped: {r['page_cache_dropped']})")
+    print(f"{'crop':6s} {'output':20s} {'workers':>7s} {'samples/s':>10s} {'per worker':>10s} {'MB/s':>8s} {'read/used':>9s}")
+    for run_ in r["runs"]:
+        print(f"{run_['align']:6s} {run_['output']:20s} {run_['workers']:>7d} {run_['samples_per_s']:>10.2f} "
+              f"{run_['samples_per_s_per_worker']:>10.2f} {run_['MB_per_s']:>8.0f} {run_['read_over_used']:>9.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

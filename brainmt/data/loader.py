@@ -1,0 +1,246 @@
+"""Read brainmt shards: random access to any frames of any scan, a resampled training stream, exact-once evaluation.
+
+A window of T frames is one ``os.pread`` of the contiguous chunks that cover it (offsets from the
+manifest), so a training sample reads about the bytes of the frames it uses, not the whole scan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from brainmt.data.nifti import load_mask
+from brainmt.data.shards import FORMAT_VERSION, ShardError
+
+
+class ShardSet:
+    """A shard directory (``manifest.json``, ``mask.nii.gz``, ``splits.json``, ``shards/``) opened for reading.
+
+    ``verify``: "size" (default; every shard has the size the manifest records), "sha256" (also the
+    checksums; reads every byte) or "none".
+    """
+
+    def __init__(self, root: str | Path, verify: str = "size") -> None:
+        self.root = Path(root)
+        path = self.root / "manifest.json"
+        try:
+            self.manifest = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ShardError(f"{path}: not found; is {self.root} a brainmt shard directory (brainmt shard --output)?") from None
+        except json.JSONDecodeError as exc:
+            raise ShardError(f"{path}: corrupt manifest ({exc})") from None
+        if self.manifest.get("format_version") != FORMAT_VERSION:
+            raise ShardError(f"{path}: format version {self.manifest.get('format_version')}, this brainmt reads "
+                             f"{FORMAT_VERSION}; re-shard the data")
+        m = self.manifest["mask"]
+        full, _ = load_mask(self.root / m["file"])
+        box = tuple(slice(a, b) for a, b in m["bbox"])
+        self.volume_shape: tuple[int, int, int] = tuple(m["cropped_shape"])  # type: ignore[assignment]
+        self.brain_index = np.flatnonzero(full[box])
+        self.n_brain = len(self.brain_index)
+        if self.n_brain != m["n_voxels"]:
+            raise ShardError(f"{self.root / m['file']}: has {self.n_brain} voxels, the manifest says {m['n_voxels']}")
+        self.scans: dict[str, dict] = self.manifest["scans"]
+        self.chunk_frames: int = self.manifest["preprocessing"]["chunk_frames"]
+        self.bytes_read = 0
+        self._fds: dict[str, int] = {}
+        self._index_cache: dict[str, torch.Tensor] = {}
+        if verify != "none":
+            self.verify(checksums=verify == "sha256")
+
+    def verify(self, checksums: bool = False) -> None:
+        """Check every shard's size (and sha256 if ``checksums``) against the manifest; raise naming the shard."""
+        for s in self.manifest["shards"]:
+            path = self.root / "shards" / s["shard"]
+            if not path.exists():
+                raise ShardError(f"{path}: shard listed in the manifest is missing")
+            size = path.stat().st_size
+            if size != s["bytes"]:
+                raise ShardError(f"{path}: {size} bytes, the manifest records {s['bytes']} (truncated or replaced)")
+            if checksums:
+                h = hashlib.sha256()
+                with path.open("rb") as f:
+                    for block in iter(lambda: f.read(1 << 22), b""):
+                        h.update(block)
+                if h.hexdigest() != s["sha256"]:
+                    raise ShardError(f"{path}: sha256 {h.hexdigest()} does not match the manifest's {s['sha256']}")
+
+    def splits(self, path: str | Path | None = None) -> dict:
+        """The subject splits (``splits.json`` next to the manifest unless ``path``)."""
+        p = Path(path) if path else self.root / "splits.json"
+        return json.loads(p.read_text())
+
+    def scans_of(self, split: str | None, splits_path: str | Path | None = None) -> list[str]:
+        """Scan ids whose subject is in ``split`` ("train", "validation", "test"), or all if None; sorted."""
+        if split is None:
+            return sorted(self.scans)
+        sp = self.splits(splits_path)
+        if split not in sp:
+            raise KeyError(f"no split {split!r} in splits.json; it has {[k for k in sp if isinstance(sp[k], list)]}")
+        subjects = set(sp[split])
+        return sorted(s for s, m in self.scans.items() if m["subject"] in subjects)
+
+    def target(self, scan_id: str, name: str) -> float:
+        """The phenotype value ``name`` of a scan's subject."""
+        targets = self.scans[scan_id]["targets"]
+        if name not in targets:
+            raise KeyError(f"target {name!r} not in the shards; they hold {sorted(targets)}")
+        return float(targets[name])
+
+    def _fd(self, shard: str) -> int:
+        fd = self._fds.get(shard)
+        if fd is None:
+            fd = self._fds[shard] = os.open(self.root / "shards" / shard, os.O_RDONLY)
+        return fd
+
+    def read_frames(self, scan_id: str, start: int, count: int) -> np.ndarray:
+        """Frames [start, start+count) of a scan as float16 (count, n_brain), in one read of the covering chunks."""
+        meta = self.scans[scan_id]
+        if start < 0 or count < 1 or start + count > meta["frames"]:
+            raise ValueError(f"{scan_id}: frames {start}..{start + count - 1} outside 0..{meta['frames'] - 1}")
+        chunks = [c for c in meta["chunks"] if c[2] < start + count and c[2] + c[3] > start]
+        base = chunks[0][0]
+        length = chunks[-1][0] + chunks[-1][1] - base
+        buf = os.pread(self._fd(meta["shard"]), length, base)
+        self.bytes_read += len(buf)
+        if len(buf) != length:
+            raise ShardError(f"{self.root / 'shards' / meta['shard']}: truncated: sample {scan_id} frames "
+                             f"{chunks[0][2]}-{chunks[-1][2] + chunks[-1][3] - 1} needs bytes {base}..{base + length}, "
+                             f"the file ends at {base + len(buf)}")
+        out = np.empty((count, self.n_brain), dtype=np.float16)
+        for offset, _nbytes, first, n in chunks:
+            arr = np.frombuffer(buf, dtype=np.float16, count=n * self.n_brain, offset=offset - base).reshape(n, self.n_brain)
+            lo, hi = max(start, first), min(start + count, first + n)
+            out[lo - start:hi - start] = arr[lo - first:hi - first]
+        return out
+
+    def unpack(self, frames: np.ndarray | torch.Tensor, background: float) -> torch.Tensor:
+        """Brain-voxel frames (T, n_brain) -> dense (T, 1, D, H, W) over the cropped grid, background filled."""
+        frames = torch.as_tensor(frames)
+        dense = torch.full((frames.shape[0], int(np.prod(self.volume_shape))), background, dtype=frames.dtype,
+                           device=frames.device)
+        dense.index_copy_(1, self._index_on(frames.device), frames)
+        return dense.view(frames.shape[0], 1, *self.volume_shape)
+
+    def _index_on(self, device: torch.device) -> torch.Tensor:
+        cached = self._index_cache.get(str(device))
+        if cached is None:
+            cached = self._index_cache[str(device)] = torch.as_tensor(self.brain_index, device=device)
+        return cached
+
+    def sample(self, scan_id: str, start: int, num_frames: int, target: str | None, dense: bool = True) -> dict:
+        """One sample dict: x (T, 1, D, H, W) or packed (T, n_brain) float16, y, scan, subject, start, bytes_read."""
+        before = self.bytes_read
+        frames = self.read_frames(scan_id, start, num_frames)
+        meta = self.scans[scan_id]
+        x = self.unpack(frames, meta["background"]) if dense else torch.from_numpy(frames)
+        out = {"x": x, "scan": scan_id, "subject": meta["subject"], "start": start,
+               "bytes_read": self.bytes_read - before}
+        if target is not None:
+            out["y"] = torch.tensor(self.target(scan_id, target), dtype=torch.float32)
+        return out
+
+    def close(self) -> None:
+        """Close the open shard files."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __getstate__(self) -> dict:  # DataLoader workers open their own file descriptors
+        state = self.__dict__.copy()
+        state["_fds"], state["_index_cache"] = {}, {}
+        return state
+
+
+def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _check_lengths(shards: ShardSet, scan_ids: list[str], num_frames: int) -> None:
+    short = [s for s in scan_ids if shards.scans[s]["frames"] < num_frames]
+    if short:
+        raise ShardError(f"{len(short)} scan(s) have fewer than num_frames={num_frames} frames (e.g. {short[0]}: "
+                         f"{shards.scans[short[0]]['frames']}); lower data.num_frames or re-shard with --min-frames")
+
+
+class TrainStream(IterableDataset):
+    """Endless resampled training samples with a random temporal crop, independent per rank and worker.
+
+    The split's scans are divided between all (rank, worker) streams (as ``split_by_node`` and
+    ``split_by_worker`` divide shards); each stream draws scans at random from its own share with
+    its own seeded generator, so no shuffle buffer is needed. Crops start at chunk boundaries
+    (``align="chunk"``: a window reads exactly its frames when T is a multiple of the chunk) or at
+    any frame (``align="frame"``: up to one extra chunk read). ``skip`` draws that many samples without
+    reading them, to resume a stream where it stopped.
+    """
+
+    def __init__(self, shards: ShardSet, scan_ids: list[str], num_frames: int, target: str | None, seed: int = 0,
+                 align: str = "chunk", dense: bool = True, rank: int | None = None, world_size: int | None = None,
+                 skip: int = 0) -> None:
+        super().__init__()
+        if not scan_ids:
+            raise ShardError("the training split has no scans")
+        if align not in ("chunk", "frame"):
+            raise ValueError(f"align must be 'chunk' or 'frame', got {align!r}")
+        _check_lengths(shards, scan_ids, num_frames)
+        self.shards, self.scan_ids, self.num_frames, self.target = shards, list(scan_ids), num_frames, target
+        self.seed, self.align, self.dense, self.skip = seed, align, dense, skip
+        self.rank, self.world_size = _rank_world(rank, world_size)
+
+    def _draws(self, stream: int, streams: int):
+        mine = self.scan_ids[stream::streams] if len(self.scan_ids) >= streams else self.scan_ids
+        rng = np.random.default_rng([self.seed, stream])
+        step = self.shards.chunk_frames if self.align == "chunk" else 1
+        while True:
+            scan = mine[int(rng.integers(len(mine)))]
+            last = self.shards.scans[scan]["frames"] - self.num_frames
+            yield scan, int(rng.integers(last // step + 1)) * step
+
+    def __iter__(self):
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        draws = self._draws(self.rank * workers + worker, self.world_size * workers)
+        for _ in range(self.skip):
+            next(draws)
+        for scan, start in draws:
+            yield self.shards.sample(scan, start, self.num_frames, self.target, self.dense)
+
+
+def eval_windows(shards: ShardSet, scan_ids: list[str], num_frames: int) -> list[tuple[str, int]]:
+    """Every window of every scan, in order: starts 0, T, 2T, ... and one last window ending at the scan's end."""
+    _check_lengths(shards, scan_ids, num_frames)
+    out = []
+    for scan in sorted(scan_ids):
+        frames = shards.scans[scan]["frames"]
+        starts = list(range(0, frames - num_frames + 1, num_frames))
+        if starts[-1] + num_frames < frames:
+            starts.append(frames - num_frames)
+        out += [(scan, s) for s in starts]
+    return out
+
+
+class EvalWindows(Dataset):
+    """Deterministic evaluation windows; rank r of W takes windows r, r+W, ... so each is seen exactly once."""
+
+    def __init__(self, shards: ShardSet, scan_ids: list[str], num_frames: int, target: str | None,
+                 dense: bool = True, rank: int | None = None, world_size: int | None = None) -> None:
+        rank, world = _rank_world(rank, world_size)
+        self.shards, self.num_frames, self.target, self.dense = shards, num_frames, target, dense
+        self.windows = eval_windows(shards, scan_ids, num_frames)[rank::world]
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, i: int) -> dict:
+        scan, start = self.windows[i]
+        return self.shards.sample(scan, start, self.num_frames, self.target, self.dense)

@@ -1,0 +1,200 @@
+"""Read and validate 4-D NIfTI scans with nibabel: canonical (RAS+) orientation, brain mask, z-scoring.
+
+Scans are read through nibabel's data proxy in blocks of frames, never as one float64 array; a
+gzip file is kept open between blocks so that it is decompressed once.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+FRAME_BLOCK = 16
+
+
+class ScanError(ValueError):
+    """A scan cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class ScanHeader:
+    """What the header of a 4-D scan says, in canonical (RAS+) orientation."""
+
+    path: str
+    shape: tuple[int, int, int]          # canonical spatial shape
+    frames: int
+    voxel_size: tuple[float, float, float]
+    tr: float | None                     # seconds
+    affine: np.ndarray                   # canonical affine, 4x4
+    source_bytes: int
+    source_mtime: float
+
+
+class OpenScan:
+    """A 4-D scan opened lazily; :meth:`frames` yields canonical float32 blocks (t, X, Y, Z)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        try:
+            stat = os.stat(self.path)
+            self.img = nib.load(self.path, keep_file_open=True)
+        except FileNotFoundError:
+            raise ScanError(f"{self.path}: file not found") from None
+        except Exception as exc:  # nibabel raises many types for a bad header or a truncated gzip
+            raise ScanError(f"{self.path}: unreadable NIfTI ({type(exc).__name__}: {exc})") from None
+        shape = self.img.shape
+        if len(shape) != 4:
+            raise ScanError(f"{self.path}: expected a 4-D image (x, y, z, time), got {len(shape)}-D shape {shape}")
+        if shape[3] < 2:
+            raise ScanError(f"{self.path}: a 4-D image with {shape[3]} frame(s) is not a time series")
+        self.ornt = nib.orientations.io_orientation(self.img.affine)
+        to_canonical = nib.orientations.inv_ornt_aff(self.ornt, shape[:3])
+        affine = self.img.affine @ to_canonical
+        zooms = self.img.header.get_zooms()
+        spatial_zooms = np.abs(np.asarray(zooms[:3], dtype=float))[self.ornt[:, 0].astype(int).argsort()]
+        canon_shape = tuple(int(shape[int(i)]) for i in self.ornt[:, 0].argsort())
+        self.header = ScanHeader(
+            path=self.path, shape=canon_shape, frames=int(shape[3]),  # type: ignore[arg-type]
+            voxel_size=tuple(round(float(z), 5) for z in spatial_zooms),  # type: ignore[arg-type]
+            tr=_tr_seconds(self.img), affine=affine, source_bytes=stat.st_size, source_mtime=stat.st_mtime,
+        )
+
+    def frames(self, start: int = 0, stop: int | None = None, block: int = FRAME_BLOCK) -> Iterator[np.ndarray]:
+        """Yield float32 blocks (t, X, Y, Z) of frames [start, stop) in canonical orientation."""
+        stop = self.header.frames if stop is None else stop
+        proxy = self.img.dataobj
+        for t0 in range(start, stop, block):
+            t1 = min(stop, t0 + block)
+            try:
+                data = np.asarray(proxy[..., t0:t1], dtype=np.float32)
+            except (EOFError, zlib.error, OSError, ValueError) as exc:
+                raise ScanError(f"{self.path}: truncated or corrupt data at frames {t0}-{t1 - 1} ({exc})") from None
+            data = nib.orientations.apply_orientation(data, self.ornt)
+            yield np.moveaxis(data, 3, 0)
+
+    def close(self) -> None:
+        """Release the open file handle."""
+        self.img.uncache()
+        self.img = None  # type: ignore[assignment]
+
+    def __enter__(self) -> OpenScan:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _tr_seconds(img: nib.Nifti1Image) -> float | None:
+    zooms = img.header.get_zooms()
+    if len(zooms) < 4 or not zooms[3]:
+        return None
+    unit = img.header.get_xyzt_units()[1] if hasattr(img.header, "get_xyzt_units") else "sec"
+    scale = {"msec": 1e-3, "usec": 1e-6}.get(unit, 1.0)
+    return round(float(zooms[3]) * scale, 6)
+
+
+def variation_mask(path: str | Path) -> tuple[np.ndarray, ScanHeader]:
+    """Voxels of one scan that are finite and vary over time: bool (X, Y, Z) in canonical orientation."""
+    with OpenScan(path) as scan:
+        lo = hi = None
+        finite = None
+        for block in scan.frames():
+            ok = np.isfinite(block).all(axis=0)
+            b = np.where(np.isfinite(block), block, 0.0)
+            bmin, bmax = b.min(axis=0), b.max(axis=0)
+            lo = bmin if lo is None else np.minimum(lo, bmin)
+            hi = bmax if hi is None else np.maximum(hi, bmax)
+            finite = ok if finite is None else finite & ok
+        return (hi > lo) & finite, scan.header  # type: ignore[operator]
+
+
+def bounding_box(mask: np.ndarray) -> tuple[tuple[int, int], ...]:
+    """Per axis (start, stop) of the smallest box holding every True voxel of ``mask``."""
+    if not mask.any():
+        raise ValueError("the brain mask is empty")
+    box = []
+    for axis in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        idx = np.flatnonzero(mask.any(axis=other))
+        box.append((int(idx[0]), int(idx[-1]) + 1))
+    return tuple(box)
+
+
+@dataclass
+class BrainSeries:
+    """One scan's brain voxels, z-scored, as fp16 (frames, n_brain), and what normalisation used."""
+
+    data: np.ndarray
+    mean: float
+    std: float
+    background: float
+
+
+def read_brain_series(scan: OpenScan, mask: np.ndarray, background: str = "min") -> BrainSeries:
+    """Read the masked voxels of every frame, check them, z-score globally over brain voxels, cast to fp16.
+
+    ``background``: "min" (the paper: the background takes the minimum z of the scan) or "zero".
+    """
+    path = scan.path
+    n_brain = int(mask.sum())
+    out = np.empty((scan.header.frames, n_brain), dtype=np.float32)
+    t, total, total_sq = 0, 0.0, 0.0
+    for block in scan.frames():
+        vals = block[:, mask]
+        if not np.isfinite(vals).all():
+            bad = int((~np.isfinite(vals)).sum())
+            raise ScanError(f"{path}: {bad} NaN or infinite values inside the brain mask (frames {t}-{t + len(block) - 1})")
+        out[t:t + len(block)] = vals
+        v64 = vals.astype(np.float64)
+        total += float(v64.sum())
+        total_sq += float(np.square(v64).sum())
+        t += len(block)
+    mean = total / out.size
+    std = float(np.sqrt(max(0.0, total_sq / out.size - mean**2)))
+    if not np.any(out):
+        raise ScanError(f"{path}: every brain voxel is zero in every frame")
+    if std == 0.0 or not np.isfinite(std):
+        raise ScanError(f"{path}: brain voxels are constant (standard deviation 0); cannot z-score")
+    out -= mean
+    out /= std
+    zmin = float(out.min())
+    z16 = out.astype(np.float16)
+    if not np.isfinite(z16).all():
+        raise ScanError(f"{path}: z-scores overflow float16")
+    return BrainSeries(z16, float(mean), std, zmin if background == "min" else 0.0)
+
+
+def save_mask(mask: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
+    """Write a bool mask as a uint8 NIfTI (atomically)."""
+    path = Path(path)
+    tmp = path.with_name(".tmp-" + path.name)
+    nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine), tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_mask(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read a 3-D mask NIfTI into canonical orientation: (bool array, canonical affine)."""
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except FileNotFoundError:
+        raise ScanError(f"{path}: mask file not found") from None
+    except Exception as exc:
+        raise ScanError(f"{path}: unreadable mask NIfTI ({type(exc).__name__}: {exc})") from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise ScanError(f"{path}: a mask must be 3-D, got shape {data.shape}")
+    ornt = nib.orientations.io_orientation(img.affine)
+    mask = nib.orientations.apply_orientation(np.asarray(data) > 0, ornt)
+    affine = img.affine @ nib.orientations.inv_ornt_aff(ornt, data.shape)
+    if not mask.any():
+        raise ScanError(f"{path}: the mask is empty")
+    return np.ascontiguousarray(mask), affine

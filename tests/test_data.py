@@ -385,3 +385,21 @@ def test_synth_and_shard_commands(tmp_path):
     p = run("shard", "--input", str(tmp_path / "syn"), "--phenotypes", str(tmp_path / "missing.tsv"),
             "--output", str(tmp_path / "sh2"))
     assert p.returncode == 1 and "missing.tsv: phenotype file not found" in p.stderr
+
+
+def test_synthetic_effects_are_planted_where_the_masks_say(tmp_path):
+    from brainmt.data.synthetic import write_synthetic_bids
+
+    root = write_synthetic_bids(tmp_path / "syn", 16, 60, (20, 24, 20), seed=5)
+    planted = root / "derivatives" / "planted"
+    regions = {n: nib.as_closest_canonical(nib.load(planted / f"region-{n}_mask.nii.gz")).get_fdata() > 0 for n in "abc"}
+    table = [line.split("\t") for line in (root / "participants.tsv").read_text().splitlines()[1:]]
+    coupling, amplitude = {"M": [], "F": []}, []
+    for sid, sex, cog, _ in table:
+        data = _canonical(root / sid / "func" / f"{sid}_task-rest_bold.nii.gz")
+        a, b, c = (data[regions[n]].mean(axis=0) for n in "abc")
+        coupling[sex].append(np.corrcoef(a, b)[0, 1])
+        amplitude.append((float(cog), c.std()))
+    assert np.mean(coupling["M"]) > np.mean(coupling["F"]) + 0.4          # sex changes the a-b coupling
+    cog, amp = np.array(amplitude).T
+    assert np.corrcoef(cog, amp)[0, 1] > 0.6                              # cognition scales region c

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -39,17 +38,28 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Train the debug model on synthetic scans through submitit's local executor."""
+    """Synthetic scans -> shards -> train and evaluate the demo configuration through submitit."""
     from brainmt.demo import submit_demo
+    from brainmt.train.metrics import format_table
 
     cfg = _load(args, "demo")
-    run_dir = Path(args.run_dir).resolve()
-    metrics = submit_demo(cfg, run_dir, args.steps, cluster=args.cluster)
-    print(json.dumps(metrics, indent=2))
-    print(f"run directory: {run_dir}")
-    ok = metrics["val_mse"] < metrics["val_mse_of_mean_predictor"]
-    print("the model beat the mean predictor on held-out subjects" if ok
-          else "the model did NOT beat the mean predictor on held-out subjects")
+    work_dir = Path(args.work_dir).resolve()
+    result = submit_demo(cfg, work_dir, cluster=args.cluster, subjects=args.subjects)
+    ev = result.get("evaluation")
+    if not ev:
+        print(f"training {result['status']} at step {result['step']}; run `brainmt demo` again to resume")
+        return 3
+    metrics = {k: v for k, v in ev.items() if isinstance(v, dict)}
+    print(format_table(metrics, f"demo, {ev['split']} split ({ev['subjects']} held-out subjects), "
+                                f"task {ev['task']} on '{ev['target']}':"))
+    run_dir = work_dir / "run"
+    print(f"run directory: {run_dir}\n  curves: {run_dir / 'curves.png'}\n  predictions: {run_dir / 'predictions.csv'}"
+          f"\n  metrics: {run_dir / 'metrics.json'}")
+    key = "auroc" if ev["task"] == "classification" else "pearson_r"
+    target = 0.8 if key == "auroc" else 0.5
+    ok = ev[key]["value"] >= target
+    print(f"the model learned the planted effect ({key} {ev[key]['value']:.3f} >= {target})" if ok
+          else f"the model did NOT learn the planted effect ({key} {ev[key]['value']:.3f} < {target})")
     return 0 if ok else 1
 
 
@@ -104,6 +114,24 @@ def cmd_shard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train (or resume) a run, then evaluate its best checkpoint on the test split."""
+    from brainmt.train.loop import run
+
+    cfg = _load(args, "paper")
+    result = run(cfg, args.shards, args.run_dir, evaluate_split=None if args.no_evaluate else args.split)
+    print(f"training {result['status']} at step {result['step']}/{result['total_steps']}; run directory {args.run_dir}")
+    return 0 if result["status"] != "interrupted" else 3
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate a run's checkpoint on a split."""
+    from brainmt.train.loop import evaluate
+
+    evaluate(args.run, args.split, args.checkpoint, args.shards)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``brainmt`` console script."""
     parser = argparse.ArgumentParser(prog="brainmt", description=__doc__)
@@ -112,10 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     _add_config_args(p, "paper")
     p.add_argument("--params-only", action="store_true", help="print only the parameter breakdown")
     p.set_defaults(func=cmd_info)
-    p = sub.add_parser("demo", help="end-to-end demo on synthetic scans (CPU, seconds)")
+    p = sub.add_parser("demo", help="end to end on synthetic scans: synth, shard, train, evaluate (CPU, about a minute)")
     _add_config_args(p, "demo")
-    p.add_argument("--run-dir", default="runs/demo")
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--work-dir", default="runs/demo", help="data, shards and run directory of the demo")
+    p.add_argument("--subjects", type=int, default=300)
     p.add_argument("--cluster", choices=["local", "debug"], default="local",
                    help="submitit executor: local (a separate process) or debug (in-process)")
     p.set_defaults(func=cmd_demo)
@@ -155,13 +183,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--merge", action="store_true", help="gather finished parts into manifest.json and splits.json")
     p.add_argument("--strict", action="store_true", help="stop at the first bad scan instead of skipping it")
     p.set_defaults(func=cmd_shard)
+    p = sub.add_parser("train", help="train or resume a run (the one training entry point)")
+    _add_config_args(p, "paper")
+    p.add_argument("--shards", help="shard directory (default: data.shards of the config)")
+    p.add_argument("--run-dir", required=True, help="run directory; an existing one is resumed")
+    p.add_argument("--split", default="test", help="split evaluated after training")
+    p.add_argument("--no-evaluate", action="store_true")
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("evaluate", help="metrics and per-subject predictions of a run on a split")
+    p.add_argument("--run", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--checkpoint", default="best", help="best | last | PATH")
+    p.add_argument("--shards", help="shard directory (default: the run's)")
+    p.set_defaults(func=cmd_evaluate)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from brainmt.data.shards import ShardError
+    from brainmt.train.checkpoint import CheckpointError
+    from brainmt.train.loop import TrainingError
+
     try:
         return args.func(args)
     except ConfigError as exc:
         print(f"brainmt: config error: {exc}", file=sys.stderr)
         return 2
+    except (ShardError, CheckpointError, TrainingError) as exc:
+        print(f"brainmt: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -61,10 +61,12 @@ class DataConfig:
     """Where the shards are and what a sample is."""
 
     shards: str | None = None
-    target: str = "score"
+    target: str = "cognition"            # phenotype column to predict (sex for classification)
     task: Literal["regression", "classification"] = "regression"
     num_frames: int = 200
     num_workers: int = 4
+    crop_align: Literal["chunk", "frame"] = "chunk"   # training crops start at stored-chunk boundaries or any frame
+    samples_per_epoch: int | None = None              # None: training scans x windows per scan
 
 
 @dataclass
@@ -93,7 +95,9 @@ class TrainConfig:
     eval_every_epochs: int = 1
     early_stopping_patience: int = 5
     keep_last: int = 3
+    checkpoint_every_steps: int | None = None         # besides every evaluation; None: only then
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = False
 
 
 @dataclass
@@ -365,6 +369,13 @@ def validate(cfg: Config) -> None:
         (len(cfg.optim.betas) == 2, "optim.betas", "two numbers"),
         (cfg.optim.accumulate_steps >= 1, "optim.accumulate_steps", "at least 1"),
         (cfg.train.batch_size >= 1, "train.batch_size", "at least 1"),
+        (cfg.train.epochs >= 1, "train.epochs", "at least 1"),
+        (cfg.train.log_every >= 1, "train.log_every", "at least 1"),
+        (cfg.train.keep_last >= 1, "train.keep_last", "at least 1"),
+        (cfg.train.eval_every_epochs >= 1, "train.eval_every_epochs", "at least 1"),
+        (cfg.data.samples_per_epoch is None or cfg.data.samples_per_epoch >= 1, "data.samples_per_epoch", "positive or null"),
+        (0 <= cfg.optim.warmup_epochs <= cfg.train.epochs, "optim.warmup_epochs", "between 0 and train.epochs"),
+        (0 <= cfg.optim.min_lr <= cfg.optim.lr, "optim.min_lr", "between 0 and optim.lr"),
         (cfg.cluster.nodes >= 1, "cluster.nodes", "at least 1"),
         (cfg.analysis.steps >= 1, "analysis.steps", "at least 1"),
     ]

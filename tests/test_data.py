@@ -193,7 +193,7 @@ def test_train_stream_is_seeded_split_by_rank_and_resumable(tmp_path):
     scans = shards.scans_of(None)
 
     def draws(rank, world, seed=0, skip=0, n=12):
-        it = iter(TrainStream(shards, scans, 8, "score", seed=seed, rank=rank, world_size=world, skip=skip))
+        it = iter(TrainStream(shards, scans, 8, "score", seed=seed, rank=rank, world_size=world, skip_batches=skip))
         return [(s["scan"], s["start"]) for s in (next(it) for _ in range(n))]
 
     assert draws(0, 1) == draws(0, 1) and draws(0, 1) != draws(0, 1, seed=1)
@@ -204,8 +204,14 @@ def test_train_stream_is_seeded_split_by_rank_and_resumable(tmp_path):
     sample = next(iter(TrainStream(shards, scans, 8, "score", align="chunk")))
     assert 8 * shards.n_brain * 2 <= sample["bytes_read"] <= 8 * shards.n_brain * 2 + 2048
     loader = torch.utils.data.DataLoader(TrainStream(shards, scans, 8, "score"), batch_size=3, num_workers=2)
-    batch = next(iter(loader))
-    assert batch["x"].shape == (3, 8, 1, *shards.volume_shape) and batch["y"].shape == (3,)
+    it = iter(loader)
+    batches = [next(it) for _ in range(5)]
+    assert batches[0]["x"].shape == (3, 8, 1, *shards.volume_shape) and batches[0]["y"].shape == (3,)
+    resumed = iter(torch.utils.data.DataLoader(TrainStream(shards, scans, 8, "score", skip_batches=3, batch_size=3),
+                                               batch_size=3, num_workers=2))
+    for expected in batches[3:]:                                       # two workers, resumed after 3 batches
+        got = next(resumed)
+        assert got["scan"] == expected["scan"] and torch.equal(got["start"], expected["start"])
 
 
 def test_aligned_windows_read_only_their_frames(tmp_path):

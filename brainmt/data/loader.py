@@ -180,13 +180,14 @@ class TrainStream(IterableDataset):
     ``split_by_worker`` divide shards); each stream draws scans at random from its own share with
     its own seeded generator, so no shuffle buffer is needed. Crops start at chunk boundaries
     (``align="chunk"``: a window reads exactly its frames when T is a multiple of the chunk) or at
-    any frame (``align="frame"``: up to one extra chunk read). ``skip`` draws that many samples without
-    reading them, to resume a stream where it stopped.
+    any frame (``align="frame"``: up to one extra chunk read). To resume where a DataLoader stopped after
+    ``skip_batches`` batches of ``batch_size`` (workers hand out batches in turn), each stream draws
+    the samples of its share of those batches without reading them.
     """
 
     def __init__(self, shards: ShardSet, scan_ids: list[str], num_frames: int, target: str | None, seed: int = 0,
                  align: str = "chunk", dense: bool = True, rank: int | None = None, world_size: int | None = None,
-                 skip: int = 0) -> None:
+                 skip_batches: int = 0, batch_size: int = 1) -> None:
         super().__init__()
         if not scan_ids:
             raise ShardError("the training split has no scans")
@@ -194,7 +195,8 @@ class TrainStream(IterableDataset):
             raise ValueError(f"align must be 'chunk' or 'frame', got {align!r}")
         _check_lengths(shards, scan_ids, num_frames)
         self.shards, self.scan_ids, self.num_frames, self.target = shards, list(scan_ids), num_frames, target
-        self.seed, self.align, self.dense, self.skip = seed, align, dense, skip
+        self.seed, self.align, self.dense = seed, align, dense
+        self.skip_batches, self.batch_size = skip_batches, batch_size
         self.rank, self.world_size = _rank_world(rank, world_size)
 
     def _draws(self, stream: int, streams: int):
@@ -209,8 +211,10 @@ class TrainStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        draws = self._draws(self.rank * workers + worker, self.world_size * workers)
-        for _ in range(self.skip):
+        # a resumed DataLoader asks worker 0 first: it takes the role of the worker whose batch is next
+        role = (worker + self.skip_batches) % workers
+        draws = self._draws(self.rank * workers + role, self.world_size * workers)
+        for _ in range(len(range(role, self.skip_batches, workers)) * self.batch_size):
             next(draws)
         for scan, start in draws:
             yield self.shards.sample(scan, start, self.num_frames, self.target, self.dense)

@@ -15,45 +15,10 @@ def brain_mask(volume_shape: tuple[int, int, int] | list[int]) -> np.ndarray:
     return sum(g**2 for g in grid) <= 0.85**2
 
 
-def effect_region(volume_shape: tuple[int, int, int] | list[int]) -> tuple[slice, slice, slice]:
-    """The box, inside the brain, whose signal carries the planted effect (one corner octant's centre)."""
-    return tuple(slice(s // 4, s // 4 + max(2, s // 5)) for s in volume_shape)  # type: ignore[return-value]
-
-
-def synthetic_scans(
-    num_subjects: int,
-    num_frames: int,
-    volume_shape: tuple[int, int, int] | list[int],
-    seed: int = 0,
-    effect_size: float = 1.5,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Scans (N, T, 1, D, H, W) float32, z-scored over brain voxels, and targets (N,) ~ N(0, 1).
-
-    Each brain voxel is AR(1) noise; inside :func:`effect_region` the signal is raised by
-    ``effect_size * target``, so the target is recoverable from that region alone. The background
-    holds the minimum z value, as the paper's preprocessing does.
-    """
-    rng = np.random.default_rng(seed)
-    shape = tuple(volume_shape)
-    mask = brain_mask(shape)
-    region = effect_region(shape)
-    targets = rng.standard_normal(num_subjects).astype(np.float32)
-    scans = np.empty((num_subjects, num_frames, 1, *shape), dtype=np.float32)
-    for i in range(num_subjects):
-        noise = rng.standard_normal((num_frames, *shape)).astype(np.float32)
-        for t in range(1, num_frames):
-            noise[t] = 0.6 * noise[t - 1] + 0.8 * noise[t]
-        noise[(slice(None), *region)] += effect_size * targets[i]
-        brain = noise[:, mask]
-        z = (noise - brain.mean()) / brain.std()
-        z[:, ~mask] = z[:, mask].min()
-        scans[i, :, 0] = z
-    return scans, targets
-
-
 PLANTED = {
     "region-a": "slow signal s_a (coupled with region-b)",
-    "region-b": "c * s_a + sqrt(1 - c^2) * s_b with c = 0.9 for males (sex M), 0.1 for females: sex changes the coupling",
+    "region-b": "g * (c * s_a + sqrt(1 - c^2) * s_b) with c = 0.9, g = 2 for males (sex M) and c = 0.1, g = 1 for "
+                "females: sex changes region b's coupling with region a and its amplitude",
     "region-c": "amplitude (1 + 0.5 * z(cognition)) * s_c: cognition scales this region's slow signal",
 }
 
@@ -65,7 +30,7 @@ def _sphere(shape: tuple[int, int, int], centre: tuple[float, float, float], rad
 
 def planted_regions(shape: tuple[int, int, int]) -> dict[str, np.ndarray]:
     """The three regions carrying the planted effects, as bool masks (inside :func:`brain_mask`)."""
-    radius = max(1.5, min(shape) / 9)
+    radius = max(1.5, min(shape) / 7)
     return {
         "region-a": _sphere(shape, (0.32, 0.55, 0.55), radius),
         "region-b": _sphere(shape, (0.68, 0.55, 0.55), radius),
@@ -89,8 +54,12 @@ def _slow(rng: np.random.Generator, frames: int, rho: float = 0.9) -> np.ndarray
 
 
 def synthetic_scan(rng: np.random.Generator, shape: tuple[int, int, int], frames: int, sex: int, cognition_z: float,
-                   patterns: np.ndarray, regions: dict[str, np.ndarray], mask: np.ndarray) -> np.ndarray:
-    """One 4-D scan (X, Y, Z, T) float32: smooth networks, AR(1) noise, drift, planted effects; 0 outside the brain."""
+                   patterns: np.ndarray, regions: dict[str, np.ndarray], mask: np.ndarray,
+                   anatomy: np.ndarray | None = None) -> np.ndarray:
+    """One 4-D scan (X, Y, Z, T) float32: smooth networks, AR(1) noise, drift, planted effects; 0 outside the brain.
+
+    ``anatomy`` (n_brain,) is a smooth baseline intensity map shared by all subjects (default flat).
+    """
     n_vox = int(mask.sum())
     tcs = np.stack([_slow(rng, frames, 0.8) for _ in range(len(patterns))], axis=1)   # (T, K)
     signal = (tcs @ patterns).astype(np.float32)                                       # (T, n_vox)
@@ -99,17 +68,18 @@ def synthetic_scan(rng: np.random.Generator, shape: tuple[int, int, int], frames
         noise[t] = 0.5 * noise[t - 1] + 0.87 * noise[t]
     signal += 0.7 * noise
     s_a, s_b, s_c = (_slow(rng, frames).astype(np.float32) for _ in range(3))
-    coupling = 0.9 if sex == 1 else 0.1
+    coupling, gain = (0.9, 2.0) if sex == 1 else (0.1, 1.0)
     local = {
         "region-a": 2.0 * s_a,
-        "region-b": 2.0 * (coupling * s_a + np.sqrt(1 - coupling**2) * s_b),
+        "region-b": 2.0 * gain * (coupling * s_a + np.sqrt(1 - coupling**2) * s_b),
         "region-c": 2.0 * max(0.1, 1.0 + 0.5 * cognition_z) * s_c,
     }
     for name, series in local.items():
         in_brain = regions[name][mask]
         signal[:, in_brain] += series[:, None]
     drift = np.linspace(0, 1, frames, dtype=np.float32)[:, None] * rng.normal(0, 0.5, n_vox).astype(np.float32)
-    baseline = 800 + 200 * rng.random(n_vox).astype(np.float32)
+    shared = np.zeros(n_vox, np.float32) if anatomy is None else anatomy
+    baseline = 800 + 100 * shared + 5 * rng.standard_normal(n_vox).astype(np.float32)
     vol = np.zeros((frames, *shape), dtype=np.float32)
     vol[:, mask] = baseline + 10.0 * (signal + drift)
     return np.moveaxis(vol, 0, -1)
@@ -135,6 +105,8 @@ def write_synthetic_bids(out: str | Path, subjects: int, frames: int, shape: tup
     grid = np.stack(np.meshgrid(*[np.linspace(0, 1, s) for s in shape], indexing="ij"), -1)[mask]
     centres = rng.random((8, 3)) * 0.6 + 0.2
     patterns = np.exp(-((grid[None] - centres[:, None]) ** 2).sum(-1) / (2 * 0.12**2)).astype(np.float32)
+    tissue = rng.random((6, 3)) * 0.6 + 0.2   # a smooth "anatomy": baseline intensity shared by all subjects
+    anatomy = np.exp(-((grid[None] - tissue[:, None]) ** 2).sum(-1) / (2 * 0.2**2)).sum(0).astype(np.float32)
     sexes = rng.permutation(np.arange(subjects) % 2)
     cognition = rng.normal(100, 15, subjects)
     families, fam = [], 0
@@ -159,7 +131,7 @@ def write_synthetic_bids(out: str | Path, subjects: int, frames: int, shape: tup
         name = f"{sid}_task-rest_bold.nii{'.gz' if compress else ''}"
         jobs.append((out / sid / "func" / name, int(rng.integers(2**31)), int(sexes[i]),
                      float((cognition[i] - 100) / 15)))
-    args = [(path, s, frames, shape, sex, cz, patterns, regions, mask, affine, tr) for path, s, sex, cz in jobs]
+    args = [(path, s, frames, shape, sex, cz, patterns, regions, mask, affine, tr, anatomy) for path, s, sex, cz in jobs]
     if workers > 1:
         from concurrent.futures import ProcessPoolExecutor
 
@@ -175,8 +147,8 @@ def write_synthetic_bids(out: str | Path, subjects: int, frames: int, shape: tup
 def _write_one(args: tuple) -> None:
     import nibabel as nib
 
-    path, seed, frames, shape, sex, cz, patterns, regions, mask, affine, tr = args
-    vol = synthetic_scan(np.random.default_rng(seed), shape, frames, sex, cz, patterns, regions, mask)
+    path, seed, frames, shape, sex, cz, patterns, regions, mask, affine, tr, anatomy = args
+    vol = synthetic_scan(np.random.default_rng(seed), shape, frames, sex, cz, patterns, regions, mask, anatomy)
     img = nib.Nifti1Image(np.flip(vol, 0), affine)   # stored LAS, as FSL writes MNI data
     img.header.set_data_dtype(np.int16)
     img.header.set_xyzt_units("mm", "sec")

@@ -1,0 +1,38 @@
+"""Worker functions for the two-process gloo tests (spawned processes import this module)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def ddp_step_worker(rank: int, world: int, port: int, x: torch.Tensor, y: torch.Tensor, out_path: str) -> None:
+    """One DDP training step on this rank's half of (x, y); rank 0 saves losses and weights."""
+    from brainmt.config import load_config
+    from brainmt.models import build_model
+    from brainmt.train.loop import compute_loss
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = build_model(load_config("debug").model)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    half = len(x) // world
+    xs, ys = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
+    losses = []
+    for _ in range(3):
+        loss = compute_loss(ddp, xs, ys, "regression", torch.device("cpu"), "fp32")
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        mean = loss.detach().clone()
+        torch.distributed.all_reduce(mean)
+        losses.append(float(mean) / world)
+    params = [p.detach().clone() for p in model.parameters()]
+    gathered: list = [None] * world
+    torch.distributed.all_gather_object(gathered, params)
+    if rank == 0:
+        torch.save({"losses": losses, "params": gathered}, out_path)
+    torch.distributed.destroy_process_group()

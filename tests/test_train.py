@@ -1,0 +1,236 @@
+"""Training and evaluation: exact resume, DDP on gloo, checkpoints, NaN, metrics, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ddp_helpers import ddp_step_worker
+
+from brainmt.config import ConfigError, load_config
+from brainmt.data.shards import ShardError, ShardOptions, shard_dataset
+from brainmt.data.synthetic import write_synthetic_bids
+from brainmt.train import checkpoint as ckpt
+from brainmt.train.loop import TrainingError, evaluate, train
+from brainmt.train.metrics import auroc, classification_metrics, per_subject, regression_metrics, with_intervals
+
+OVERRIDES = ["data.num_frames=8", "model.num_frames=8", "train.epochs=2", "data.samples_per_epoch=24",
+             "train.log_every=1", "train.keep_last=2"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("train-data")
+    write_synthetic_bids(root / "raw", 20, 24, (20, 24, 20), seed=1)
+    shard_dataset(root / "raw", root / "raw" / "participants.tsv", root / "shards",
+                  options=ShardOptions(min_frames=16, chunk_frames=4), progress=False)
+    return root / "shards"
+
+
+def _cfg(*extra):
+    return load_config("debug", OVERRIDES + list(extra))
+
+
+def _train_losses(run_dir: Path) -> list[tuple[int, float]]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
+
+
+def _weights(run_dir: Path) -> dict:
+    return ckpt.load_checkpoint(ckpt.list_checkpoints(run_dir / "checkpoints")[-1][1])["model"]
+
+
+class SignalAt:
+    """A metrics sink that sends this process SIGUSR2 when step ``k`` is logged (a real preemption signal)."""
+
+    def __init__(self, path: Path, k: int) -> None:
+        from brainmt.train.logging import JsonlSink
+
+        self.inner, self.k = JsonlSink(path), k
+
+    def log(self, record: dict) -> None:
+        self.inner.log(record)
+        if record.get("step") == self.k and "train_loss" in record:
+            os.kill(os.getpid(), signal.SIGUSR2)
+
+
+def test_interrupted_run_resumes_to_the_same_result(shards, tmp_path):
+    full = train(_cfg(), shards, tmp_path / "full")
+    assert full["status"] == "finished" and full["step"] == 12
+    first = train(_cfg(), shards, tmp_path / "resumed", sink=SignalAt(tmp_path / "resumed" / "metrics.jsonl", 4))
+    assert first["status"] == "interrupted" and first["step"] == 5       # the signal is honoured at the next step
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "resumed" / "checkpoints")] == [5]
+    second = train(_cfg(), shards, tmp_path / "resumed", stop_at_step=9)
+    assert second["status"] == "interrupted" and second["step"] == 9
+    third = train(_cfg(), shards, tmp_path / "resumed")
+    assert third["status"] == "finished" and third["step"] == 12
+    # same data order, RNG and optimizer state: bitwise equal on the CPU
+    assert _train_losses(tmp_path / "resumed") == _train_losses(tmp_path / "full")
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert third["best_val_loss"] == full["best_val_loss"]
+    for name in ("config.yaml", "curves.png", "target_stats.json", "logs/rank-0.log"):
+        assert (tmp_path / "full" / name).exists(), name
+
+
+def test_evaluate_writes_per_subject_predictions_and_intervals(shards, tmp_path):
+    train(_cfg("data.task=classification", "data.target=sex"), shards, tmp_path / "run")
+    result = evaluate(tmp_path / "run", "test", "best", n_boot=200)
+    assert set(result) >= {"accuracy", "balanced_accuracy", "auroc", "subjects", "windows"}
+    for key in ("accuracy", "balanced_accuracy", "auroc"):
+        lo, hi = result[key]["ci95"]
+        assert lo <= result[key]["value"] <= hi
+    lines = (tmp_path / "run" / "predictions.csv").read_text().splitlines()
+    assert lines[0] == "subject,target,prediction,windows" and len(lines) == 1 + result["subjects"]
+    assert all(int(line.split(",")[3]) == 3 for line in lines[1:])          # 24 frames: windows at 0, 8, 16
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["task"] == "classification"
+    reg = evaluate(tmp_path / "run", "validation", "last", n_boot=50)
+    assert (tmp_path / "run" / "predictions-validation.csv").exists() and reg["split"] == "validation"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_match_one_process_with_twice_the_batch(tmp_path):
+    torch.manual_seed(1)
+    x, y = torch.randn(4, 4, 1, 20, 24, 20), torch.randn(4)
+    port = _free_port()
+    torch.multiprocessing.spawn(ddp_step_worker, args=(2, port, x, y, str(tmp_path / "ddp.pt")), nprocs=2)
+    ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    rank0, rank1 = ddp["params"]
+    assert all(torch.equal(a, b) for a, b in zip(rank0, rank1))        # replicas identical
+    from brainmt.models import build_model
+    from brainmt.train.loop import compute_loss
+
+    torch.manual_seed(0)
+    model = build_model(load_config("debug").model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    losses = []
+    for _ in range(3):
+        loss = compute_loss(model, x, y, "regression", torch.device("cpu"), "fp32")
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    # the mean of two half-batch losses is the full-batch loss; the gradient all-reduce sums in another order
+    # (float32 rounding). SGD, not Adam: Adam divides by sqrt(v), so parameters whose gradient is ~1e-9
+    # would turn that rounding into a whole step of difference.
+    np.testing.assert_allclose(ddp["losses"], losses, rtol=1e-5, atol=1e-6)
+    for a, b in zip(rank0, model.parameters()):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_ddp_training_under_torchrun(shards, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           "-m", "brainmt.cli", "train", "--config", "debug", "--shards", str(shards), "--run-dir", str(tmp_path / "ddp"),
+           *OVERRIDES]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "ddp" / "logs" / "rank-1.log").exists()
+    assert "init gloo process group: rank 1/2" in (tmp_path / "ddp" / "logs" / "rank-1.log").read_text()
+    assert "training finished at step 6/6" in proc.stdout                  # global batch 8: half the steps
+    assert json.loads((tmp_path / "ddp" / "metrics.json").read_text())["subjects"] > 0
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    directory = tmp_path / "checkpoints"
+    ckpt.save_checkpoint(directory, 1, {"w": torch.ones(3), "step": 1}, keep_last=2, best_step=None)
+
+    def half_write(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk quota exceeded")
+
+    monkeypatch.setattr(torch, "save", half_write)
+    with pytest.raises(OSError, match="quota"):
+        ckpt.save_checkpoint(directory, 2, {"w": torch.zeros(3), "step": 2}, keep_last=2, best_step=None)
+    monkeypatch.undo()
+    assert [s for s, _ in ckpt.list_checkpoints(directory)] == [1]
+    assert list(directory.iterdir()) == [ckpt.checkpoint_path(directory, 1)]   # no temporary left
+    path, state = ckpt.latest_checkpoint(directory)
+    assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
+
+
+def test_keep_last_and_best_and_weights_only(shards, tmp_path):
+    train(_cfg("train.checkpoint_every_steps=1", "train.keep_last=2"), shards, tmp_path / "run")
+    steps = [s for s, _ in ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")]
+    last = torch.load(ckpt.checkpoint_path(tmp_path / "run" / "checkpoints", steps[-1]), weights_only=True)
+    assert steps[-2:] == [11, 12] and last["best_step"] in steps and len(steps) <= 3
+    assert ckpt.resolve_checkpoint(tmp_path / "run", "best").name == f"step-{last['best_step']:09d}.pt"
+    # an unreadable newest checkpoint: resume falls back to the previous complete one
+    ckpt.checkpoint_path(tmp_path / "run" / "checkpoints", 12).write_bytes(b"garbage")
+    path, state = ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert state["step"] == 11
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_path, monkeypatch):
+    from brainmt.models.brainmt import BrainMT
+
+    original = BrainMT.forward
+    calls = {"n": 0}
+
+    def sometimes_nan(self, x):
+        calls["n"] += 1
+        out = original(self, x)
+        return out * float("nan") if calls["n"] == 4 else out
+
+    monkeypatch.setattr(BrainMT, "forward", sometimes_nan)
+    with pytest.raises(TrainingError, match="non-finite training loss at step 4.*last good checkpoint is kept"):
+        train(_cfg("train.checkpoint_every_steps=1"), shards, tmp_path / "run")
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")][-1] == 3
+
+
+def test_bad_configuration_and_missing_shards_fail_before_work(shards, tmp_path):
+    with pytest.raises(ShardError, match="nope: shard directory not found"):
+        train(_cfg(), tmp_path / "nope", tmp_path / "run")
+    with pytest.raises(ConfigError, match="no shard directory"):
+        train(_cfg(), None, tmp_path / "run")
+    with pytest.raises(ConfigError, match="needs a 0/1 target; 'cognition' has values"):
+        train(_cfg("data.task=classification", "data.target=cognition"), shards, tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"data.target: 'iq' is not a target in .*; the shards hold \['sex', 'cognition'\]"):
+        train(_cfg("data.target=iq"), shards, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    train(_cfg("train.epochs=1"), shards, tmp_path / "run2")
+    with pytest.raises(TrainingError, match=r"another configuration \(optim.lr: 0.001 -> 0.5\)"):
+        train(_cfg("optim.lr=0.5"), shards, tmp_path / "run2")
+    assert train(_cfg("train.epochs=2"), shards, tmp_path / "run2")["step"] == 12      # more epochs may resume
+    proc = subprocess.run([sys.executable, "-m", "brainmt.cli", "train", "--config", "debug", "--shards",
+                           str(tmp_path / "missing"), "--run-dir", str(tmp_path / "r3"), "optim.lr=-1"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "optim.lr: must be positive" in proc.stderr
+
+
+def test_metrics_against_hand_computation():
+    y = np.array([1.0, 2.0, 3.0, 4.0])
+    p = np.array([1.5, 1.5, 3.5, 5.0])
+    m = regression_metrics(y, p)
+    assert m["mse"] == pytest.approx((0.25 + 0.25 + 0.25 + 1.0) / 4)
+    assert m["mae"] == pytest.approx((0.5 + 0.5 + 0.5 + 1.0) / 4)
+    yc, pc = y - y.mean(), p - p.mean()
+    assert m["pearson_r"] == pytest.approx((yc * pc).sum() / np.sqrt((yc**2).sum() * (pc**2).sum()))
+    labels = np.array([0, 0, 1, 1, 1])
+    probs = np.array([0.1, 0.6, 0.6, 0.8, 0.4])
+    c = classification_metrics(labels, probs)
+    assert c["accuracy"] == pytest.approx(3 / 5)                  # predictions 0 1 1 1 0
+    assert c["balanced_accuracy"] == pytest.approx((1 / 2 + 2 / 3) / 2)
+    # positive/negative pairs: (0.6,0.1)=1 (0.6,0.6)=.5 (0.8,*)=2 (0.4,0.1)=1 (0.4,0.6)=0 -> 4.5/6
+    assert c["auroc"] == pytest.approx(4.5 / 6)
+    assert np.isnan(auroc([1, 1], [0.2, 0.3]))
+    table = per_subject(["b", "a", "b", "b", "a"], [1, 0, 1, 1, 0], [0.9, 0.2, 0.6, 0.3, 0.4])
+    assert list(table) == ["a", "b"]
+    assert table["a"] == (0.0, pytest.approx(0.3), 2) and table["b"] == (1.0, pytest.approx(0.6), 3)
+    with pytest.raises(ValueError, match="different targets"):
+        per_subject(["a", "a"], [0, 1], [0.1, 0.2])
+    ci = with_intervals(regression_metrics, y, p, n_boot=200)
+    assert ci["mse"]["ci95"][0] <= ci["mse"]["value"] <= ci["mse"]["ci95"][1]

@@ -26,9 +26,13 @@ def test_config_error_exits_2_and_names_the_key(capsys):
 
 
 def test_demo_learns_the_planted_sex_effect(tmp_path):
-    """A reduced `make demo`: synth -> shard -> train (submitit local job) -> evaluate; test AUROC >= 0.8."""
+    """`make demo` into a temporary directory: synth -> shard -> train (submitit local job) -> evaluate.
+
+    The demo's defaults are already small (300 subjects of 20x24x20x40, about a minute); fewer subjects
+    leave too few test subjects for a stable AUROC.
+    """
     work = tmp_path / "demo"
-    proc = _brainmt("demo", "--work-dir", str(work), "--subjects", "200", "train.epochs=8")
+    proc = _brainmt("demo", "--work-dir", str(work))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "local executor" in proc.stdout and "the model learned the planted effect" in proc.stdout
     metrics = json.loads((work / "run" / "metrics.json").read_text())
@@ -36,4 +40,4 @@ def test_demo_learns_the_planted_sex_effect(tmp_path):
     assert metrics["auroc"]["value"] >= 0.8, metrics
     assert (work / "run" / "curves.png").stat().st_size > 10_000
     lines = (work / "run" / "predictions.csv").read_text().splitlines()
-    assert len(lines) == 1 + metrics["subjects"] and metrics["subjects"] >= 25
+    assert len(lines) == 1 + metrics["subjects"] and metrics["subjects"] >= 40

@@ -399,9 +399,12 @@ def train(cfg: Config, shards_dir: str | Path | None, run_dir: str | Path, sink:
             bar.close()
         del batches
     if env.is_main:
-        from brainmt.train.plots import plot_curves
+        try:
+            from brainmt.train.plots import plot_curves
 
-        plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
+            plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
+        except Exception:  # a figure is not worth failing a finished run for
+            log.exception("could not draw %s", run_dir / "curves.png")
     return {"status": status, "step": state["step"], "epoch": state["epoch"],
             "best_val_loss": state["best_metric"], "best_step": state["best_step"], "total_steps": total_steps}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -56,12 +57,10 @@ def expand_hostlist(hostlist: str) -> list[str]:
 
 
 def _first_host(nodelist: str) -> str:
-    try:
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):  # no scontrol here: expand it ourselves
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
         if out.returncode == 0 and out.stdout.split():
             return out.stdout.split()[0]
-    except (OSError, subprocess.TimeoutExpired):
-        pass
     return expand_hostlist(nodelist)[0]
 
 

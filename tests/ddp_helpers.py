@@ -7,12 +7,22 @@ import os
 import torch
 
 
+def sgd_steps(forward, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, steps: int = 3):
+    """Yield the (detached) loss of each of ``steps`` optimizer steps on the same batch."""
+    from brainmt.train.loop import compute_loss
+
+    for _ in range(steps):
+        loss = compute_loss(forward, x, y, "regression", torch.device("cpu"), "fp32")
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        yield loss.detach()
+
+
 def ddp_step_worker(rank: int, world: int, port: int, x: torch.Tensor, y: torch.Tensor, out_path: str) -> None:
     """One DDP training step on this rank's half of (x, y); rank 0 saves losses and weights."""
     from brainmt.config import load_config
     from brainmt.models import build_model
-    from brainmt.train.loop import compute_loss
-
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.manual_seed(0)
@@ -22,12 +32,8 @@ def ddp_step_worker(rank: int, world: int, port: int, x: torch.Tensor, y: torch.
     half = len(x) // world
     xs, ys = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
     losses = []
-    for _ in range(3):
-        loss = compute_loss(ddp, xs, ys, "regression", torch.device("cpu"), "fp32")
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        mean = loss.detach().clone()
+    for loss in sgd_steps(ddp, opt, xs, ys):
+        mean = loss.clone()
         torch.distributed.all_reduce(mean)
         losses.append(float(mean) / world)
     params = [p.detach().clone() for p in model.parameters()]

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from ddp_helpers import ddp_step_worker
+from ddp_helpers import ddp_step_worker, sgd_steps
 
 from brainmt.config import ConfigError, load_config
 from brainmt.data.shards import ShardError, ShardOptions, shard_dataset
@@ -111,18 +111,11 @@ def test_ddp_two_processes_match_one_process_with_twice_the_batch(tmp_path):
     rank0, rank1 = ddp["params"]
     assert all(torch.equal(a, b) for a, b in zip(rank0, rank1))        # replicas identical
     from brainmt.models import build_model
-    from brainmt.train.loop import compute_loss
 
     torch.manual_seed(0)
     model = build_model(load_config("debug").model)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    losses = []
-    for _ in range(3):
-        loss = compute_loss(model, x, y, "regression", torch.device("cpu"), "fp32")
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = [loss.item() for loss in sgd_steps(model, opt, x, y)]
     # the mean of two half-batch losses is the full-batch loss; the gradient all-reduce sums in another order
     # (float32 rounding). SGD, not Adam: Adam divides by sqrt(v), so parameters whose gradient is ~1e-9
     # would turn that rounding into a whole step of difference.

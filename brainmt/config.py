@@ -98,7 +98,6 @@ class TrainConfig:
     keep_last: int = 3
     checkpoint_every_steps: int | None = None         # besides every evaluation; None: only then
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    compile: bool = False
 
 
 @dataclass

@@ -1,1 +1,1 @@
-"""Data: synthetic scans now; NIfTI reading, shards and loaders follow."""
+"""Data: NIfTI scans and phenotypes into WebDataset shards (``shards``), the loader, synthetic scans."""

@@ -266,7 +266,6 @@ def train(cfg: Config, shards_dir: str | Path | None, run_dir: str | Path, sink:
     ddp_model = model
     if env.distributed:
         ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    forward = torch.compile(ddp_model) if cfg.train.compile else ddp_model
 
     stream = TrainStream(shards, train_scans, cfg.data.num_frames, cfg.data.target, seed=cfg.train.seed,
                          align=cfg.data.crop_align, dense=False, rank=env.rank, world_size=w,
@@ -319,7 +318,7 @@ def train(cfg: Config, shards_dir: str | Path | None, run_dir: str | Path, sink:
                 y = _normalise(batch["y"].to(device), stats)
                 sync = contextlib.nullcontext() if (micro == acc - 1 or not env.distributed) else ddp_model.no_sync()
                 with sync:
-                    loss = compute_loss(forward, x, y, stats["task"], device, precision) / acc
+                    loss = compute_loss(ddp_model, x, y, stats["task"], device, precision) / acc
                     scaler.scale(loss).backward()
                 loss_sum += loss.detach()
             flags = torch.tensor([0.0 if torch.isfinite(loss_sum) else 1.0,

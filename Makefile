@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 # torch is pinned first in the same pip command, so that no other package pulls a larger torch build
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test lint test-gpu clean
+.PHONY: demo test lint test-gpu clean slurm-packages
+SLURM_PACKAGES := slurmctld slurmd slurm-client munge slurmdbd mariadb-server
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +19,15 @@ demo: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
-test: $(VENV)/.installed lint
+# the SLURM tests start a real single-node SLURM from Debian's packages (as root); install them if missing
+slurm-packages:
+	@if [ "$$(id -u)" = 0 ] && ! command -v slurmctld >/dev/null 2>&1; then \
+		echo "installing $(SLURM_PACKAGES)"; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SLURM_PACKAGES) >/dev/null; \
+	fi
+
+test: $(VENV)/.installed lint slurm-packages
 	$(PY) -m pytest -m "not gpu" tests
 
 # on a CUDA machine with the compiled kernels installed (see README, "GPU tests")

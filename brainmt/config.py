@@ -111,11 +111,13 @@ class ClusterConfig:
     constraint: str | None = None
     nodes: int = 1
     gpus_per_node: int = 1
+    tasks_per_node: int | None = None       # None: one task per GPU (one on a CPU-only node)
     gpu_request: Literal["gpus_per_node", "gres"] = "gpus_per_node"
     cpus_per_task: int = 8
     mem_gb: float | None = None
     time_min: int = 24 * 60
     max_requeues: int = 20
+    signal_delay_s: int = 120               # SIGUSR2 this long before the time limit: time to checkpoint
     setup: list[str] = field(default_factory=list)
     container: str | None = None
     binds: list[str] = field(default_factory=list)

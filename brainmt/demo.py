@@ -1,20 +1,13 @@
-"""The end-to-end demo: synthetic scans -> shards -> a BrainMT trained and evaluated as a submitit job."""
+"""The end-to-end demo: synthetic scans -> shards -> BrainMT trained and evaluated by the launcher's job."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-from brainmt.config import Config, config_from_dict, config_to_dict
+from brainmt.config import Config, config_to_dict
 
 log = logging.getLogger(__name__)
-
-
-def demo_job(cfg_dict: dict, shards: str, run_dir: str) -> dict:
-    """The job: train (resuming if the run exists) and evaluate the test split; returns the run's result."""
-    from brainmt.train.loop import run
-
-    return run(config_from_dict(cfg_dict, "demo config"), shards, run_dir)
 
 
 def prepare_data(work_dir: Path, subjects: int, frames: int, shape: list[int], seed: int = 0) -> Path:
@@ -33,16 +26,15 @@ def prepare_data(work_dir: Path, subjects: int, frames: int, shape: list[int], s
 
 def submit_demo(cfg: Config, work_dir: Path, cluster: str = "local", subjects: int = 300, frames: int = 40,
                 shape: tuple[int, int, int] = (20, 24, 20)) -> dict:
-    """Prepare the data here, then train and evaluate through submitit (``local``: a separate process)."""
-    import submitit
+    """Prepare the data here, then train and evaluate as ``jobs/launch.py --cluster local --wait`` does."""
+    from brainmt.launch.job import TrainJob
+    from brainmt.launch.slurm import make_executor
 
     shards = prepare_data(work_dir, subjects, frames, list(shape), seed=cfg.train.seed)
     run_dir = work_dir / "run"
-    executor = submitit.AutoExecutor(folder=work_dir / "submitit" / "%j", cluster=cluster)
-    executor.update_parameters(timeout_min=60)
-    if cluster == "local":
-        executor.update_parameters(cpus_per_task=2, tasks_per_node=1)
-    job = executor.submit(demo_job, config_to_dict(cfg), str(shards), str(run_dir))
-    print(f"submitted training job {job.job_id} ({cluster} executor); its log: {work_dir / 'submitit' / str(job.job_id)}",
-          flush=True)
+    cfg.cluster.cluster = cluster
+    executor, cluster = make_executor(cfg.cluster, run_dir / "slurm", f"brainmt-{cfg.name}")
+    job = executor.submit(TrainJob(), config_to_dict(cfg), str(shards), str(run_dir))
+    print(f"submitted training job {job.job_id} ({cluster} executor, as jobs/launch.py --cluster {cluster}); "
+          f"its log: {run_dir / 'slurm' / str(job.job_id)}", flush=True)
     return job.result()

@@ -3,8 +3,46 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
+
+SLURM_SCRIPTS = Path(__file__).parent / "slurm"
+SLURM_BINARIES = ("slurmctld", "slurmd", "sbatch", "munged", "slurmdbd", "mariadbd")
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A real single-node SLURM (munge, MariaDB + slurmdbd, slurmctld, slurmd) for the session; stopped by PID."""
+    missing = [b for b in SLURM_BINARIES if shutil.which(b) is None]
+    if os.geteuid() != 0 or missing:
+        pytest.skip(f"a local SLURM needs root and Debian's slurm/munge/mariadb packages (missing: {missing}); "
+                    ".ci/run installs them")
+    # munged wants every directory above its socket to be searchable by all: pytest's tmp dirs are 0700
+    directory = Path(tempfile.mkdtemp(prefix="brainmt-slurm-"))
+    directory.chmod(0o755)
+    env = {**os.environ, "SLURM_LOCAL_DIR": str(directory)}
+    started = subprocess.run(["bash", str(SLURM_SCRIPTS / "start.sh")], env=env, capture_output=True, text=True,
+                             timeout=300)
+    if started.returncode != 0:
+        subprocess.run(["bash", str(SLURM_SCRIPTS / "stop.sh")], env=env, capture_output=True, timeout=120)
+        raise RuntimeError(f"could not start SLURM:\n{started.stdout}\n{started.stderr}")
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(directory / "etc" / "slurm.conf")
+    try:
+        yield directory
+    finally:
+        stopped = subprocess.run(["bash", str(SLURM_SCRIPTS / "stop.sh")], env=env, capture_output=True, text=True,
+                                 timeout=180)
+        if previous is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = previous
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

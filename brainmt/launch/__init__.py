@@ -1,0 +1,1 @@
+"""Launching brainmt jobs through submitit: executors from the cluster config, the checkpointable job."""

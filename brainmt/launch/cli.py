@@ -1,0 +1,100 @@
+"""``python jobs/launch.py``: submit the training main as one submitit job (SLURM, local or in-process)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from brainmt.config import ConfigError, config_to_dict, load_config
+
+OPTION_KEYS = {  # command-line option -> cluster config key
+    "partition": "partition", "nodes": "nodes", "gpus_per_node": "gpus_per_node", "tasks_per_node": "tasks_per_node",
+    "cpus_per_task": "cpus_per_task", "mem_gb": "mem_gb", "time": "time_min", "account": "account", "qos": "qos",
+    "constraint": "constraint", "max_requeues": "max_requeues", "cluster": "cluster", "gpu_request": "gpu_request",
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    """Arguments of jobs/launch.py."""
+    p = argparse.ArgumentParser(prog="jobs/launch.py", description=__doc__)
+    p.add_argument("--config", action="append", help="run config (YAML or built-in name); repeat to layer")
+    p.add_argument("--profile", help="cluster profile YAML (a 'cluster:' section: partition, account, setup, ...)")
+    p.add_argument("--run-dir", help="run directory (default runs/<config name>); an existing one is resumed")
+    p.add_argument("--shards", help="shard directory (default: data.shards of the config)")
+    p.add_argument("--cluster", choices=["auto", "slurm", "local", "debug"])
+    p.add_argument("--partition")
+    p.add_argument("--nodes", type=int)
+    p.add_argument("--gpus-per-node", type=int)
+    p.add_argument("--tasks-per-node", type=int, help="default: one per GPU")
+    p.add_argument("--gpu-request", choices=["gpus_per_node", "gres"], help="how the site asks for GPUs")
+    p.add_argument("--cpus-per-task", type=int)
+    p.add_argument("--mem-gb", type=float)
+    p.add_argument("--time", type=int, help="time limit in minutes")
+    p.add_argument("--account")
+    p.add_argument("--qos")
+    p.add_argument("--constraint")
+    p.add_argument("--job-name")
+    p.add_argument("--max-requeues", type=int)
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script and the resolved config; submit nothing")
+    p.add_argument("--wait", action="store_true", help="wait for the job and print its evaluation")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of jobs/launch.py."""
+    import submitit
+
+    from brainmt.launch.job import TrainJob
+    from brainmt.launch.slurm import LaunchError, check_submittable, clean_slurm_env, make_executor, sbatch_preview
+    from brainmt.train.loop import TrainingError, _check_resume_config
+
+    args = parser().parse_args(argv)
+    try:
+        layers = list(args.config or ["paper"]) + ([args.profile] if args.profile else [])
+        cfg = load_config(layers, args.overrides)
+        for opt, key in OPTION_KEYS.items():
+            if getattr(args, opt) is not None:
+                setattr(cfg.cluster, key, getattr(args, opt))
+        run_dir = Path(args.run_dir or f"runs/{cfg.name}").resolve()
+        shards = args.shards or cfg.data.shards
+        if not shards or not Path(shards).is_dir():
+            raise LaunchError(f"shard directory not found: {shards!r} (pass --shards DIR; make one with brainmt shard)")
+        cfg.data.shards = str(Path(shards).resolve())
+        job_name = args.job_name or f"brainmt-{cfg.name}"
+        if args.dry_run:
+            print(sbatch_preview(cfg.cluster, run_dir / "slurm", job_name))
+            print("# resolved config\n" + yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+            return 0
+        _check_resume_config(run_dir, cfg)
+        executor, cluster = make_executor(cfg.cluster, run_dir / "slurm", job_name)
+        if cluster == "slurm":
+            check_submittable(cfg.cluster, run_dir / "slurm", job_name)
+        if cluster == "local" and args.cluster is None and cfg.cluster.cluster == "auto":
+            print("no SLURM here (sbatch not found): running with submitit's local executor", flush=True)
+        with clean_slurm_env():   # a submission from inside a SLURM job must not inherit its SLURM_*
+            job = executor.submit(TrainJob(), config_to_dict(cfg), cfg.data.shards, str(run_dir))
+    except (ConfigError, LaunchError, TrainingError) as exc:
+        print(f"jobs/launch.py: error: {exc}", file=sys.stderr)
+        return 2
+    except submitit.core.utils.FailedJobError as exc:
+        print(f"jobs/launch.py: the scheduler refused the job: {exc}", file=sys.stderr)
+        return 2
+    logs = run_dir / "slurm" / str(job.job_id)
+    print(f"submitted job {job.job_id} ({cluster}); run directory {run_dir}\n"
+          f"  job logs: {logs}/{job.job_id}_<task>_log.out|err\n  training logs: {run_dir / 'logs'}", flush=True)
+    (run_dir / "slurm").mkdir(parents=True, exist_ok=True)
+    with (run_dir / "slurm" / "jobs.jsonl").open("a") as f:
+        f.write(json.dumps({"job_id": job.job_id, "cluster": cluster, "submitted": time.time()}) + "\n")
+    if args.wait:
+        results = job.results() if hasattr(job, "results") else [job.result()]
+        result = results[0]
+        ev = result.get("evaluation") or {}
+        print(f"job {job.job_id}: training {result['status']} at step {result['step']}; "
+              f"test metrics: {json.dumps({k: v['value'] for k, v in ev.items() if isinstance(v, dict)})}")
+    return 0

@@ -1,0 +1,111 @@
+"""jobs/launch.py against a real single-node SLURM (started by the ``slurm`` fixture), and its dry run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from brainmt.data.shards import ShardOptions, shard_dataset
+from brainmt.data.synthetic import write_synthetic_bids
+from brainmt.train import checkpoint as ckpt
+
+ROOT = Path(__file__).parent.parent
+TRAIN = ["data.num_frames=8", "model.num_frames=8", "train.log_every=1", "data.num_workers=0"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("launch-data")
+    write_synthetic_bids(root / "raw", 20, 24, (20, 24, 20), seed=2)
+    shard_dataset(root / "raw", root / "raw" / "participants.tsv", root / "shards",
+                  options=ShardOptions(min_frames=16, chunk_frames=4), progress=False)
+    return root / "shards"
+
+
+def launch(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "jobs" / "launch.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def _cpu_job(shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["--cluster", "slurm", "--partition", "gpu", "--nodes", "1", "--gpus-per-node", "0", "--tasks-per-node", "2",
+            "--cpus-per-task", "1", "--time", "10", "--config", "debug", "--shards", str(shards), "--run-dir", str(run_dir),
+            *TRAIN, *extra]
+
+
+def test_two_task_ddp_job_trains_and_evaluates(slurm, shards, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = launch(*_cpu_job(shards, run_dir, "train.epochs=2", "data.samples_per_epoch=32"), "--wait")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "submitted job" in proc.stdout and "training finished at step 8" in proc.stdout  # 2 x 32 / (4 x 2)
+    for rank in (0, 1):
+        log = (run_dir / "logs" / f"rank-{rank}.log").read_text()
+        assert f"init gloo process group: rank {rank}/2" in log and "(slurm)" in log
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["subjects"] > 0 and "pearson_r" in metrics          # replicas were compared before evaluating
+
+
+def test_preempted_job_is_requeued_and_finishes_like_an_uninterrupted_one(slurm, shards, tmp_path):
+    args = ("train.epochs=2", "data.samples_per_epoch=480", "train.checkpoint_every_steps=5")
+    reference = launch(*_cpu_job(shards, tmp_path / "reference", *args), "--wait")
+    assert reference.returncode == 0, reference.stdout + reference.stderr
+
+    import submitit
+
+    run_dir = tmp_path / "preempted"
+    proc = launch(*_cpu_job(shards, run_dir, *args))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job_id = json.loads((run_dir / "slurm" / "jobs.jsonl").read_text().splitlines()[-1])["job_id"]
+    job = submitit.SlurmJob(folder=run_dir / "slurm" / "%j", job_id=job_id, tasks=(0, 1))
+    deadline = time.time() + 300
+    while not ckpt.list_checkpoints(run_dir / "checkpoints"):             # the job has visibly started
+        assert time.time() < deadline and not job.done(), "no checkpoint appeared"
+        time.sleep(0.2)
+    job._interrupt()                                                       # scancel --signal USR2, as a preemption
+    result = job.results()[0]
+    assert result["status"] == "finished"
+    logs = (run_dir / "logs" / "rank-0.log").read_text()
+    assert "stop requested" in logs and "resumed from" in logs
+    assert json.loads((run_dir / "metrics.json").read_text())["pearson_r"] == \
+        json.loads((tmp_path / "reference" / "metrics.json").read_text())["pearson_r"]
+    a = ckpt.load_checkpoint(ckpt.list_checkpoints(run_dir / "checkpoints")[-1][1])["model"]
+    b = ckpt.load_checkpoint(ckpt.list_checkpoints(tmp_path / "reference" / "checkpoints")[-1][1])["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("style, line", [("gpus_per_node", "#SBATCH --gpus-per-node=4"), ("gres", "#SBATCH --gres=gpu:4")])
+def test_dry_run_prints_the_sbatch_script_from_the_profile(shards, tmp_path, style, line):
+    profile = tmp_path / "site.yaml"
+    profile.write_text(f"cluster:\n  partition: a100\n  account: neuro-lab\n  gpu_request: {style}\n  gpus_per_node: 4\n"
+                       "  time_min: 720\n  setup: ['module load cuda/12.4']\n")
+    proc = launch("--profile", str(profile), "--nodes", "2", "--shards", str(shards), "--run-dir", str(tmp_path / "r"),
+                  "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    for expected in (line, "#SBATCH --partition=a100", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4",
+                     "#SBATCH --time=720", "#SBATCH --account=neuro-lab", "module load cuda/12.4", "# resolved config"):
+        assert expected in proc.stdout, expected
+    assert not (tmp_path / "r").exists()                                   # nothing submitted, nothing written
+
+
+def test_bad_requests_are_refused_with_a_clear_message(slurm, shards, tmp_path):
+    base = ["--cluster", "slurm", "--gpus-per-node", "0", "--time", "5", "--config", "debug", "--shards", str(shards)]
+    proc = launch(*base, "--partition", "nosuch", "--run-dir", str(tmp_path / "a"))
+    assert proc.returncode == 2 and "refused the job" in proc.stderr and "partition" in proc.stderr.lower()
+    proc = launch(*base, "--partition", "gpu", "--cpus-per-task", "64", "--run-dir", str(tmp_path / "b"))
+    assert proc.returncode == 2 and "refused the job" in proc.stderr
+    proc = launch("--config", str(tmp_path / "missing.yaml"), "--shards", str(shards), "--dry-run")
+    assert proc.returncode == 2 and "missing.yaml" in proc.stderr
+    proc = launch(*base, "--partition", "gpu", "--shards", str(tmp_path / "noshards"), "--run-dir", str(tmp_path / "c"))
+    assert proc.returncode == 2 and "shard directory not found" in proc.stderr
+    owned = tmp_path / "owned"
+    owned.mkdir()
+    (owned / "config.yaml").write_text("model:\n  embed_dim: 64\n")
+    proc = launch(*base, "--partition", "gpu", "--run-dir", str(owned))
+    assert proc.returncode == 2 and "another configuration" in proc.stderr
+    assert (owned / "config.yaml").read_text() == "model:\n  embed_dim: 64\n"   # nothing lost

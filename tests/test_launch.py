@@ -109,3 +109,32 @@ def test_bad_requests_are_refused_with_a_clear_message(slurm, shards, tmp_path):
     proc = launch(*base, "--partition", "gpu", "--run-dir", str(owned))
     assert proc.returncode == 2 and "another configuration" in proc.stderr
     assert (owned / "config.yaml").read_text() == "model:\n  embed_dim: 64\n"   # nothing lost
+
+
+def _content(manifest: dict) -> dict:
+    """A manifest without what depends on where and when scans were written (timestamps, shard names, offsets)."""
+    scans = {s: {k: v for k, v in m.items() if k not in ("shard", "chunks")} | {"frames_in_chunks": [c[2:] for c in m["chunks"]]}
+             for s, m in manifest["scans"].items()}
+    return {**{k: v for k, v in manifest.items() if k not in ("created", "shards", "scans")}, "scans": scans}
+
+
+def test_shard_array_and_merge_equal_one_process(slurm, tmp_path):
+    from brainmt.data.loader import ShardSet
+
+    raw = write_synthetic_bids(tmp_path / "raw", 6, 20, (16, 18, 16), seed=4)
+    shard_dataset(raw, raw / "participants.tsv", tmp_path / "single", options=ShardOptions(min_frames=10), progress=False)
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "shard.py"), "--cluster", "slurm", "--partition", "cpu",
+                           "--input", str(raw), "--phenotypes", str(raw / "participants.tsv"), "--output",
+                           str(tmp_path / "array"), "--array-size", "2", "--min-frames", "10", "--cpus-per-task", "1",
+                           "--time", "10", "--wait"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "mask job" in proc.stdout and "array of 2 slices" in proc.stdout
+    single = json.loads((tmp_path / "single" / "manifest.json").read_text())
+    array = json.loads((tmp_path / "array" / "manifest.json").read_text())
+    assert len({s["shard"].split("-")[1] for s in array["shards"]}) == 2            # both slices wrote shards
+    assert _content(array) == _content(single)
+    a, b = ShardSet(tmp_path / "array", verify="sha256"), ShardSet(tmp_path / "single")
+    for scan in a.scans:
+        assert (a.read_frames(scan, 0, 20) == b.read_frames(scan, 0, 20)).all()
+    assert json.loads((tmp_path / "array" / "splits.json").read_text()) == \
+        json.loads((tmp_path / "single" / "splits.json").read_text())

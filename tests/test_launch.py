@@ -49,6 +49,8 @@ def test_two_task_ddp_job_trains_and_evaluates(slurm, shards, tmp_path):
         assert f"init gloo process group: rank {rank}/2" in log and "(slurm)" in log
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["subjects"] > 0 and "pearson_r" in metrics          # replicas were compared before evaluating
+    status = launch("--status", str(run_dir))
+    assert status.returncode == 0 and "state COMPLETED, requeues 0" in status.stdout and "test: mse" in status.stdout
 
 
 def test_preempted_job_is_requeued_and_finishes_like_an_uninterrupted_one(slurm, shards, tmp_path):

@@ -42,8 +42,50 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-requeues", type=int)
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script and the resolved config; submit nothing")
     p.add_argument("--wait", action="store_true", help="wait for the job and print its evaluation")
+    p.add_argument("--status", metavar="RUN_DIR", help="show the run's last job, its state, requeues and last metrics")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     return p
+
+
+def _scheduler_state(job_id: str) -> tuple[str, str]:
+    """(state, restarts) of a SLURM job from scontrol, else sacct; ('unknown', '?') without SLURM."""
+    import re
+    import subprocess
+
+    try:
+        out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=30).stdout
+        state = re.search(r"JobState=(\S+)", out)
+        restarts = re.search(r"Restarts=(\d+)", out)
+        if state:
+            return state.group(1), restarts.group(1) if restarts else "?"
+        out = subprocess.run(["sacct", "-n", "-X", "-j", job_id, "-o", "State"], capture_output=True, text=True,
+                             timeout=30).stdout.split()
+        return (out[-1] if out else "unknown"), "?"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown", "?"
+
+
+def show_status(run_dir: Path) -> int:
+    """Print the run's last submitted job, its scheduler state and requeues, and the last metrics."""
+    jobs_file = run_dir / "slurm" / "jobs.jsonl"
+    if not jobs_file.exists():
+        print(f"jobs/launch.py: error: {jobs_file}: no job was submitted for this run directory", file=sys.stderr)
+        return 2
+    last = json.loads(jobs_file.read_text().splitlines()[-1])
+    state, restarts = _scheduler_state(last["job_id"]) if last["cluster"] == "slurm" else ("(local)", "?")
+    print(f"run {run_dir}: job {last['job_id']} ({last['cluster']}) state {state}, requeues {restarts}")
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists():
+        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        train = next((r for r in reversed(records) if "train_loss" in r), None)
+        val = next((r for r in reversed(records) if "val_loss" in r), None)
+        for r in (train, val):
+            if r:
+                print("  " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
+    if (run_dir / "metrics.json").exists():
+        ev = json.loads((run_dir / "metrics.json").read_text())
+        print("  test: " + "  ".join(f"{k} {v['value']:.4f}" for k, v in ev.items() if isinstance(v, dict)))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     from brainmt.train.loop import TrainingError, _check_resume_config
 
     args = parser().parse_args(argv)
+    if args.status:
+        return show_status(Path(args.status))
     try:
         layers = list(args.config or ["paper"]) + ([args.profile] if args.profile else [])
         cfg = load_config(layers, args.overrides)

@@ -119,7 +119,8 @@ class ClusterConfig:
     max_requeues: int = 20
     signal_delay_s: int = 120               # SIGUSR2 this long before the time limit: time to checkpoint
     setup: list[str] = field(default_factory=list)
-    container: str | None = None
+    container: str | None = None            # an Apptainer image: each task trains inside it
+    container_runtime: str = "apptainer"
     binds: list[str] = field(default_factory=list)
 
 

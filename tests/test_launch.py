@@ -113,6 +113,18 @@ def test_bad_requests_are_refused_with_a_clear_message(slurm, shards, tmp_path):
     assert (owned / "config.yaml").read_text() == "model:\n  embed_dim: 64\n"   # nothing lost
 
 
+def test_force_moves_a_foreign_run_directory_aside(shards, tmp_path):
+    owned = tmp_path / "owned"
+    owned.mkdir()
+    (owned / "config.yaml").write_text("model:\n  embed_dim: 64\n")
+    proc = launch("--cluster", "debug", "--config", "debug", "--shards", str(shards), "--run-dir", str(owned), "--force",
+                  "--wait", *TRAIN, "train.epochs=1", "data.samples_per_epoch=8")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("owned.replaced-")]
+    assert len(aside) == 1 and (aside[0] / "config.yaml").read_text() == "model:\n  embed_dim: 64\n"
+    assert (owned / "metrics.json").exists()
+
+
 def _content(manifest: dict) -> dict:
     """A manifest without what depends on where and when scans were written (timestamps, shard names, offsets)."""
     scans = {s: {k: v for k, v in m.items() if k not in ("shard", "chunks")} | {"frames_in_chunks": [c[2:] for c in m["chunks"]]}
@@ -140,3 +152,48 @@ def test_shard_array_and_merge_equal_one_process(slurm, tmp_path):
         assert (a.read_frames(scan, 0, 20) == b.read_frames(scan, 0, 20)).all()
     assert json.loads((tmp_path / "array" / "splits.json").read_text()) == \
         json.loads((tmp_path / "single" / "splits.json").read_text())
+
+
+def test_container_runs_training_as_a_child_of_the_host_runner(shards, tmp_path):
+    """--container without Apptainer: a stand-in runtime records the call and runs the command on the host."""
+    import os
+
+    profile = tmp_path / "site.yaml"
+    profile.write_text(f"cluster:\n  container_runtime: {ROOT / 'tests' / 'fake_apptainer.sh'}\n  binds: ['/data:/data']\n")
+    env = {**os.environ, "FAKE_APPTAINER_LOG": str(tmp_path / "calls.log"), "FAKE_APPTAINER_PYTHON": sys.executable}
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "launch.py"), "--cluster", "local", "--gpus-per-node", "0",
+                           "--container", "brainmt.sif", "--profile", str(profile), "--config", "debug", "--shards",
+                           str(shards), "--run-dir", str(tmp_path / "run"), "--wait", *TRAIN, "train.epochs=1",
+                           "data.samples_per_epoch=8"], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    call = (tmp_path / "calls.log").read_text()
+    assert call.startswith("exec --bind /data:/data brainmt.sif python3 -m brainmt.cli train --config ")
+    assert "--nv" not in call and f"--run-dir {tmp_path / 'run'}" in call
+    assert "training finished" in proc.stdout and (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_container_child_receives_the_forwarded_preemption_signal(tmp_path):
+    import os
+    import signal
+    import threading
+
+    from brainmt.launch.container import run_in_container
+
+    ready = tmp_path / "ready"
+    child = ("import signal, sys, time, pathlib\n"
+             "signal.signal(signal.SIGUSR2, lambda *a: sys.exit(3))\n"
+             f"pathlib.Path({str(ready)!r}).touch()\n"
+             "time.sleep(60)\nsys.exit(0)\n")
+
+    def preempt():
+        deadline = time.time() + 30
+        while not ready.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGUSR2)
+
+    threading.Thread(target=preempt, daemon=True).start()
+    start = time.time()
+    result = run_in_container([sys.executable, "-c", child], tmp_path)
+    assert result == {"status": "interrupted", "returncode": 3} and time.time() - start < 30
+    with pytest.raises(RuntimeError, match="exited with code 7"):
+        run_in_container([sys.executable, "-c", "import sys; sys.exit(7)"], tmp_path)

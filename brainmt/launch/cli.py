@@ -16,6 +16,7 @@ OPTION_KEYS = {  # command-line option -> cluster config key
     "partition": "partition", "nodes": "nodes", "gpus_per_node": "gpus_per_node", "tasks_per_node": "tasks_per_node",
     "cpus_per_task": "cpus_per_task", "mem_gb": "mem_gb", "time": "time_min", "account": "account", "qos": "qos",
     "constraint": "constraint", "max_requeues": "max_requeues", "cluster": "cluster", "gpu_request": "gpu_request",
+    "container": "container",
 }
 
 
@@ -40,8 +41,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--constraint")
     p.add_argument("--job-name")
     p.add_argument("--max-requeues", type=int)
+    p.add_argument("--container", metavar="IMAGE", help="train inside this Apptainer image (binds: cluster.binds)")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script and the resolved config; submit nothing")
     p.add_argument("--wait", action="store_true", help="wait for the job and print its evaluation")
+    p.add_argument("--force", action="store_true",
+                   help="the run directory was started with another configuration: move it aside and start anew")
     p.add_argument("--status", metavar="RUN_DIR", help="show the run's last job, its state, requeues and last metrics")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     return p
@@ -115,7 +119,14 @@ def main(argv: list[str] | None = None) -> int:
             print(sbatch_preview(cfg.cluster, run_dir / "slurm", job_name))
             print("# resolved config\n" + yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
             return 0
-        _check_resume_config(run_dir, cfg)
+        try:
+            _check_resume_config(run_dir, cfg)
+        except TrainingError:
+            if not args.force:
+                raise
+            aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+            run_dir.rename(aside)
+            print(f"--force: moved the run directory of the other configuration to {aside}", flush=True)
         executor, cluster = make_executor(cfg.cluster, run_dir / "slurm", job_name)
         if cluster == "slurm":
             check_submittable(cfg.cluster, run_dir / "slurm", job_name)
@@ -139,6 +150,6 @@ def main(argv: list[str] | None = None) -> int:
         results = job.results() if hasattr(job, "results") else [job.result()]
         result = results[0]
         ev = result.get("evaluation") or {}
-        print(f"job {job.job_id}: training {result['status']} at step {result['step']}; "
+        print(f"job {job.job_id}: training {result['status']} at step {result.get('step', '?')}; "
               f"test metrics: {json.dumps({k: v['value'] for k, v in ev.items() if isinstance(v, dict)})}")
     return 0

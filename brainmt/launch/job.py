@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from pathlib import Path
 
 import submitit
 
@@ -23,12 +24,22 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def __call__(self, cfg_dict: dict, shards: str | None, run_dir: str, evaluate_split: str | None = "test") -> dict:
         """Run on every task of the job; returns rank 0's result (every rank returns the same)."""
-        from brainmt.train.loop import run
-
         submitit_handler = signal.getsignal(signal.SIGUSR2)
         cfg = config_from_dict(cfg_dict, "launch config")
-        result = run(cfg, shards, run_dir, evaluate_split=evaluate_split)
+        if cfg.cluster.container:
+            from brainmt.config import save_config
+            from brainmt.launch.container import container_command, run_in_container
+
+            env = submitit.JobEnvironment()
+            config_path = Path(run_dir) / "slurm" / f"job-config-{env.job_id}-{env.global_rank}.yaml"
+            save_config(cfg, config_path)
+            result = run_in_container(container_command(cfg.cluster, config_path, shards, Path(run_dir),
+                                                        evaluate_split), Path(run_dir))
+        else:
+            from brainmt.train.loop import run
+
+            result = run(cfg, shards, run_dir, evaluate_split=evaluate_split)
         if result["status"] == "interrupted" and callable(submitit_handler):
-            log.info("checkpoint written at step %d; handing the preemption to submitit to requeue", result["step"])
+            log.info("checkpoint written; handing the preemption to submitit to requeue")
             submitit_handler(signal.SIGUSR2, None)   # rank 0: checkpoint() + scontrol requeue + exit
         return result

@@ -85,7 +85,7 @@ def _check_resume_config(run_dir: Path, cfg: Config) -> None:
                 diffs.append(f"{full}: {stored[section].get(key)!r} -> {value!r}")
     if diffs:
         raise TrainingError(f"{stored_path}: this run was started with another configuration ({'; '.join(diffs)}). "
-                            "Resume it unchanged, or train into a new --run-dir")
+                            "Resume it unchanged, train into a new --run-dir, or (jobs/launch.py) pass --force to move it aside")
 
 
 def _target_stats(shards: ShardSet, scans: list[str], cfg: Config) -> dict:

@@ -44,6 +44,7 @@ def test_two_task_ddp_job_trains_and_evaluates(slurm, shards, tmp_path):
     proc = launch(*_cpu_job(shards, run_dir, "train.epochs=2", "data.samples_per_epoch=32"), "--wait")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "submitted job" in proc.stdout and "training finished at step 8" in proc.stdout  # 2 x 32 / (4 x 2)
+    assert "rank0 INFO brainmt.train: training debug" in proc.stdout                   # --wait streamed rank 0's log
     for rank in (0, 1):
         log = (run_dir / "logs" / f"rank-{rank}.log").read_text()
         assert f"init gloo process group: rank {rank}/2" in log and "(slurm)" in log

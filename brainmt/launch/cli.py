@@ -43,12 +43,24 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-requeues", type=int)
     p.add_argument("--container", metavar="IMAGE", help="train inside this Apptainer image (binds: cluster.binds)")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script and the resolved config; submit nothing")
-    p.add_argument("--wait", action="store_true", help="wait for the job and print its evaluation")
+    p.add_argument("--wait", action="store_true", help="follow the job (rank 0's log) and print its evaluation")
     p.add_argument("--force", action="store_true",
                    help="the run directory was started with another configuration: move it aside and start anew")
     p.add_argument("--status", metavar="RUN_DIR", help="show the run's last job, its state, requeues and last metrics")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     return p
+
+
+def _stream(path: Path, position: int) -> int:
+    """Print what was appended to ``path`` since ``position``; return the new position."""
+    if not path.exists():
+        return position
+    with path.open() as f:
+        f.seek(position)
+        text = f.read()
+    if text:
+        print(text, end="", flush=True)
+    return position + len(text.encode())
 
 
 def _scheduler_state(job_id: str) -> tuple[str, str]:
@@ -147,6 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     with (run_dir / "slurm" / "jobs.jsonl").open("a") as f:
         f.write(json.dumps({"job_id": job.job_id, "cluster": cluster, "submitted": time.time()}) + "\n")
     if args.wait:
+        if cluster != "debug":   # the debug executor runs the job inside result()
+            log_path, position = run_dir / "logs" / "rank-0.log", 0
+            while not job.done():
+                position = _stream(log_path, position)
+                time.sleep(2)
+            _stream(log_path, position)
         results = job.results() if hasattr(job, "results") else [job.result()]
         result = results[0]
         ev = result.get("evaluation") or {}

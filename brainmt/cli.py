@@ -42,12 +42,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from brainmt.demo import submit_demo
     from brainmt.train.metrics import format_table
 
-    cfg = _load(args, "demo")
+    cfg = _load(args, "demo")   # checked here, before any data is written
     work_dir = Path(args.work_dir).resolve()
-    result = submit_demo(cfg, work_dir, cluster=args.cluster, subjects=args.subjects)
-    ev = result.get("evaluation")
+    ev = submit_demo(args.config or ["demo"], args.overrides, work_dir, cluster=args.cluster, subjects=args.subjects,
+                     seed=cfg.train.seed)
     if not ev:
-        print(f"training {result['status']} at step {result['step']}; run `brainmt demo` again to resume")
+        print("training was interrupted; run `brainmt demo` again to resume")
         return 3
     metrics = {k: v for k, v in ev.items() if isinstance(v, dict)}
     print(format_table(metrics, f"demo, {ev['split']} split ({ev['subjects']} held-out subjects), "

@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from brainmt.config import Config, config_to_dict
-
 log = logging.getLogger(__name__)
 
 
@@ -24,17 +22,18 @@ def prepare_data(work_dir: Path, subjects: int, frames: int, shape: list[int], s
     return shards
 
 
-def submit_demo(cfg: Config, work_dir: Path, cluster: str = "local", subjects: int = 300, frames: int = 40,
-                shape: tuple[int, int, int] = (20, 24, 20)) -> dict:
-    """Prepare the data here, then train and evaluate as ``jobs/launch.py --cluster local --wait`` does."""
-    from brainmt.launch.job import TrainJob
-    from brainmt.launch.slurm import make_executor
+def submit_demo(cfg_layers: list[str], overrides: list[str], work_dir: Path, cluster: str = "local",
+                subjects: int = 300, frames: int = 40, shape: tuple[int, int, int] = (20, 24, 20), seed: int = 0) -> dict:
+    """Prepare the data here, then ``jobs/launch.py --cluster local --wait``; returns the test metrics."""
+    import json
 
-    shards = prepare_data(work_dir, subjects, frames, list(shape), seed=cfg.train.seed)
+    from brainmt.launch.cli import main as launch
+
+    shards = prepare_data(work_dir, subjects, frames, list(shape), seed=seed)
     run_dir = work_dir / "run"
-    cfg.cluster.cluster = cluster
-    executor, cluster = make_executor(cfg.cluster, run_dir / "slurm", f"brainmt-{cfg.name}")
-    job = executor.submit(TrainJob(), config_to_dict(cfg), str(shards), str(run_dir))
-    print(f"submitted training job {job.job_id} ({cluster} executor, as jobs/launch.py --cluster {cluster}); "
-          f"its log: {run_dir / 'slurm' / str(job.job_id)}", flush=True)
-    return job.result()
+    args = [arg for layer in cfg_layers for arg in ("--config", layer)]
+    code = launch([*args, "--cluster", cluster, "--shards", str(shards), "--run-dir", str(run_dir), "--wait", *overrides])
+    if code != 0:
+        raise RuntimeError(f"jobs/launch.py exited with {code}")
+    metrics = run_dir / "metrics.json"
+    return json.loads(metrics.read_text()) if metrics.exists() else {}

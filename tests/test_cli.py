@@ -34,7 +34,7 @@ def test_demo_learns_the_planted_sex_effect(tmp_path):
     work = tmp_path / "demo"
     proc = _brainmt("demo", "--work-dir", str(work))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "local executor" in proc.stdout and "the model learned the planted effect" in proc.stdout
+    assert "(local)" in proc.stdout and "the model learned the planted effect" in proc.stdout
     metrics = json.loads((work / "run" / "metrics.json").read_text())
     assert metrics["task"] == "classification" and metrics["target"] == "sex"
     assert metrics["auroc"]["value"] >= 0.8, metrics

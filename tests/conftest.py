@@ -54,3 +54,16 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if skipped:
         reporter.write_line(f"CI=true: {len(skipped)} test(s) were skipped; in CI a skip is a failure", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session")
+def small_shards(tmp_path_factory) -> Path:
+    """Shards of 20 synthetic subjects (20x24x20 voxels, 24 frames, chunks of 4), shared read-only by tests."""
+    from brainmt.data.shards import ShardOptions, shard_dataset
+    from brainmt.data.synthetic import write_synthetic_bids
+
+    root = tmp_path_factory.mktemp("small-shards")
+    write_synthetic_bids(root / "raw", 20, 24, (20, 24, 20), seed=1)
+    shard_dataset(root / "raw", root / "raw" / "participants.tsv", root / "shards",
+                  options=ShardOptions(min_frames=16, chunk_frames=4), progress=False)
+    return root / "shards"

@@ -19,13 +19,9 @@ ROOT = Path(__file__).parent.parent
 TRAIN = ["data.num_frames=8", "model.num_frames=8", "train.log_every=1", "data.num_workers=0"]
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("launch-data")
-    write_synthetic_bids(root / "raw", 20, 24, (20, 24, 20), seed=2)
-    shard_dataset(root / "raw", root / "raw" / "participants.tsv", root / "shards",
-                  options=ShardOptions(min_frames=16, chunk_frames=4), progress=False)
-    return root / "shards"
+@pytest.fixture
+def shards(small_shards: Path) -> Path:
+    return small_shards
 
 
 def launch(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:

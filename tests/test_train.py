@@ -16,8 +16,7 @@ import torch
 from ddp_helpers import ddp_step_worker, sgd_steps
 
 from brainmt.config import ConfigError, load_config
-from brainmt.data.shards import ShardError, ShardOptions, shard_dataset
-from brainmt.data.synthetic import write_synthetic_bids
+from brainmt.data.shards import ShardError
 from brainmt.train import checkpoint as ckpt
 from brainmt.train.loop import TrainingError, evaluate, train
 from brainmt.train.metrics import auroc, classification_metrics, per_subject, regression_metrics, with_intervals
@@ -26,13 +25,9 @@ OVERRIDES = ["data.num_frames=8", "model.num_frames=8", "train.epochs=2", "data.
              "train.log_every=1", "train.keep_last=2"]
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("train-data")
-    write_synthetic_bids(root / "raw", 20, 24, (20, 24, 20), seed=1)
-    shard_dataset(root / "raw", root / "raw" / "participants.tsv", root / "shards",
-                  options=ShardOptions(min_frames=16, chunk_frames=4), progress=False)
-    return root / "shards"
+@pytest.fixture
+def shards(small_shards: Path) -> Path:
+    return small_shards
 
 
 def _cfg(*extra):

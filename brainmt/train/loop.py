@@ -397,6 +397,8 @@ def train(cfg: Config, shards_dir: str | Path | None, run_dir: str | Path, sink:
         if bar is not None:
             bar.close()
         del batches
+    if env.distributed:
+        torch.distributed.barrier()   # rank 0 has finished writing (and pruning) checkpoints before anyone reads them
     if env.is_main:
         try:
             from brainmt.train.plots import plot_curves

@@ -6,7 +6,6 @@ manifest), so a training sample reads about the bytes of the frames it uses, not
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from brainmt.data.nifti import load_mask
-from brainmt.data.shards import FORMAT_VERSION, ShardError
+from brainmt.data.shards import FORMAT_VERSION, ShardError, sha256_file
 
 
 class ShardSet:
@@ -64,12 +63,9 @@ class ShardSet:
             if size != s["bytes"]:
                 raise ShardError(f"{path}: {size} bytes, the manifest records {s['bytes']} (truncated or replaced)")
             if checksums:
-                h = hashlib.sha256()
-                with path.open("rb") as f:
-                    for block in iter(lambda: f.read(1 << 22), b""):
-                        h.update(block)
-                if h.hexdigest() != s["sha256"]:
-                    raise ShardError(f"{path}: sha256 {h.hexdigest()} does not match the manifest's {s['sha256']}")
+                digest = sha256_file(path)
+                if digest != s["sha256"]:
+                    raise ShardError(f"{path}: sha256 {digest} does not match the manifest's {s['sha256']}")
 
     def splits(self, path: str | Path | None = None) -> dict:
         """The subject splits (``splits.json`` next to the manifest unless ``path``)."""

@@ -86,7 +86,8 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 4 MiB blocks."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -167,7 +168,7 @@ class _ShardWriter:
         for meta in self.scans.values():
             keys = meta.pop("_keys")
             meta["chunks"] = [[*offsets[f"{key}.npy"], start, n] for key, start, n in keys]
-        index = {"shard": self.name, "bytes": final.stat().st_size, "sha256": _sha256(final),
+        index = {"shard": self.name, "bytes": final.stat().st_size, "sha256": sha256_file(final),
                  "samples": self.samples, "scans": self.scans}
         _atomic_json(final.with_suffix(".json"), index)
         self.tar = None

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from brainmt.launch.job import TrainJob
     from brainmt.launch.slurm import LaunchError, check_submittable, clean_slurm_env, make_executor, sbatch_preview
-    from brainmt.train.loop import TrainingError, _check_resume_config
+    from brainmt.train.loop import TrainingError, check_resume_config
 
     args = parser().parse_args(argv)
     if args.status:
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             print("# resolved config\n" + yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
             return 0
         try:
-            _check_resume_config(run_dir, cfg)
+            check_resume_config(run_dir, cfg)
         except TrainingError:
             if not args.force:
                 raise

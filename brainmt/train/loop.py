@@ -67,7 +67,8 @@ class StopFlag:
         self._previous.clear()
 
 
-def _check_resume_config(run_dir: Path, cfg: Config) -> None:
+def check_resume_config(run_dir: Path, cfg: Config) -> None:
+    """Raise TrainingError if ``run_dir`` was started with settings that may not change on resume."""
     stored_path = run_dir / "config.yaml"
     if not stored_path.exists():
         return
@@ -146,6 +147,12 @@ def _open_shards(cfg: Config, shards_dir: str | Path | None) -> ShardSet:
     return ShardSet(path)
 
 
+def dense_batch(shards: ShardSet, batch: dict, device: torch.device) -> torch.Tensor:
+    """Packed float16 (B, T, n_brain) from the loader -> dense float32 (B, T, 1, D, H, W) on ``device``."""
+    return torch.stack([shards.unpack(f.to(device, non_blocking=True), shards.scans[s]["background"])
+                        for f, s in zip(batch["x"], batch["scan"])]).float()
+
+
 @torch.no_grad()
 def predict(model: torch.nn.Module, shards: ShardSet, scans: list[str], cfg: Config, device: torch.device,
             env: DistEnv) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -159,8 +166,7 @@ def predict(model: torch.nn.Module, shards: ShardSet, scans: list[str], cfg: Con
     loader = torch.utils.data.DataLoader(data, batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers)
     rows: list[tuple[str, int, float, float]] = []
     for batch in loader:
-        x = torch.stack([shards.unpack(f.to(device, non_blocking=True), shards.scans[s]["background"])
-                         for f, s in zip(batch["x"], batch["scan"])]).float()
+        x = dense_batch(shards, batch, device)
         with _autocast(device, cfg.train.precision):
             out = model(x).squeeze(1).float().cpu()
         rows += [(s, int(st), float(y), float(o)) for s, st, y, o in zip(batch["scan"], batch["start"], batch["y"], out)]
@@ -218,7 +224,7 @@ def train(cfg: Config, shards_dir: str | Path | None, run_dir: str | Path, sink:
         raise ShardError(f"{shards.root / 'splits.json'}: the train and validation splits need scans "
                          f"(have {len(train_scans)} and {len(val_scans)})")
     stats = _target_stats(shards, train_scans, cfg)
-    _check_resume_config(run_dir, cfg)
+    check_resume_config(run_dir, cfg)
     setup_run_logging(run_dir, env.rank)
     device = device_for(env, cfg.train.device)
     init_distributed(env, device)
@@ -313,8 +319,7 @@ def train(cfg: Config, shards_dir: str | Path | None, run_dir: str | Path, sink:
             loss_sum = torch.zeros((), device=device)
             for micro in range(acc):
                 batch = next(batches)
-                x = torch.stack([shards.unpack(f.to(device, non_blocking=True), shards.scans[s]["background"])
-                                 for f, s in zip(batch["x"], batch["scan"])]).float()
+                x = dense_batch(shards, batch, device)
                 y = _normalise(batch["y"].to(device), stats)
                 sync = contextlib.nullcontext() if (micro == acc - 1 or not env.distributed) else ddp_model.no_sync()
                 with sync:

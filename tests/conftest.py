@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -21,6 +22,9 @@ def slurm():
     if os.geteuid() != 0 or missing:
         pytest.skip(f"a local SLURM needs root and Debian's slurm/munge/mariadb packages (missing: {missing}); "
                     ".ci/run installs them")
+    # one local SLURM per machine (fixed ports): a second test session waits here for the first to finish
+    lock = open(Path(tempfile.gettempdir()) / "brainmt-slurm-tests.lock", "w")  # noqa: SIM115
+    fcntl.flock(lock, fcntl.LOCK_EX)
     # munged wants every directory above its socket to be searchable by all: pytest's tmp dirs are 0700
     directory = Path(tempfile.mkdtemp(prefix="brainmt-slurm-"))
     directory.chmod(0o755)
@@ -41,8 +45,10 @@ def slurm():
             os.environ.pop("SLURM_CONF", None)
         else:
             os.environ["SLURM_CONF"] = previous
-        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
         shutil.rmtree(directory, ignore_errors=True)
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -138,6 +138,9 @@ class SweepConfig:
     gpus_per_trial: float = 1.0
     cpus_per_trial: float = 4.0
     max_concurrent_trials: int | None = None
+    max_failures: int = 1                          # a trial that fails is retried this often from its checkpoint
+    ray_auth: Literal["token", "disabled"] = "token"   # token: a per-sweep secret that every Ray process needs
+    dashboard: bool = False                        # Ray's dashboard, on 127.0.0.1 of the head node only
 
 
 @dataclass
@@ -306,6 +309,11 @@ def _nest(key: str, value: Any) -> dict:
     for part in reversed(key.split(".")):
         out = {part: out}
     return out
+
+
+def set_value(cfg: Config, key: str, value: Any, source: str) -> None:
+    """Set one dotted key (``model.mamba_depth``) of ``cfg`` in place, checked like a YAML layer (no cross-field checks)."""
+    _merge(cfg, _nest(key, value), "", source)
 
 
 def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:

@@ -376,13 +376,14 @@ def train(cfg: Config, shards_dir: str | Path | None, run_dir: str | Path, sink:
                         state["best_metric"], state["best_step"], state["bad_evals"] = val["val_loss"], state["step"], 0
                     else:
                         state["bad_evals"] += 1
-                    if env.is_main:
+                    saved_path = save("evaluation")
+                    saved_now = True
+                    if env.is_main:   # after the save: a sink may hand the checkpoint on (the Ray Tune reporter does)
                         if sink:
-                            sink.log({"step": state["step"], "epoch": state["epoch"], **val})
+                            sink.log({"step": state["step"], "epoch": state["epoch"], **val,
+                                      "checkpoint": str(saved_path)})
                         log.info("epoch %d: %s", state["epoch"],
                                  "  ".join(f"{k} {v:.4f}" for k, v in val.items() if isinstance(v, float)))
-                    save("evaluation")
-                    saved_now = True
                     if state["bad_evals"] >= cfg.train.early_stopping_patience:
                         status = "early_stopped"
                         log.info("early stopping: no better validation loss for %d evaluations", state["bad_evals"])

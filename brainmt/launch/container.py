@@ -1,15 +1,21 @@
-"""Run a task's training inside a container image as a child process, forwarding the scheduler's signals.
+"""Run brainmt inside the Apptainer image: the one command line, and a task's training as a forwarded child.
 
 The submitit runner stays on the host's Python, where ``scontrol requeue`` exists; only the training
-runs in ``apptainer exec --nv --bind ... IMAGE python3 -m brainmt.cli train ...``.
+runs in ``apptainer exec --nv --bind ... IMAGE python3 -m brainmt.cli train ...``. ``exec_command``
+builds that command line for ``jobs/launch.py --container`` and is what ``containers/exec.sh`` writes
+too; ``python -m brainmt.launch.container --print-binds PROFILE`` prints a cluster profile's binds
+(``containers/exec.sh --profile`` runs it inside the image, so the host needs no brainmt).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import signal
 import subprocess
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from brainmt.config import ClusterConfig
@@ -18,18 +24,22 @@ log = logging.getLogger("brainmt.launch")
 INTERRUPTED_EXIT = 3   # `brainmt train` exits 3 when it stopped at a step boundary after SIGTERM / SIGUSR2
 
 
+def exec_command(runtime: str, image: str, binds: Sequence[str], nv: bool, args: Sequence[str]) -> list[str]:
+    """``<runtime> exec [--nv] [--bind B ...] IMAGE python3 -m brainmt.cli ARGS...`` (containers/exec.sh writes the same)."""
+    cmd = [runtime, "exec"] + (["--nv"] if nv else [])
+    for bind in binds:
+        cmd += ["--bind", bind]
+    return cmd + [image, "python3", "-m", "brainmt.cli", *args]
+
+
 def container_command(c: ClusterConfig, config_path: Path, shards: str | None, run_dir: Path,
                       evaluate_split: str | None) -> list[str]:
     """The command a task runs: ``<runtime> exec [--nv] [--bind B ...] IMAGE python3 -m brainmt.cli train ...``."""
-    cmd = [c.container_runtime, "exec"] + (["--nv"] if c.gpus_per_node > 0 else [])
-    for bind in c.binds:
-        cmd += ["--bind", bind]
-    cmd += [str(c.container), "python3", "-m", "brainmt.cli", "train", "--config", str(config_path),
-            "--run-dir", str(run_dir)]
+    args = ["train", "--config", str(config_path), "--run-dir", str(run_dir)]
     if shards:
-        cmd += ["--shards", shards]
-    cmd += ["--split", evaluate_split] if evaluate_split else ["--no-evaluate"]
-    return cmd
+        args += ["--shards", shards]
+    args += ["--split", evaluate_split] if evaluate_split else ["--no-evaluate"]
+    return exec_command(c.container_runtime, str(c.container), c.binds, c.gpus_per_node > 0, args)
 
 
 def run_in_container(cmd: list[str], run_dir: Path) -> dict:
@@ -57,3 +67,24 @@ def run_in_container(cmd: list[str], run_dir: Path) -> dict:
     if metrics.exists():
         result["evaluation"] = json.loads(metrics.read_text())
     return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m brainmt.launch.container --print-binds PROFILE``: the profile's ``cluster.binds``, one a line."""
+    from brainmt.config import ConfigError, load_config
+
+    p = argparse.ArgumentParser(prog="python -m brainmt.launch.container", description=main.__doc__)
+    p.add_argument("--print-binds", metavar="PROFILE", required=True, help="cluster profile YAML (or config name)")
+    args = p.parse_args(argv)
+    try:
+        binds = load_config(args.print_binds).cluster.binds
+    except (ConfigError, OSError) as exc:
+        print(f"brainmt: {exc}", file=sys.stderr)
+        return 2
+    for bind in binds:
+        print(bind)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from brainmt.config import ClusterConfig
+from brainmt.config import ClusterConfig, ConfigError, load_config
 
 log = logging.getLogger("brainmt.launch")
 INTERRUPTED_EXIT = 3   # `brainmt train` exits 3 when it stopped at a step boundary after SIGTERM / SIGUSR2
@@ -71,8 +71,6 @@ def run_in_container(cmd: list[str], run_dir: Path) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m brainmt.launch.container --print-binds PROFILE``: the profile's ``cluster.binds``, one a line."""
-    from brainmt.config import ConfigError, load_config
-
     p = argparse.ArgumentParser(prog="python -m brainmt.launch.container", description=main.__doc__)
     p.add_argument("--print-binds", metavar="PROFILE", required=True, help="cluster profile YAML (or config name)")
     args = p.parse_args(argv)

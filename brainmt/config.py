@@ -55,6 +55,12 @@ class ModelConfig:
     checkpointing: Literal["none", "mamba", "attention", "all"] = "none"
     backend: Literal["auto", "cuda", "torch"] = "auto"
     scan_chunk_size: int | None = None  # pure-PyTorch scan only; None: ceil(sqrt(L))
+    # speed and memory on CUDA only; the same model and weights (README "GPU performance")
+    stem_chunk_frames: int = 0          # > 0: the stem runs this many frames at a time, recomputed in the backward pass
+    fused_kernels: bool = True          # one fused bidirectional Mamba op (recomputes conv and dt) + fused add+RMSNorm
+    sdpa_backend: Literal["auto", "cudnn", "flash", "efficient", "math"] = "auto"   # first choice for attention
+    channels_last: bool = False         # the stem's 3-D convolutions in channels-last layout
+    compile: bool = False               # torch.compile the stem
 
 
 @dataclass

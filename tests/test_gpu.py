@@ -1,7 +1,10 @@
-"""On a CUDA machine with mamba-ssm: the CUDA kernels against the pure-PyTorch scan, and a paper-size step.
+"""On a CUDA machine with mamba-ssm: the CUDA kernels against the pure-PyTorch scan, the optimised model
+against the plain one, and paper-size steps.
 
 Run with ``make test-gpu`` (``pytest -m gpu``). CPU runs deselect these with ``-m "not gpu"``.
-Tolerances are relative Frobenius errors ||cuda - torch|| / ||torch||: fp32 1e-4, bf16 autocast 3e-2.
+Tolerances are relative Frobenius errors ||a - b|| / ||b||: fp32 1e-4, bf16 autocast 3e-2 (one block);
+optimised vs plain paper model (same weights): fp32 1e-4; bf16 output 2e-2, all gradients together 3e-2,
+worst single parameter 1e-1 (bf16 keeps 8 bits of mantissa: 4e-3 per rounding).
 """
 
 from __future__ import annotations
@@ -27,17 +30,19 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
-def _block_pair(dim: int):
+def _block_pair(dim: int, fused: bool = False):
     torch.manual_seed(0)
-    cuda_block = MambaBlock(dim, 0.0, d_state=16, expand=2, backend="cuda").cuda()
+    cuda_block = MambaBlock(dim, 0.0, d_state=16, expand=2, backend="cuda", fused=fused).cuda()
     torch_block = MambaBlock(dim, 0.0, d_state=16, expand=2, backend="torch").cuda()
     torch_block.load_state_dict(cuda_block.state_dict())
     return cuda_block, torch_block
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("precision, tol", [("fp32", 1e-4), ("bf16", 3e-2)])
-def test_cuda_and_torch_backends_agree(precision, tol):
-    cuda_block, torch_block = _block_pair(512)
+def test_cuda_and_torch_backends_agree(precision, tol, fused):
+    cuda_block, torch_block = _block_pair(512, fused)
+    assert cuda_block.mixer.uses_fused(torch.device("cuda")) == fused
     x = torch.randn(2, 2049, 512, device="cuda")
     results = {}
     for name, block in (("cuda", cuda_block), ("torch", torch_block)):
@@ -52,9 +57,51 @@ def test_cuda_and_torch_backends_agree(precision, tol):
     in_err = _rel(results["cuda"][1], results["torch"][1])
     param_errs = {n: _rel(results["cuda"][2][n], results["torch"][2][n]) for n in results["torch"][2]}
     worst = max(param_errs, key=param_errs.get)
-    print(f"\n[{precision}] output rel err {out_err:.2e}, input-grad {in_err:.2e}, "
+    print(f"\n[{precision}{', fused' if fused else ''}] output rel err {out_err:.2e}, input-grad {in_err:.2e}, "
           f"worst param-grad {worst} {param_errs[worst]:.2e} (tolerance {tol:.0e})")
     assert out_err < tol and in_err < tol and param_errs[worst] < tol
+
+
+PLAIN = ["model.fused_kernels=false", "model.stem_chunk_frames=0", "model.checkpointing=none", "model.sdpa_backend=auto",
+         "model.channels_last=false", "model.compile=false"]
+
+
+def _step_results(overrides: list[str], precision: str, frames: int) -> tuple[torch.Tensor, dict]:
+    """Output and parameter gradients of one forward/backward of the paper model (seed 0 weights, no stochastic depth)."""
+    cfg = load_config("paper", ["model.backend=cuda", "model.attention=global", "model.drop_path_rate=0", *overrides]).model
+    torch.manual_seed(0)
+    model = build_model(cfg).cuda().train()
+    torch.manual_seed(1)
+    x = torch.randn(2, frames, 1, *cfg.volume_shape, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        out = model(x)
+    out.float().sum().backward()
+    grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach().float(), grads
+
+
+OPTIMISED = ["model.stem_chunk_frames=5", "model.checkpointing=all"]  # on top of the paper config's options
+
+
+@pytest.mark.parametrize("precision, extra, tol_out, tol_all, tol_worst", [
+    ("fp32", [], 1e-4, 1e-4, 1e-4), ("bf16", [], 2e-2, 3e-2, 1e-1), ("bf16", ["model.compile=true"], 2e-2, 3e-2, 1e-1)])
+def test_optimised_model_matches_the_plain_one(precision, extra, tol_out, tol_all, tol_worst):
+    """The speed/memory options (fused Mamba, stem chunks, checkpointing, SDPA choice, compile) keep the numerics."""
+    torch.backends.cudnn.allow_tf32 = False  # fp32 convolutions in full precision on both sides
+    try:
+        plain_out, plain_grads = _step_results(PLAIN, precision, 12)
+        opt_out, opt_grads = _step_results(OPTIMISED + extra, precision, 12)
+    finally:
+        torch.backends.cudnn.allow_tf32 = True
+    assert plain_grads.keys() == opt_grads.keys()
+    out_err = _rel(opt_out, plain_out)
+    all_err = _rel(torch.cat([g.flatten() for g in opt_grads.values()]), torch.cat([g.flatten() for g in plain_grads.values()]))
+    errs = {n: _rel(opt_grads[n], plain_grads[n]) for n in plain_grads}
+    worst = max(errs, key=errs.get)
+    label = precision + (" + compile" if extra else "")
+    print(f"\n[{label}] optimised vs plain, paper model, T=12, batch 2: output {out_err:.2e}, all gradients "
+          f"{all_err:.2e}, worst parameter {worst} {errs[worst]:.2e} (tolerances {tol_out:.0e}, {tol_all:.0e}, {tol_worst:.0e})")
+    assert out_err < tol_out and all_err < tol_all and errs[worst] < tol_worst
 
 
 @pytest.mark.parametrize("attention", ["spatial", "global"])
@@ -67,7 +114,7 @@ def test_paper_model_training_step_bf16_at_200_frames(attention):
     y = torch.randn(1, 1, device="cuda")
     torch.cuda.reset_peak_memory_stats()
     times = []
-    for _ in range(3):
+    for _ in range(4):
         torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -99,15 +99,41 @@ def test_attention_scopes_run(attention):
     assert model(torch.randn(2, 3, 1, 20, 24, 20)).shape == (2, 1)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("options", [["model.checkpointing=all"], ["model.checkpointing=attention"],
+                                     ["model.stem_chunk_frames=3", "model.channels_last=true"],
+                                     ["model.sdpa_backend=math", "model.compile=true"]])
+def test_speed_and_memory_options_give_the_same_outputs_and_gradients(options):
     x = torch.randn(2, 4, 1, 20, 24, 20)
-    grads = []
-    for mode in ("none", "all"):
+    results = []
+    for overrides in ([], options):
         torch.manual_seed(0)
-        model = build_model(_debug(f"model.checkpointing={mode}")).train()
-        model(x).sum().backward()
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
-    torch.testing.assert_close(grads[0], grads[1])
+        model = build_model(_debug("model.drop_path_rate=0.2", "model.attention_depth=2", *overrides)).train()
+        torch.manual_seed(1)
+        out = model(x)
+        out.sum().backward()
+        results.append((out.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
+
+
+def test_last_attention_block_computes_only_the_class_token():
+    torch.manual_seed(0)
+    block = build_model(_debug()).attention_blocks[0].eval()
+    x = torch.randn(2, 9, 32)
+    torch.testing.assert_close(block(x, first_only=True), block(x)[:, :1])
+
+
+def test_model_runs_on_the_meta_device_for_shape_and_flop_counting():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = build_model(load_config("paper").model)
+        x = torch.empty(1, 4, 1, 91, 109, 91)
+    with FlopCounterMode(display=False) as counter:
+        out = model(x)
+        out.sum().backward()
+    assert out.shape == (1, 1) and out.device.type == "meta"
+    assert counter.get_total_flops() > 1e11
 
 
 def test_stochastic_depth_is_random_in_training_and_off_in_eval():

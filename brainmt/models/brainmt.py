@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from brainmt.config import ModelConfig
 from brainmt.models.layers import AttentionBlock, ConvStem, MambaBlock, conv_output_size
+
+# attention kernels whose outputs a checkpointed attention block keeps (everything else is recomputed)
+_ATTENTION_OPS = tuple(
+    getattr(torch.ops.aten, name).default
+    for name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                 "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    if hasattr(torch.ops.aten, name)
+)
+
+
+def _keep_attention_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Selective checkpointing: save the attention kernels' outputs, recompute the rest (norms, linears, GELU)."""
+    return CheckpointPolicy.MUST_SAVE if op in _ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _keep_attention_context():
+    """``context_fn`` for :func:`torch.utils.checkpoint.checkpoint` with :func:`_keep_attention_policy`."""
+    return create_selective_checkpoint_contexts(_keep_attention_policy)
 
 
 class BrainMT(nn.Module):
@@ -18,6 +38,14 @@ class BrainMT(nn.Module):
     class token at position 0, so the bidirectional Mamba stack scans each location's time course.
     ``attention="global"`` attends over all 1 + T*K tokens (as the official code);
     ``attention="spatial"`` first averages each spatial token over time and attends over 1 + K tokens.
+    The last attention block computes only the class token's row (the only one the head reads).
+
+    Speed and memory options (the same model and weights): ``checkpointing`` recomputes Mamba blocks
+    whole and attention blocks selectively (their attention kernels' outputs are kept). On CUDA only
+    (the CPU path is unchanged): ``stem_chunk_frames`` runs the stem on that many frames at a time and
+    recomputes it in the backward pass; ``fused_kernels`` runs the Mamba stage through
+    :mod:`brainmt.models.fused`; ``channels_last`` and ``compile`` speed up the stem; ``sdpa_backend``
+    picks the attention kernel.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -32,13 +60,14 @@ class BrainMT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_drop = nn.Dropout(cfg.drop_rate)
         depth = cfg.mamba_depth + cfg.attention_depth
-        rates = torch.linspace(0, cfg.drop_path_rate, depth).tolist() if depth else []
+        rates = torch.linspace(0, cfg.drop_path_rate, depth, device="cpu").tolist() if depth else []
         mixer = dict(d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand, dt_rank=cfg.dt_rank,
                      dt_min=cfg.dt_min, dt_max=cfg.dt_max, bidirectional=cfg.bidirectional,
-                     backend=cfg.backend, chunk_size=cfg.scan_chunk_size)
+                     backend=cfg.backend, chunk_size=cfg.scan_chunk_size, fused=cfg.fused_kernels)
         self.mamba_blocks = nn.ModuleList(MambaBlock(dim, rates[i], **mixer) for i in range(cfg.mamba_depth))
         self.attention_blocks = nn.ModuleList(
-            AttentionBlock(dim, cfg.num_heads, cfg.mlp_ratio, cfg.drop_rate, cfg.attn_drop_rate, rates[cfg.mamba_depth + i])
+            AttentionBlock(dim, cfg.num_heads, cfg.mlp_ratio, cfg.drop_rate, cfg.attn_drop_rate, rates[cfg.mamba_depth + i],
+                           cfg.sdpa_backend)
             for i in range(cfg.attention_depth)
         )
         self.norm = nn.LayerNorm(dim)
@@ -46,6 +75,8 @@ class BrainMT(nn.Module):
         self.head = nn.Linear(dim, 1)
         self._init_weights()
         self.num_spatial_tokens = num_tokens
+        self.stem.set_channels_last(cfg.channels_last)
+        self.__dict__["_compiled_stem"] = {}  # compiled on the first CUDA forward; not submodules (no state_dict keys)
 
     def _init_weights(self) -> None:
         """Generic init for stem, embeddings, attention and head; the Mamba mixers keep their own (dt, A, D)."""
@@ -87,17 +118,66 @@ class BrainMT(nn.Module):
             pos = F.interpolate(pos, size=grid, mode="trilinear", align_corners=True)
         return pos.flatten(2).transpose(1, 2).unsqueeze(1)
 
+    def _checkpointed_stem(self, frames: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """The stem with its activations dropped after the forward and recomputed in the backward."""
+        return checkpoint(self.stem, frames, use_reentrant=False)
+
+    def _stem_fn(self, recompute: bool, cuda: bool):
+        """The stem callable: plain or checkpointed, compiled (once per kind) on CUDA when ``compile`` is set."""
+        fn = self._checkpointed_stem if recompute else self.stem
+        if not (self.cfg.compile and cuda):
+            return fn
+        compiled = self.__dict__["_compiled_stem"]
+        if recompute not in compiled:
+            compiled[recompute] = torch.compile(fn)
+        return compiled[recompute]
+
+    def _run_stem(self, frames: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """(N, C, D, H, W) -> tokens (N, K, E): whole, or on CUDA in chunks of ``stem_chunk_frames`` recomputed backward."""
+        chunk, cuda = self.cfg.stem_chunk_frames, frames.device.type == "cuda"
+        if chunk <= 0 or not cuda:
+            return self._stem_fn(False, cuda)(frames)
+        stem = self._stem_fn(torch.is_grad_enabled(), cuda)
+        outs = [stem(part) for part in frames.split(chunk)]
+        return torch.cat([out[0] for out in outs]), outs[0][1]
+
     def _run(self, blocks: nn.ModuleList, x: torch.Tensor, use_checkpoint: bool) -> torch.Tensor:
         for blk in blocks:
-            x = checkpoint(blk, x, use_reentrant=False) if use_checkpoint and self.training else blk(x)
+            x = checkpoint(blk, x, use_reentrant=False) if use_checkpoint and torch.is_grad_enabled() else blk(x)
         return x
+
+    def _run_mamba(self, seq: torch.Tensor) -> torch.Tensor:
+        """The Mamba stack, on the fused path (split hidden + float32 residual stream) when every mixer uses it."""
+        use_checkpoint = self.cfg.checkpointing in ("mamba", "all") and torch.is_grad_enabled()
+        blocks = self.mamba_blocks
+        if not len(blocks) or not all(blk.mixer.uses_fused(seq.device) for blk in blocks):
+            return self._run(blocks, seq, use_checkpoint)
+        hidden, residual = seq, None
+        for blk in blocks:
+            if use_checkpoint:
+                hidden, residual = checkpoint(blk.forward_fused, hidden, residual, use_reentrant=False)
+            else:
+                hidden, residual = blk.forward_fused(hidden, residual)
+        return residual + hidden
+
+    def _run_attention(self, seq: torch.Tensor) -> torch.Tensor:
+        """The attention blocks; the last returns only the class token, (B, 1, E)."""
+        use_checkpoint = self.cfg.checkpointing in ("attention", "all") and torch.is_grad_enabled()
+        last = len(self.attention_blocks) - 1
+        for i, blk in enumerate(self.attention_blocks):
+            fn = functools.partial(blk, first_only=i == last)
+            if use_checkpoint:
+                seq = checkpoint(fn, seq, use_reentrant=False, context_fn=_keep_attention_context)
+            else:
+                seq = fn(seq)
+        return seq
 
     def tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         """Embed (B, T, C, D, H, W) into the time-first sequence (B, 1 + K*T, E); returns it with K and T."""
         if x.dim() != 6:
             raise ValueError(f"BrainMT expects (B, T, C, D, H, W), got shape {tuple(x.shape)}")
         batch, frames = x.shape[:2]
-        feats, grid = self.stem(x.flatten(0, 1))                                # (B*T, K, E)
+        feats, grid = self._run_stem(x.flatten(0, 1))                            # (B*T, K, E)
         feats = feats.view(batch, frames, -1, feats.shape[-1])                   # (B, T, K, E)
         feats = feats + self._spatial_embedding(grid) + self._temporal_embedding(frames)
         k = feats.shape[2]
@@ -108,16 +188,16 @@ class BrainMT(nn.Module):
     def mamba_features(self, x: torch.Tensor) -> torch.Tensor:
         """Output of the Mamba stack, (B, 1 + K*T, E); position 0 is the class token."""
         seq, _, _ = self.tokens(x)
-        return self._run(self.mamba_blocks, seq, self.cfg.checkpointing in ("mamba", "all"))
+        return self._run_mamba(seq)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The normalised class-token feature, (B, E)."""
         seq, k, frames = self.tokens(x)
-        seq = self._run(self.mamba_blocks, seq, self.cfg.checkpointing in ("mamba", "all"))
+        seq = self._run_mamba(seq)
         if self.cfg.attention == "spatial":
             spatial = seq[:, 1:].view(seq.shape[0], k, frames, -1).mean(dim=2)  # (B, K, E)
             seq = torch.cat([seq[:, :1], spatial], dim=1)
-        seq = self._run(self.attention_blocks, seq, self.cfg.checkpointing in ("attention", "all"))
+        seq = self._run_attention(seq)
         return self.norm(seq[:, 0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

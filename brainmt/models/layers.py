@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from brainmt.models import fused
 from brainmt.models.mamba import BiMambaMixer
+
+SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
 
 def _norm3d(channels: int) -> nn.GroupNorm:
@@ -21,17 +28,30 @@ def conv_output_size(size: int, num_stride2: int = 4) -> int:
     return size
 
 
+class Conv3d(nn.Conv3d):
+    """``nn.Conv3d`` that, with ``channels_last`` set, runs CUDA inputs in channels-last layout (weights converted per call)."""
+
+    channels_last = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Convolve; in channels-last layout on CUDA when ``channels_last`` is set."""
+        if self.channels_last and x.is_cuda:
+            layout = torch.channels_last_3d
+            return self._conv_forward(x.contiguous(memory_format=layout), self.weight.contiguous(memory_format=layout), self.bias)
+        return super().forward(x)
+
+
 class ResidualBlock3d(nn.Module):
     """Residual 3-D conv block that halves each spatial axis: (N, C_in, D, H, W) -> (N, C_out, ~D/2, ~H/2, ~W/2)."""
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
-        self.conv1 = nn.Conv3d(in_channels, out_channels, 3, stride=2, padding=1, bias=False)
+        self.conv1 = Conv3d(in_channels, out_channels, 3, stride=2, padding=1, bias=False)
         self.norm1 = _norm3d(out_channels)
-        self.conv2 = nn.Conv3d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.conv2 = Conv3d(out_channels, out_channels, 3, padding=1, bias=False)
         self.norm2 = _norm3d(out_channels)
         self.shortcut = nn.Sequential(
-            nn.Conv3d(in_channels, out_channels, 1, stride=2, bias=False), _norm3d(out_channels)
+            Conv3d(in_channels, out_channels, 1, stride=2, bias=False), _norm3d(out_channels)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,11 +71,17 @@ class ConvStem(nn.Module):
     def __init__(self, in_channels: int, channels: list[int], embed_dim: int) -> None:
         super().__init__()
         c0, c1, c2, c3 = channels
-        self.conv1 = nn.Sequential(nn.Conv3d(in_channels, c0, 3, stride=2, padding=1, bias=False), _norm3d(c0), nn.GELU())
-        self.conv2 = nn.Sequential(nn.Conv3d(c0, c1, 3, stride=2, padding=1, bias=False), _norm3d(c1), nn.GELU())
+        self.conv1 = nn.Sequential(Conv3d(in_channels, c0, 3, stride=2, padding=1, bias=False), _norm3d(c0), nn.GELU())
+        self.conv2 = nn.Sequential(Conv3d(c0, c1, 3, stride=2, padding=1, bias=False), _norm3d(c1), nn.GELU())
         self.res1 = ResidualBlock3d(c1, c2)
         self.res2 = ResidualBlock3d(c2, c3)
-        self.proj = nn.Conv3d(c3, embed_dim, 1)
+        self.proj = Conv3d(c3, embed_dim, 1)
+
+    def set_channels_last(self, enabled: bool) -> None:
+        """Run the convolutions of CUDA inputs in channels-last layout (parameters keep their layout)."""
+        for m in self.modules():
+            if isinstance(m, Conv3d):
+                m.channels_last = enabled
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """Return tokens (N, K, embed_dim) and the token grid (d, h, w)."""
@@ -81,7 +107,11 @@ class DropPath(nn.Module):
 
 
 class MambaBlock(nn.Module):
-    """Pre-norm residual Mamba block: x + DropPath(BiMamba(RMSNorm(x))); (B, L, E) -> (B, L, E)."""
+    """Pre-norm residual Mamba block: x + DropPath(BiMamba(RMSNorm(x))); (B, L, E) -> (B, L, E).
+
+    ``forward_fused`` is the same block on the split stream x = hidden + residual (mamba-ssm's layout),
+    with the residual add fused into the RMSNorm kernel and the residual kept in float32.
+    """
 
     def __init__(self, dim: int, drop_path: float, **mixer_kwargs) -> None:
         super().__init__()
@@ -93,23 +123,46 @@ class MambaBlock(nn.Module):
         """Apply the block."""
         return x + self.drop_path(self.mixer(self.norm(x)))
 
+    def forward_fused(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden, residual) -> (hidden', residual'), where residual' = hidden + residual is this block's input."""
+        normed, residual = fused.add_rms_norm(hidden, residual, self.norm.weight, self.norm.eps or 1e-5)
+        return self.drop_path(self.mixer(normed)), residual
+
 
 class Attention(nn.Module):
     """Multi-head self-attention through ``scaled_dot_product_attention``: (B, L, E) -> (B, L, E)."""
 
-    def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
+    def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 sdpa_backend: str = "auto") -> None:
         super().__init__()
+        if sdpa_backend != "auto" and sdpa_backend not in SDPA_BACKENDS:
+            raise ValueError(f"sdpa_backend must be auto or one of {sorted(SDPA_BACKENDS)}, got {sdpa_backend!r}")
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.attn_drop, self.proj_drop = attn_drop, nn.Dropout(proj_drop)
+        self.sdpa_backend = sdpa_backend
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply attention over the L tokens."""
+    def _sdpa_context(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """On CUDA, ``sdpa_backend`` first, then the others (each is used only where it supports the inputs)."""
+        if self.sdpa_backend == "auto" or device.type != "cuda":
+            return contextlib.nullcontext()
+        first = SDPA_BACKENDS[self.sdpa_backend]
+        return sdpa_kernel([first] + [b for b in SDPA_BACKENDS.values() if b != first], set_priority=True)
+
+    def forward(self, x: torch.Tensor, first_only: bool = False) -> torch.Tensor:
+        """Attention over the L tokens: (B, L, E) -> (B, L, E), or (B, 1, E) for the first token's query only."""
         batch, length, dim = x.shape
-        qkv = self.qkv(x).view(batch, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], dropout_p=self.attn_drop if self.training else 0.0)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, length, dim)))
+        heads, head_dim = self.num_heads, dim // self.num_heads
+        if first_only:  # the class token's row: one query against every key
+            q = F.linear(x[:, :1], self.qkv.weight[:dim], self.qkv.bias[:dim]).view(batch, 1, heads, head_dim).transpose(1, 2)
+            kv = F.linear(x, self.qkv.weight[dim:], self.qkv.bias[dim:]).view(batch, length, 2, heads, head_dim)
+            k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q, k, v = self.qkv(x).view(batch, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        with self._sdpa_context(x.device):
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, q.shape[2], dim)))
 
 
 class Mlp(nn.Module):
@@ -127,15 +180,19 @@ class Mlp(nn.Module):
 class AttentionBlock(nn.Module):
     """Pre-norm transformer block with its own norms and MLP: (B, L, E) -> (B, L, E)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop: float, attn_drop: float, drop_path: float) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop: float, attn_drop: float, drop_path: float,
+                 sdpa_backend: str = "auto") -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, num_heads, attn_drop, drop)
+        self.attn = Attention(dim, num_heads, attn_drop, drop, sdpa_backend)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply the block."""
-        x = x + self.drop_path(self.attn(self.norm1(x)))
+    def forward(self, x: torch.Tensor, first_only: bool = False) -> torch.Tensor:
+        """Apply the block: (B, L, E) -> (B, L, E), or only its first token's output (B, 1, E) when ``first_only``."""
+        if first_only:
+            x = x[:, :1] + self.drop_path(self.attn(self.norm1(x), first_only=True))
+        else:
+            x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from brainmt.models import scan
+from brainmt.models import fused, scan
 
 BACKENDS = ("auto", "cuda", "torch")
 
@@ -30,6 +30,23 @@ class Kernels(NamedTuple):
 
 
 TORCH_KERNELS = Kernels("torch", scan.selective_scan, scan.causal_conv1d)
+
+
+def _shape_only_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                     D: torch.Tensor | None = None, z: torch.Tensor | None = None, delta_bias: torch.Tensor | None = None,
+                     delta_softplus: bool = False, **_: object) -> torch.Tensor:
+    """The scan's shapes and inputs without its recurrence (elementwise only): the meta-device stand-in."""
+    out = u * delta + (B * C).sum(1, keepdim=True) * A.sum(1)[:, None]
+    if delta_bias is not None:
+        out = out + delta_bias[:, None]
+    if D is not None:
+        out = out + D[:, None] * u
+    return out * F.silu(z) if z is not None else out
+
+
+# on the meta device (shape checks, FLOP counting) the scan is a stand-in that counts no FLOPs;
+# brainmt.bench.model adds the scan's FLOPs analytically
+META_KERNELS = Kernels("meta", _shape_only_scan, scan.causal_conv1d)
 
 
 @functools.lru_cache(maxsize=1)
@@ -64,6 +81,8 @@ def check_backend(backend: str) -> None:
 
 def get_kernels(backend: str, device: torch.device) -> Kernels:
     """The kernels for ``backend`` ("auto" | "cuda" | "torch") on ``device``."""
+    if device.type == "meta":
+        return META_KERNELS
     if backend == "torch":
         return TORCH_KERNELS
     loaded = _load_cuda_kernels()
@@ -122,14 +141,18 @@ class BiMambaMixer(nn.Module):
 
     The forward branch scans positions 0..L-1, the backward branch L-1..0, each with its own conv,
     x_proj, dt_proj, A and D; the two outputs are averaged before the shared output projection.
-    With ``bidirectional=False`` it is a plain (causal) Mamba mixer.
+    With ``bidirectional=False`` it is a plain (causal) Mamba mixer. With ``fused=True`` and the CUDA
+    kernels, both directions run as one autograd op (:func:`brainmt.models.fused.bimamba_inner_fn`):
+    the same arithmetic, a third of the saved activations, no transposed copies.
     """
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
                  dt_rank: int | None = None, dt_min: float = 1e-3, dt_max: float = 0.1,
-                 bidirectional: bool = True, backend: str = "auto", chunk_size: int | None = None) -> None:
+                 bidirectional: bool = True, backend: str = "auto", chunk_size: int | None = None,
+                 fused: bool = False) -> None:
         super().__init__()
         check_backend(backend)
+        self.fused = fused
         self.d_inner = expand * d_model
         dt_rank = dt_rank or math.ceil(d_model / 16)
         self.backend, self.chunk_size, self.bidirectional = backend, chunk_size, bidirectional
@@ -143,6 +166,8 @@ class BiMambaMixer(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (batch, L, d_model) -> (batch, L, d_model)."""
         kernels = get_kernels(self.backend, hidden.device)
+        if self.uses_fused(hidden.device):
+            return self._forward_fused(hidden)
         xz = self.in_proj(hidden).transpose(1, 2)  # (batch, 2*d_inner, L)
         x, z = xz.chunk(2, dim=1)
         out = self.forward_branch(x, z, kernels, self.chunk_size)
@@ -150,3 +175,15 @@ class BiMambaMixer(nn.Module):
             out_b = self.backward_branch(x.flip(-1), z.flip(-1), kernels, self.chunk_size)
             out = 0.5 * (out + out_b.flip(-1))
         return self.out_proj(out.transpose(1, 2))
+
+    def uses_fused(self, device: torch.device) -> bool:
+        """True when this mixer runs the fused op on ``device`` (``fused`` set, CUDA kernels in use)."""
+        return self.fused and get_kernels(self.backend, device).name == "cuda" and fused.fused_available()
+
+    def _forward_fused(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The fused path: in_proj, then one op for both directions and out_proj."""
+        xz = self.in_proj(hidden)  # (batch, L, 2*d_inner)
+        branches = [self.forward_branch] + ([self.backward_branch] if self.backward_branch is not None else [])
+        tensors = [(b.conv1d.weight, b.conv1d.bias, b.x_proj.weight, b.dt_proj.weight, -torch.exp(b.A_log.float()),
+                    b.D.float(), b.dt_proj.bias.float()) for b in branches]
+        return fused.bimamba_inner_fn(xz, self.out_proj.weight, tensors)

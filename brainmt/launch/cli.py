@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from brainmt.config import ConfigError, config_to_dict, load_config
+from brainmt.config import ClusterConfig, ConfigError, config_to_dict, load_config
 
 OPTION_KEYS = {  # command-line option -> cluster config key
     "partition": "partition", "nodes": "nodes", "gpus_per_node": "gpus_per_node", "tasks_per_node": "tasks_per_node",
@@ -20,6 +20,29 @@ OPTION_KEYS = {  # command-line option -> cluster config key
 }
 
 
+def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
+    """The scheduler options that jobs/launch.py, sweeps/tune.py and jobs/analyze.py share (cluster.* keys)."""
+    p.add_argument("--cluster", choices=["auto", "slurm", "local", "debug"])
+    p.add_argument("--partition")
+    p.add_argument("--nodes", type=int)
+    p.add_argument("--gpus-per-node", type=int)
+    p.add_argument("--gpu-request", choices=["gpus_per_node", "gres"], help="how the site asks for GPUs")
+    p.add_argument("--cpus-per-task", type=int)
+    p.add_argument("--mem-gb", type=float)
+    p.add_argument("--time", type=int, help="time limit in minutes (the job is requeued and resumes after it)")
+    p.add_argument("--account")
+    p.add_argument("--qos")
+    p.add_argument("--constraint")
+    p.add_argument("--max-requeues", type=int)
+
+
+def apply_cluster_arguments(cluster: ClusterConfig, args: argparse.Namespace) -> None:
+    """Copy the scheduler options given on the command line into ``cluster``."""
+    for opt, key in OPTION_KEYS.items():
+        if getattr(args, opt, None) is not None:
+            setattr(cluster, key, getattr(args, opt))
+
+
 def parser() -> argparse.ArgumentParser:
     """Arguments of jobs/launch.py."""
     p = argparse.ArgumentParser(prog="jobs/launch.py", description=__doc__)
@@ -27,20 +50,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", help="cluster profile YAML (a 'cluster:' section: partition, account, setup, ...)")
     p.add_argument("--run-dir", help="run directory (default runs/<config name>); an existing one is resumed")
     p.add_argument("--shards", help="shard directory (default: data.shards of the config)")
-    p.add_argument("--cluster", choices=["auto", "slurm", "local", "debug"])
-    p.add_argument("--partition")
-    p.add_argument("--nodes", type=int)
-    p.add_argument("--gpus-per-node", type=int)
+    add_cluster_arguments(p)
     p.add_argument("--tasks-per-node", type=int, help="default: one per GPU")
-    p.add_argument("--gpu-request", choices=["gpus_per_node", "gres"], help="how the site asks for GPUs")
-    p.add_argument("--cpus-per-task", type=int)
-    p.add_argument("--mem-gb", type=float)
-    p.add_argument("--time", type=int, help="time limit in minutes")
-    p.add_argument("--account")
-    p.add_argument("--qos")
-    p.add_argument("--constraint")
     p.add_argument("--job-name")
-    p.add_argument("--max-requeues", type=int)
     p.add_argument("--container", metavar="IMAGE", help="train inside this Apptainer image (binds: cluster.binds)")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script and the resolved config; submit nothing")
     p.add_argument("--wait", action="store_true", help="follow the job (rank 0's log) and print its evaluation")
@@ -118,9 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         layers = list(args.config or ["paper"]) + ([args.profile] if args.profile else [])
         cfg = load_config(layers, args.overrides)
-        for opt, key in OPTION_KEYS.items():
-            if getattr(args, opt) is not None:
-                setattr(cfg.cluster, key, getattr(args, opt))
+        apply_cluster_arguments(cfg.cluster, args)
         run_dir = Path(args.run_dir or f"runs/{cfg.name}").resolve()
         shards = args.shards or cfg.data.shards
         if not shards or not Path(shards).is_dir():

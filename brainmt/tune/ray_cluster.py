@@ -1,0 +1,131 @@
+"""A private Ray cluster inside one job: started for the sweep, stopped with it, never another Ray on the machine.
+
+One node: the driver starts a new local Ray (``address="local"``) with the job's CPUs and GPUs. Several nodes:
+the job has one task per node (submitit starts them through srun); task 0 starts the Ray head on its node and
+runs the driver against that address only, the other tasks start Ray workers that join the head and leave when
+the driver writes its done-file. Token authentication uses a per-sweep secret in the sweep directory (mode
+0600, on the shared file system every node reads); the dashboard is off unless asked for, then bound to
+127.0.0.1 of the head node.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("brainmt.tune")
+
+
+@dataclass(frozen=True)
+class RayNode:
+    """This task's part in the sweep's Ray cluster."""
+
+    rank: int            # 0: the head (and the driver); others: workers
+    nodes: int
+    head_host: str
+    job_id: str
+
+    @property
+    def port(self) -> int:
+        """The head's GCS port, derived from the job id (every task agrees without talking)."""
+        return 36000 + int(re.sub(r"\D", "", self.job_id) or 0) % 4000
+
+
+def auth_environment(sweep_dir: Path, mode: str) -> dict[str, str]:
+    """The RAY_AUTH_* variables every Ray process of the sweep needs; creates the sweep's token file (0600)."""
+    if mode == "disabled":
+        return {"RAY_AUTH_MODE": "disabled"}
+    path = Path(sweep_dir) / "ray" / "auth_token"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(path.resolve())}
+
+
+def temp_dir(job_id: str) -> str:
+    """Node-local Ray session directory, short enough for Ray's Unix socket paths, private to this job."""
+    base = tempfile.gettempdir()
+    if len(base) > 40:
+        base = "/tmp"
+    return str(Path(base) / f"brainmt-ray-{re.sub(r'[^A-Za-z0-9_-]', '', job_id) or os.getpid()}")
+
+
+def node_resources() -> tuple[int, int]:
+    """(CPUs, GPUs) this task may use: its CPU affinity (SLURM binds it) and the GPUs CUDA can see."""
+    import torch
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cpus, torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _ray_command() -> list[str]:
+    ray_bin = Path(sys.executable).with_name("ray")
+    return [str(ray_bin)] if ray_bin.exists() else [shutil.which("ray") or "ray"]
+
+
+def start_head(node: RayNode, dashboard: bool) -> tuple[str, subprocess.Popen]:
+    """Start the Ray head of a multi-node sweep on this node; returns its address and the blocking process."""
+    cpus, gpus = node_resources()
+    ip = socket.gethostbyname(node.head_host)
+    cmd = [*_ray_command(), "start", "--head", "--block", f"--node-ip-address={ip}", f"--port={node.port}",
+           f"--num-cpus={cpus}", f"--num-gpus={gpus}", f"--temp-dir={temp_dir(node.job_id)}", "--disable-usage-stats",
+           f"--include-dashboard={'true' if dashboard else 'false'}"]
+    if dashboard:
+        cmd.append("--dashboard-host=127.0.0.1")
+    log.info("starting the Ray head: %s", " ".join(cmd))
+    return f"{ip}:{node.port}", subprocess.Popen(cmd)
+
+
+def wait_for_nodes(expected: int, timeout_s: float = 600) -> None:
+    """Wait until ``expected`` Ray nodes (head + workers) are alive in the connected cluster."""
+    import ray
+
+    deadline = time.time() + timeout_s
+    while True:
+        alive = sum(1 for n in ray.nodes() if n.get("Alive"))
+        if alive >= expected:
+            log.info("Ray cluster: %d nodes, resources %s", alive, ray.cluster_resources())
+            return
+        if time.time() > deadline:
+            raise RuntimeError(f"only {alive} of {expected} Ray nodes joined within {timeout_s:.0f} s; see the job's "
+                               "task logs for the workers' errors")
+        time.sleep(2)
+
+
+def run_worker(node: RayNode, done_file: Path, timeout_s: float = 600) -> int:
+    """Join the head as a Ray worker and stay until the driver writes ``done_file``; returns an exit status."""
+    cpus, gpus = node_resources()
+    address = f"{socket.gethostbyname(node.head_host)}:{node.port}"
+    cmd = [*_ray_command(), "start", "--block", f"--address={address}", f"--num-cpus={cpus}", f"--num-gpus={gpus}",
+           "--disable-usage-stats"]
+    deadline = time.time() + timeout_s
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)   # SLURM's time-limit signal is the driver's to handle
+    while not done_file.exists():
+        log.info("joining the Ray head at %s", address)
+        proc = subprocess.Popen(cmd)
+        while proc.poll() is None and not done_file.exists():
+            time.sleep(2)
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=60)
+            return 0
+        if time.time() > deadline:
+            log.error("could not join the Ray head at %s (ray start exited %s)", address, proc.returncode)
+            return 1
+        time.sleep(5)   # the head was not up yet, or went away: try again while the sweep runs
+    return 0

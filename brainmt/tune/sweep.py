@@ -1,0 +1,185 @@
+"""The sweep driver (Tuner, ASHA, restore) and the submitit job that runs it with its own Ray."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import submitit
+
+from brainmt.config import config_from_dict
+from brainmt.tune.preemption import PreemptionGuard
+from brainmt.tune.ray_cluster import (
+    RayNode,
+    auth_environment,
+    node_resources,
+    run_worker,
+    start_head,
+    temp_dir,
+    wait_for_nodes,
+)
+
+log = logging.getLogger("brainmt.tune")
+EXPERIMENT = "experiment"      # the Ray Tune experiment directory under <sweep dir>/tune/
+
+
+def trial_dirname(trial: object) -> str:
+    """Short trial directory names (the default repeats every parameter)."""
+    return f"trial-{trial.trial_id}"  # type: ignore[attr-defined]
+
+
+def experiment_dir(sweep_dir: Path) -> Path:
+    """Where Ray Tune keeps the sweep's experiment state, trials and checkpoints."""
+    return Path(sweep_dir).resolve() / "tune" / EXPERIMENT
+
+
+def run_driver(cfg_dict: dict, sweep_dir: str | Path) -> dict:
+    """Run (or continue) the sweep on the connected Ray cluster; write results.csv, best.yaml and figures.
+
+    Returns {"status": "finished" | "interrupted", "trials", "best": row or None, "results", "best_config"}.
+    """
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from brainmt.tune import results as res
+    from brainmt.tune.space import check_sweep, ray_space
+    from brainmt.tune.trainable import trial_main
+
+    sweep_dir = Path(sweep_dir).resolve()
+    cfg = config_from_dict(cfg_dict, str(sweep_dir / "sweep.yaml"))
+    space = check_sweep(cfg, str(sweep_dir / "sweep.yaml"))
+    s = cfg.sweep
+    resources = {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial}
+    _check_resources(resources)
+    trainable = tune.with_resources(tune.with_parameters(trial_main, base=cfg_dict, sweep_dir=str(sweep_dir)), resources)
+    exp = experiment_dir(sweep_dir)
+    if tune.Tuner.can_restore(str(exp)):
+        log.info("continuing the sweep in %s (finished trials are kept; unfinished and errored ones resume)", exp)
+        tuner = tune.Tuner.restore(str(exp), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=ray_space(space),
+            tune_config=tune.TuneConfig(
+                metric=s.metric, mode=s.mode, num_samples=s.num_samples,
+                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=s.max_epochs,
+                                        grace_period=s.grace_period, reduction_factor=s.reduction_factor),
+                search_alg=BasicVariantGenerator(random_state=cfg.train.seed, max_concurrent=s.max_concurrent_trials or 0),
+                trial_dirname_creator=trial_dirname, trial_name_creator=trial_dirname),
+            run_config=tune.RunConfig(
+                name=EXPERIMENT, storage_path=str(exp.parent),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                failure_config=tune.FailureConfig(max_failures=s.max_failures), verbose=1),
+        )
+    grid = tuner.fit()
+    # the statuses Tune saved (those of the returned grid read "terminated" for trials an interruption left pending)
+    statuses = {t.trial_id: t.status for t in tune.ExperimentAnalysis(str(exp)).trials}
+    complete = all(v in ("TERMINATED", "ERROR") for v in statuses.values()) and len(statuses) == len(grid)
+    keys = list(space)
+    rows = res.collect(grid, sweep_dir, statuses, keys, s.metric, s.mode, s.max_epochs)
+    table = res.format_rows(rows, keys, s.metric)
+    print(f"\nsweep {cfg.name}: {len(rows)} trials{'' if complete else ' (interrupted: not all have finished)'}, "
+          f"sorted by {s.metric} ({s.mode})\n{table}", flush=True)
+    csv_path = res.write_csv(rows, keys, s.metric, sweep_dir / "results.csv")
+    best_path = res.write_best(rows, cfg_dict, keys, s.metric, sweep_dir)
+    try:
+        figures = [str(p) for p in res.plot(rows, space, s.metric, s.max_epochs, sweep_dir / "figures")]
+    except Exception:  # a figure is not worth failing a sweep for
+        log.exception("could not draw the sweep's figures")
+        figures = []
+    print(f"results: {csv_path}\nbest config: {best_path}\nfigures: {', '.join(figures)}", flush=True)
+    if not complete:
+        print(f"the sweep was interrupted; continue it with: python sweeps/tune.py --resume {sweep_dir}", flush=True)
+    best = {k: v for k, v in rows[0].items() if k != "history"} if rows and rows[0][s.metric] is not None else None
+    return {"status": "finished" if complete else "interrupted", "trials": len(rows), "best": best,
+            "results": str(csv_path), "best_config": str(best_path) if best_path else None, "figures": figures}
+
+
+def _check_resources(resources: dict) -> None:
+    """A trial that asks for more than a node has would wait forever: fail now, saying what there is."""
+    import ray
+
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    for kind, need in resources.items():
+        most = max((n.get(kind.upper() if kind == "gpu" else "CPU", 0.0) for n in nodes), default=0.0)
+        if need > most:
+            raise RuntimeError(f"sweep.{kind}s_per_trial={need} but the largest Ray node has {most:g} {kind.upper()}s; "
+                               f"ask the job for more (--{'gpus-per-node' if kind == 'gpu' else 'cpus-per-task'}) "
+                               f"or lower sweep.{kind}s_per_trial")
+
+
+class SweepJob(submitit.helpers.Checkpointable):
+    """One task per node: task 0 runs Ray's head and the driver, the others Ray workers. On SIGUSR2 (preemption,
+    time limit) Tune stops gracefully and saves its state, then submitit requeues the job, which continues
+    with ``Tuner.restore``."""
+
+    def __call__(self, cfg_dict: dict, sweep_dir: str) -> dict:
+        """Run this task's part of the sweep; task 0 returns the driver's summary."""
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+        cfg = config_from_dict(cfg_dict, "sweep job config")
+        node = _this_node()
+        os.environ.pop("RAY_ADDRESS", None)               # never connect to a Ray this job did not start
+        os.environ.update(auth_environment(Path(sweep_dir), cfg.sweep.ray_auth))
+        done_file = Path(sweep_dir) / "ray" / f"done-{node.job_id}"
+        if node.rank > 0:
+            code = run_worker(node, done_file)
+            if code:
+                raise RuntimeError(f"Ray worker on task {node.rank} could not join the head {node.head_host}")
+            return {"status": "worker", "rank": node.rank}
+
+        import ray
+
+        from brainmt.distributed import detect
+
+        _event(sweep_dir, "started", node.job_id, restart=detect().restart_count, nodes=node.nodes)
+        guard = PreemptionGuard(lambda forced: _event(sweep_dir, "preempted", node.job_id, forced=forced))
+        guard.before_ray()
+        head = None
+        if node.nodes > 1:
+            address, head = start_head(node, cfg.sweep.dashboard)
+            ray.init(address=address, log_to_driver=True)
+            wait_for_nodes(node.nodes)
+        else:
+            cpus, gpus = node_resources()
+            ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=cfg.sweep.dashboard,
+                     dashboard_host="127.0.0.1", _temp_dir=temp_dir(node.job_id), configure_logging=False)
+        guard.after_ray()
+        try:
+            summary = run_driver(cfg_dict, sweep_dir)
+        finally:
+            guard.finished()
+            ray.shutdown()
+            done_file.parent.mkdir(parents=True, exist_ok=True)
+            done_file.touch()
+            if head is not None:
+                head.terminate()
+                head.wait(timeout=120)
+        (Path(sweep_dir) / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        if guard.preempted:
+            log.info("Tune saved its state; handing the preemption to submitit to requeue")
+            guard.requeue()
+        else:
+            _event(sweep_dir, summary["status"], node.job_id)
+        return summary
+
+
+def _event(sweep_dir: str | Path, event: str, job_id: str, **extra: object) -> None:
+    """Append one line to the sweep's events.jsonl (starts, preemptions, ends: what the job log of a requeued job
+    no longer shows)."""
+    with (Path(sweep_dir) / "events.jsonl").open("a") as f:
+        f.write(json.dumps({"time": time.time(), "event": event, "job_id": job_id, **extra}) + "\n")
+
+
+def _this_node() -> RayNode:
+    """This task's rank among the job's tasks (one a node), the head's host and the job id."""
+    try:
+        env = submitit.JobEnvironment()
+        hosts = env.hostnames if env.num_nodes > 1 else [env.hostname]
+        return RayNode(env.global_rank, env.num_tasks, hosts[0], str(env.job_id))
+    except (RuntimeError, KeyError, ValueError):          # not inside a submitit job (the debug executor runs in-process)
+        return RayNode(0, 1, "127.0.0.1", str(os.getpid()))
+

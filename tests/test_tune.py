@@ -1,0 +1,209 @@
+"""Ray Tune sweeps with a real local Ray: ASHA, best config, interruption and restore, SLURM, bad sweep files."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from brainmt.config import ConfigError
+from brainmt.tune.space import load_sweep
+
+ROOT = Path(__file__).parent.parent
+
+
+def env() -> dict:
+    """The environment of a subprocess (read when it starts: the slurm fixture sets SLURM_CONF)."""
+    return {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT), "RAY_DEDUP_LOGS": "0"}
+
+
+def sweep_file(tmp_path: Path, shards: Path, **sweep) -> Path:
+    """The debug model over Mamba depth and frame count: 4 trials, 4 epochs of 8 steps, ASHA rungs at 1 and 2."""
+    body = {
+        "base": "debug", "name": "t",
+        "data": {"shards": str(shards), "samples_per_epoch": 32},
+        "sweep": {"space": {"model.mamba_depth": {"grid": [1, 2]}, "data.num_frames": {"grid": [8, 16]}},
+                  "num_samples": 1, "max_epochs": 4, "grace_period": 1, "reduction_factor": 2,
+                  "gpus_per_trial": 0, "cpus_per_trial": 1, "ray_auth": "disabled", **sweep},
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(body, sort_keys=False))
+    return path
+
+
+def tune_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "sweeps" / "tune.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=env())
+
+
+def results(sweep_dir: Path) -> list[dict]:
+    with (sweep_dir / "results.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_local_sweep_stops_trials_early_and_its_best_config_trains(small_shards, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    proc = tune_cli("--cluster", "local", "--cpus-per-task", "2", "--gpus-per-node", "0", "--time", "30",
+                    "--sweep", str(sweep_file(tmp_path, small_shards)), "--run-dir", str(sweep_dir), "--wait")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = results(sweep_dir)
+    assert len(rows) == 4
+    assert {(r["model.mamba_depth"], r["data.num_frames"]) for r in rows} == {("1", "8"), ("1", "16"), ("2", "8"), ("2", "16")}
+    assert any(r["status"] == "stopped by ASHA" and int(r["epochs"]) < 4 for r in rows), rows
+    assert any(r["status"] == "finished" and r["epochs"] == "4" for r in rows)
+    losses = [float(r["val_loss"]) for r in rows]
+    assert losses == sorted(losses)
+    for name in ("metric_vs_params.png", "curves.png"):
+        assert (sweep_dir / "figures" / name).stat().st_size > 5000
+    # every trial is a brainmt run directory on the shared file system, with its validation curve
+    for r in rows:
+        records = [json.loads(line) for line in (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        assert len([x for x in records if "val_loss" in x]) == int(r["epochs"])
+
+    best = yaml.safe_load((sweep_dir / "best.yaml").read_text())
+    assert "sweep" not in best and best["name"] == "t-best"
+    assert (best["model"]["mamba_depth"], best["data"]["num_frames"]) == \
+        (int(rows[0]["model.mamba_depth"]), int(rows[0]["data.num_frames"]))
+    assert best["model"]["num_frames"] == best["data"]["num_frames"]      # the temporal embedding follows
+    assert best["train"]["epochs"] == 3                                   # the base config's training length
+    run_dir = tmp_path / "best-run"
+    trained = subprocess.run([sys.executable, "-m", "brainmt.cli", "train", "--config", str(sweep_dir / "best.yaml"),
+                              "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env())
+    assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-2000:]
+    assert json.loads((run_dir / "metrics.json").read_text())["subjects"] > 0
+
+
+def _digest(paths: list[Path]) -> dict[str, str]:
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(small_shards, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    cmd = [sys.executable, str(ROOT / "sweeps" / "tune.py"), "--cluster", "debug", "--run-dir", str(sweep_dir),
+           "--sweep", str(sweep_file(tmp_path, small_shards, max_concurrent_trials=1))]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env())
+    deadline = time.time() + 300
+
+    def finished_trials() -> list[Path]:
+        return [p.parent for p in sweep_dir.glob("trials/*/metrics.jsonl") if '"epoch": 4, "val_loss"' in p.read_text()]
+
+    while not finished_trials():
+        assert proc.poll() is None and time.time() < deadline, "no trial finished"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)                                       # Ctrl-C: Tune saves its state and returns
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 3, out[-3000:]                              # interrupted, not finished
+    assert "unfinished" in out and f"--resume {sweep_dir}" in out
+    done = finished_trials()
+    frozen = _digest([p / "metrics.jsonl" for p in done] +
+                     [sweep_dir / "tune" / "experiment" / p.name / "result.json" for p in done])
+
+    resumed = tune_cli("--cluster", "debug", "--resume", str(sweep_dir))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert _digest([Path(p) for p in frozen]) == frozen                   # finished trials were not run again
+    rows = results(sweep_dir)
+    assert len(rows) == 4 and all(r["status"] in ("finished", "stopped by ASHA") for r in rows), rows
+    assert (sweep_dir / "best.yaml").exists()
+
+
+def test_two_node_sweep_starts_a_head_and_a_worker_with_token_auth(small_shards, tmp_path):
+    """Two tasks of a local job stand in for two nodes: task 0 runs the Ray head and the driver, task 1 a worker."""
+    sweep_dir = tmp_path / "sweep"
+    sweep = sweep_file(tmp_path, small_shards, ray_auth="token", max_epochs=1, grace_period=1,
+                       space={"model.mamba_depth": {"grid": [1, 2]}})
+    proc = tune_cli("--cluster", "local", "--nodes", "2", "--cpus-per-task", "1", "--gpus-per-node", "0",
+                    "--sweep", str(sweep), "--run-dir", str(sweep_dir), "--wait")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert len(results(sweep_dir)) == 2
+    token = sweep_dir / "ray" / "auth_token"
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600 and len(token.read_text()) == 64
+    logs = "".join(p.read_text() for p in sweep_dir.glob("slurm/*/*_log.*"))
+    assert "Ray cluster: 2 nodes" in logs and "joining the Ray head" in logs
+
+
+@pytest.mark.parametrize("preemption", [False, True], ids=["time-limit", "preemption"])
+def test_sweep_job_on_slurm_is_requeued_and_completes(slurm, small_shards, tmp_path, preemption):
+    """SIGUSR2 alone (the time limit): Tune stops and saves, then the job requeues. SIGTERM first (a preemption)
+    also stops Ray's processes: the job requeues from the state Tune saved last."""
+    import submitit
+
+    sweep_dir = tmp_path / "sweep"
+    sweep = sweep_file(tmp_path, small_shards, ray_auth="token", max_epochs=2, num_samples=3, max_concurrent_trials=1,
+                       space={"optim.lr": {"choice": [1e-3]}})
+    proc = tune_cli("--cluster", "slurm", "--partition", "cpu", "--gpus-per-node", "0", "--cpus-per-task", "2",
+                    "--time", "20", "--sweep", str(sweep), "--run-dir", str(sweep_dir))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    job_id = json.loads((sweep_dir / "slurm" / "jobs.jsonl").read_text().splitlines()[-1])["job_id"]
+    assert job_id.isdigit()                                              # a real SLURM job
+    job = submitit.SlurmJob(folder=sweep_dir / "slurm" / "%j", job_id=job_id)
+    deadline = time.time() + 300
+    while not (done := [p.parent for p in sweep_dir.glob("trials/*/metrics.jsonl") if '"epoch": 2, "val_loss"' in
+                        p.read_text()]):
+        assert time.time() < deadline and not job.done(), "no trial finished"
+        time.sleep(0.2)
+    frozen = _digest([p / "metrics.jsonl" for p in done])
+    job._interrupt(timeout=not preemption)                               # scancel --signal [TERM then] USR2
+    summary = job.results()[0]
+    assert summary["status"] == "finished" and summary["trials"] == 3
+    assert _digest([Path(p) for p in frozen]) == frozen
+    events = [json.loads(line) for line in (sweep_dir / "events.jsonl").read_text().splitlines()]
+    assert [(e["event"], e.get("restart")) for e in events] == \
+        [("started", 0), ("preempted", None), ("started", 1), ("finished", None)]
+    if not preemption:
+        assert events[1]["forced"] is False                              # Tune stopped and saved by itself
+    assert "continuing the sweep" in Path(job.paths.stderr).read_text()  # Tuner.restore
+    assert len(results(sweep_dir)) == 3 and (sweep_dir / "best.yaml").exists()
+    assert json.loads((sweep_dir / "summary.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"sweep": {"spcae": {}}}, "sweep.spcae"),
+    ({"sweep": {"space": {}}}, "sweep.space is empty"),
+    ({"sweep": {"space": {"model.mamba_dept": {"choice": [1, 2]}}}}, "model.mamba_dept"),
+    ({"sweep": {"space": {"model.mamba_depth": {"normal": [1, 2]}}}}, "sweep.space.model.mamba_depth: expected one of"),
+    ({"sweep": {"space": {"model.mamba_depth": {"choice": [1, "two"]}}}}, "model.mamba_depth"),
+    ({"sweep": {"space": {"model.mamba_depth": [1, 2]}}}, "sweep.space.model.mamba_depth"),
+    ({"sweep": {"space": {"optim.lr": {"loguniform": [0, 1e-3]}}}}, "loguniform needs positive bounds"),
+    ({"sweep": {"space": {"data.num_frames": {"choice": [8, 100]}}}}, "max_frames"),
+    ({"sweep": {"space": {"cluster.nodes": {"choice": [1, 2]}}}}, "cannot be swept"),
+    ({"sweep": {"metric": "val_accuracy_typo"}}, "sweep.metric"),
+    ({"sweep": {"metric": "val_loss", "mode": "max"}}, "sweep.mode"),
+    ({"sweep": {"metric": "val_auroc", "mode": "max"}}, "data.task=regression"),
+    ({"sweep": {"gpus_per_trial": 2}}, "sweep.gpus_per_trial"),
+    ({"sweep": {"grace_period": 9}}, "sweep.grace_period"),
+])
+def test_bad_sweep_files_name_the_key(tmp_path, change, message):
+    body = {"base": "debug", "sweep": {"space": {"model.mamba_depth": {"choice": [1, 2]}}, "max_epochs": 4,
+                                      "gpus_per_trial": 0}}
+    for section, values in change.items():
+        body[section] = {**body.get(section, {}), **values}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(body))
+    with pytest.raises(ConfigError) as err:
+        load_sweep(path)
+    assert message in str(err.value) and str(path) in str(err.value)
+
+
+def test_cli_refuses_a_bad_sweep_and_a_changed_one(small_shards, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"base": "debug", "sweep": {"space": {"model.mamba_depth": {"grid": []}}}}))
+    proc = tune_cli("--sweep", str(bad), "--shards", str(small_shards), "--dry-run")
+    assert proc.returncode == 2 and "grid needs a non-empty list" in proc.stderr and str(bad) in proc.stderr
+    good = sweep_file(tmp_path, small_shards)
+    sweep_dir = tmp_path / "sweep"
+    sweep_dir.mkdir()
+    (sweep_dir / "sweep.yaml").write_text((ROOT / "sweeps" / "debug.yaml").read_text())   # another sweep lives here
+    proc = tune_cli("--sweep", str(good), "--run-dir", str(sweep_dir), "--cluster", "debug")
+    assert proc.returncode == 2 and "holds a different sweep" in proc.stderr
+    dry = tune_cli("--sweep", str(good), "--cluster", "local", "--dry-run")
+    assert dry.returncode == 0 and "#SBATCH" in dry.stdout and "2 swept keys" in dry.stdout

@@ -34,6 +34,7 @@ class ScanHeader:
     affine: np.ndarray                   # canonical affine, 4x4
     source_bytes: int
     source_mtime: float
+    source_affine: np.ndarray | None = None   # the file's own affine (its orientation on disk), 4x4
 
 
 class OpenScan:
@@ -63,6 +64,7 @@ class OpenScan:
             path=self.path, shape=canon_shape, frames=int(shape[3]),  # type: ignore[arg-type]
             voxel_size=tuple(round(float(z), 5) for z in spatial_zooms),  # type: ignore[arg-type]
             tr=_tr_seconds(self.img), affine=affine, source_bytes=stat.st_size, source_mtime=stat.st_mtime,
+            source_affine=np.asarray(self.img.affine, dtype=float),
         )
 
     def frames(self, start: int = 0, stop: int | None = None, block: int = FRAME_BLOCK) -> Iterator[np.ndarray]:
@@ -179,19 +181,25 @@ def save_mask(mask: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
     return path
 
 
-def load_mask(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read a 3-D mask NIfTI into canonical orientation: (bool array, canonical affine)."""
+def read_volume(path: str | Path, what: str = "volume") -> tuple[np.ndarray, nib.Nifti1Image]:
+    """Read a 3-D NIfTI (a 4-D one with one volume is squeezed) as stored: (data, image); ``what`` names it in errors."""
     try:
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
     except FileNotFoundError:
-        raise ScanError(f"{path}: mask file not found") from None
+        raise ScanError(f"{path}: {what} file not found") from None
     except Exception as exc:
-        raise ScanError(f"{path}: unreadable mask NIfTI ({type(exc).__name__}: {exc})") from None
+        raise ScanError(f"{path}: unreadable {what} NIfTI ({type(exc).__name__}: {exc})") from None
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
-        raise ScanError(f"{path}: a mask must be 3-D, got shape {data.shape}")
+        raise ScanError(f"{path}: the {what} must be 3-D, got shape {data.shape}")
+    return data, img
+
+
+def load_mask(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read a 3-D mask NIfTI into canonical orientation: (bool array, canonical affine)."""
+    data, img = read_volume(path, "mask")
     ornt = nib.orientations.io_orientation(img.affine)
     mask = nib.orientations.apply_orientation(np.asarray(data) > 0, ornt)
     affine = img.affine @ nib.orientations.inv_ornt_aff(ornt, data.shape)

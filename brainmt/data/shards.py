@@ -320,6 +320,7 @@ def shard_dataset(input_dir: str | Path, phenotypes: str | Path, output: str | P
             meta = {"subject": src.subject, "source": str(src.path), "source_bytes": h.source_bytes,
                     "source_mtime": h.source_mtime, "frames": h.frames, "tr": h.tr, "shape": list(h.shape),
                     "voxel_size": list(h.voxel_size), "affine": np.round(h.affine, 6).tolist(),
+                    "source_affine": np.asarray(h.source_affine).tolist(),   # on-disk orientation: maps go back to it
                     "mean": series.mean, "std": series.std,
                     "background": series.background, "targets": phen.values[src.subject],
                     "family": phen.families.get(src.subject)}

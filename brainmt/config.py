@@ -151,14 +151,19 @@ class SweepConfig:
 
 @dataclass
 class AnalysisConfig:
-    """Integrated Gradients settings."""
+    """Integrated Gradients settings (``brainmt analyze``; README "Interpreting a model")."""
 
     steps: int = 32
-    baseline: Literal["zeros", "mean", "background"] = "zeros"
-    internal_batch_size: int | None = None
+    # mean: the training split's average brain (static); temporal_mean: the window's own voxel means over its frames;
+    # zeros / background: every brain voxel 0 / at the scan's background (far from any scan: README "Interpreting a model")
+    baseline: Literal["zeros", "mean", "temporal_mean", "background"] = "mean"
+    baseline_scans: int = 64             # baseline=mean: averaged over at most this many training scans
+    method: Literal["gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle"] = "gausslegendre"
+    internal_batch_size: int | None = None   # None: chosen from the free memory of the device
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     split: str = "test"
     checkpoint: str = "best"
-    atlas: str | None = None
+    atlas: str | None = None             # integer-labelled NIfTI; None: the built-in coarse lobes
     atlas_labels: str | None = None
     top_regions: int = 20
 
@@ -393,6 +398,10 @@ def validate(cfg: Config) -> None:
         (0 <= cfg.optim.min_lr <= cfg.optim.lr, "optim.min_lr", "between 0 and optim.lr"),
         (cfg.cluster.nodes >= 1, "cluster.nodes", "at least 1"),
         (cfg.analysis.steps >= 1, "analysis.steps", "at least 1"),
+        (cfg.analysis.internal_batch_size is None or cfg.analysis.internal_batch_size >= 1, "analysis.internal_batch_size",
+         "at least 1 or null"),
+        (cfg.analysis.baseline_scans >= 1 and cfg.analysis.top_regions >= 1, "analysis.baseline_scans/top_regions",
+         "at least 1"),
     ]
     for ok, key, want in checks:
         if not ok:

@@ -196,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", default="best", help="best | last | PATH")
     p.add_argument("--shards", help="shard directory (default: the run's)")
     p.set_defaults(func=cmd_evaluate)
+    from brainmt.analysis.cli import add_parser as add_analyze_parser
+
+    add_analyze_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from brainmt.data.shards import ShardError

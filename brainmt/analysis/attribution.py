@@ -1,0 +1,176 @@
+"""Integrated Gradients (captum) on BrainMT's full input: every frame of an evaluation window.
+
+The model is wrapped as :class:`PackedModel`, a function of the packed brain voxels (B, T, n_brain):
+the dense (B, T, 1, D, H, W) volume is built inside the forward pass, differentiably, with the
+scan's background outside the brain. Input and baseline agree outside the brain, so IG there is
+exactly 0 and the attributions over brain voxels alone satisfy completeness:
+sum(IG) = f(input) - f(baseline), up to the error of the path integral.
+
+Memory: captum evaluates ``n_steps`` scaled copies of every input; ``internal_batch_size`` bounds how
+many go through the model (forward and backward) at once. :func:`choose_internal_batch_size` picks it
+from the device's free memory and the activation bytes one sample keeps for the backward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from brainmt.data.loader import ShardSet
+
+log = logging.getLogger("brainmt.analysis")
+BASELINES = ("zeros", "mean", "temporal_mean", "background")
+
+
+class AttributionError(RuntimeError):
+    """Attributions could not be computed or are unusable; the message names the scan and window."""
+
+
+class PackedModel(torch.nn.Module):
+    """``model`` as a function of packed brain voxels: (B, T, n_brain) and a background (B,) -> outputs (B,)."""
+
+    def __init__(self, model: torch.nn.Module, brain_index: np.ndarray, volume_shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.model = model
+        self.volume_shape = tuple(int(s) for s in volume_shape)
+        self.register_buffer("brain_index", torch.as_tensor(np.asarray(brain_index), dtype=torch.long), persistent=False)
+
+    def forward(self, packed: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+        """(B, T, n_brain), (B,) -> (B,): the model's output on the dense volumes."""
+        b, t, _ = packed.shape
+        voxels = int(np.prod(self.volume_shape))
+        dense = background.to(packed.dtype).view(b, 1, 1).expand(b, t, voxels)
+        dense = dense.index_copy(2, self.brain_index, packed)          # out of place: gradients reach ``packed``
+        return self.model(dense.view(b, t, 1, *self.volume_shape)).reshape(b)
+
+
+def training_mean(shards: ShardSet, scans: list[str], max_scans: int = 64) -> np.ndarray:
+    """The average brain of ``scans``: float32 (n_brain,), each voxel's mean over the first stored chunk of up to
+    ``max_scans`` evenly spaced scans (z-scored values, so about 0 on average; the static anatomy remains)."""
+    if not scans:
+        raise AttributionError(f"no scans in {shards.root} to average for the 'mean' baseline")
+    picked = [scans[int(i)] for i in np.unique(np.linspace(0, len(scans) - 1, min(max_scans, len(scans))).round())]
+    total = np.zeros(shards.n_brain, dtype=np.float64)
+    frames = 0
+    for scan in picked:
+        count = min(shards.chunk_frames, shards.scans[scan]["frames"])
+        block = shards.read_frames(scan, 0, count).astype(np.float64)
+        total += block.sum(axis=0)
+        frames += count
+    return (total / frames).astype(np.float32)
+
+
+def make_baseline(kind: str, packed: torch.Tensor, background: torch.Tensor, mean_brain: torch.Tensor | None) -> torch.Tensor:
+    """The baseline of packed windows (W, T, n_brain) for ``kind`` (see :data:`BASELINES`); same shape and device."""
+    if kind == "zeros":
+        return torch.zeros_like(packed)
+    if kind == "temporal_mean":
+        return packed.mean(dim=1, keepdim=True).expand_as(packed).contiguous()
+    if kind == "background":
+        return background.to(packed.dtype).view(-1, 1, 1).expand_as(packed).contiguous()
+    if kind == "mean":
+        if mean_brain is None:
+            raise AttributionError("baseline 'mean' needs the training split's mean brain")
+        return mean_brain.to(packed).view(1, 1, -1).expand_as(packed).contiguous()
+    raise AttributionError(f"unknown baseline {kind!r}; choose one of {', '.join(BASELINES)}")
+
+
+def saved_bytes_per_sample(model: PackedModel, packed: torch.Tensor, background: torch.Tensor) -> int:
+    """Bytes one sample (1, T, n_brain) keeps for the backward pass: every distinct tensor autograd saves, plus the
+    input, its gradient and the dense volume (counted with ``torch.autograd.graph.saved_tensors_hooks``)."""
+    seen: dict[tuple, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        try:
+            key = (t.untyped_storage().data_ptr(), t.device.type)
+            seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
+        except RuntimeError:   # tensors without storage (e.g. wrapped subclasses): count their elements
+            seen[(id(t), "other")] = t.numel() * t.element_size()
+        return t
+
+    x = packed[:1].detach().clone().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x, background[:1])
+    del out
+    dense = x.shape[1] * int(np.prod(model.volume_shape)) * x.element_size()
+    return int(sum(seen.values()) + 2 * x.numel() * x.element_size() + 2 * dense)
+
+
+def free_memory(device: torch.device) -> int:
+    """Free bytes on ``device``: CUDA's free memory plus what PyTorch has cached but not in use, or the host's
+    available memory (MemAvailable)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        log.debug("no /proc/meminfo: using the free physical pages")
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def choose_internal_batch_size(model: PackedModel, packed: torch.Tensor, background: torch.Tensor, steps: int,
+                               free_bytes: int | None = None, fraction: float = 0.5, safety: float = 1.5) -> tuple[int, int]:
+    """An internal batch size whose forward + backward fits ``fraction`` of the free memory; returns (size, bytes a
+    sample). At most ``steps`` (one window's whole path at once); at least 1."""
+    per_sample = saved_bytes_per_sample(model, packed, background)
+    free = free_memory(packed.device) if free_bytes is None else int(free_bytes)
+    size = int(fraction * free // max(1, int(safety * per_sample)))
+    if size < 1:
+        log.warning("one sample needs about %.1f GB for the backward pass, more than %.0f%% of the free %.1f GB; "
+                    "trying internal_batch_size=1", safety * per_sample / 1e9, 100 * fraction, free / 1e9)
+    return max(1, min(steps, size)), per_sample
+
+
+@dataclass
+class WindowResult:
+    """IG of one window summed over its frames: signed and absolute (n_brain,), and the completeness terms."""
+
+    scan: str
+    start: int
+    signed: np.ndarray
+    absolute: np.ndarray
+    f_input: float
+    f_baseline: float
+    ig_sum: float
+
+    @property
+    def gap(self) -> float:
+        """Completeness gap: sum(IG) - (f(input) - f(baseline))."""
+        return self.ig_sum - (self.f_input - self.f_baseline)
+
+
+def attribute_windows(model: PackedModel, packed: torch.Tensor, background: torch.Tensor, baseline: torch.Tensor,
+                      steps: int, internal_batch_size: int, method: str = "gausslegendre") -> list[tuple]:
+    """IG of windows (W, T, n_brain) against ``baseline`` (same shape); returns per window
+    (signed (n_brain,), absolute (n_brain,), f_input, f_baseline, ig_sum), frames summed.
+
+    At most ``internal_batch_size`` scaled windows go through the model at once: one window a call when it is
+    smaller than ``steps``, else ``internal_batch_size // steps`` windows a call.
+    """
+    from captum.attr import IntegratedGradients
+
+    ig = IntegratedGradients(model)
+    per_call = max(1, internal_batch_size // steps)
+    out = []
+    for i in range(0, packed.shape[0], per_call):
+        x, b, bg = packed[i:i + per_call], baseline[i:i + per_call], background[i:i + per_call]
+        attr = ig.attribute(x, baselines=b, additional_forward_args=(bg,), n_steps=steps, method=method,
+                            internal_batch_size=max(internal_batch_size, x.shape[0]))
+        with torch.no_grad():
+            f_x, f_b = model(x, bg).double().cpu(), model(b, bg).double().cpu()
+        attr = attr.detach()
+        signed = attr.sum(dim=1).double().cpu().numpy()
+        absolute = attr.abs().sum(dim=1).double().cpu().numpy()
+        sums = attr.double().sum(dim=(1, 2)).cpu()
+        for w in range(x.shape[0]):
+            out.append((signed[w].astype(np.float32), absolute[w].astype(np.float32), float(f_x[w]), float(f_b[w]),
+                        float(sums[w])))
+    return out

@@ -1,0 +1,94 @@
+"""``brainmt analyze``: Integrated Gradients maps of a trained run (subjects, then the group), in one process."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from brainmt.config import Config, ConfigError, load_config
+
+log = logging.getLogger("brainmt.analysis")
+# command-line option -> analysis config key
+OPTION_KEYS = {"checkpoint": "checkpoint", "split": "split", "steps": "steps", "baseline": "baseline", "method": "method",
+               "internal_batch_size": "internal_batch_size", "device": "device", "atlas": "atlas",
+               "atlas_labels": "atlas_labels", "top": "top_regions"}
+
+
+def add_analysis_options(p: argparse.ArgumentParser) -> None:
+    """The options ``brainmt analyze`` and ``jobs/analyze.py`` share: what to analyse and how."""
+    p.add_argument("--run", required=True, help="run directory (its checkpoints/ and config)")
+    p.add_argument("--out", help="output directory (default RUN/ig)")
+    p.add_argument("--shards", help="shard directory (default: the run's)")
+    p.add_argument("--checkpoint", help="best | last | PATH (default best)")
+    p.add_argument("--split", help="split whose subjects are analysed (default test)")
+    p.add_argument("--subjects", nargs="+", metavar="ID", help="only these subjects (default: all of the split)")
+    p.add_argument("--steps", type=int, help="IG path steps (default 32)")
+    p.add_argument("--baseline", choices=["zeros", "mean", "temporal_mean", "background"], help="IG baseline (default mean)")
+    p.add_argument("--method", choices=["gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right",
+                                        "riemann_middle"], help="IG quadrature (default gausslegendre)")
+    p.add_argument("--internal-batch-size", type=int, metavar="B",
+                   help="scaled inputs through the model at once (default: chosen from the free memory)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto: a GPU when there is one")
+    p.add_argument("--atlas", help="integer-labelled atlas NIfTI in the scans' space (default: built-in coarse lobes)")
+    p.add_argument("--atlas-labels", help="its label file (TSV/CSV, FSL XML, lookup table, or one name a line)")
+    p.add_argument("--top", type=int, help="regions printed and charted (default 20)")
+    p.add_argument("--config", action="append", help="YAML layers whose 'analysis:' section sets the defaults")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. analysis.baseline_scans=32")
+
+
+def config_from_args(args: argparse.Namespace, extra_layers: list[str] | None = None) -> Config:
+    """The config whose ``analysis`` section holds the settings: schema defaults, then the --config layers (and
+    ``extra_layers``, e.g. a cluster profile) and overrides, then the options given."""
+    layers = list(args.config or []) + list(extra_layers or [])
+    cfg = load_config(layers or None, args.overrides)
+    for option, key in OPTION_KEYS.items():
+        value = getattr(args, option, None)
+        if value is not None:
+            setattr(cfg.analysis, key, value)
+    a = cfg.analysis
+    if a.steps < 1 or (a.internal_batch_size is not None and a.internal_batch_size < 1) or a.top_regions < 1:
+        raise ConfigError("--steps, --internal-batch-size and --top must be at least 1")
+    return cfg
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``brainmt analyze``."""
+    p = sub.add_parser("analyze", help="Integrated Gradients: subject and group brain maps, region table, figures",
+                       description=__doc__)
+    add_analysis_options(p)
+    stage = p.add_mutually_exclusive_group()
+    stage.add_argument("--maps-only", action="store_true", help="subject maps only, no group step (array tasks)")
+    stage.add_argument("--group-only", action="store_true", help="only the group step, from existing subject maps")
+    p.set_defaults(func=cmd_analyze)
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """Run the analysis; exit 1 on an error or when a subject failed (the others' maps are kept).
+
+    A config error, or a run without checkpoints (CheckpointError), is reported by brainmt's main."""
+    from brainmt.analysis.group import merge, summary_text
+    from brainmt.analysis.pipeline import analyze_subjects
+
+    try:
+        settings = config_from_args(args).analysis
+        failed: dict = {}
+        if not args.group_only:
+            result = analyze_subjects(args.run, args.out, settings, args.subjects, args.shards)
+            failed = result["failed"]
+            print(f"subject maps: {len(result['done'])} written, {len(result['already_done'])} already there, "
+                  f"{len(failed)} failed ({result['seconds']:.1f} s"
+                  + (f"; internal batch size {result['internal_batch_size']} on {result['device']})" if result["done"]
+                     else ")"), flush=True)
+            for subject, error in failed.items():
+                print(f"FAILED subject {subject}: {error}", file=sys.stderr)
+            if args.maps_only:
+                return 0          # failures are recorded in <subject>_error.json; the group step reports them
+        summary = merge(args.run, args.out, settings, args.subjects, args.shards)
+        print(summary_text(summary, settings.top_regions), flush=True)
+        return 1 if summary["failed"] or summary["missing"] or failed else 0
+    except ConfigError:
+        raise                     # brainmt's main reports it and exits 2
+    except (ValueError, OSError) as exc:
+        print(f"brainmt analyze: error: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,174 @@
+"""The group step: subject maps -> group maps per class (or for the regression target), region table, figures.
+
+Reads what :func:`brainmt.analysis.pipeline.analyze_subjects` wrote; subjects that failed or never ran are
+reported (``summary.json``, the printed summary) and left out of the group.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from brainmt.analysis.maps import BrainGrid, GroupMaps
+from brainmt.analysis.pipeline import (
+    COMPLETENESS_ATOL,
+    COMPLETENESS_RTOL,
+    AnalysisError,
+    baseline_scans,
+    fingerprint,
+    open_run,
+    settings_to_dict,
+    subjects_of,
+)
+from brainmt.config import AnalysisConfig
+
+log = logging.getLogger("brainmt.analysis")
+MAP_KINDS = ("mean_ig", "mean_abs_ig", "t_ig")
+
+
+def class_names(manifest: dict, stats: dict) -> dict[float, str]:
+    """Names of the classes of a classification target: female/male for the sex column, else '<target>-<value>'."""
+    if stats["task"] != "classification":
+        return {}
+    if stats["target"] == manifest.get("sex_column") or stats["target"] == "sex":
+        return {0.0: "female", 1.0: "male"}
+    return {0.0: f"{stats['target']}-0", 1.0: f"{stats['target']}-1"}
+
+
+def _map_path(out: Path, group: str, kind: str) -> Path:
+    return out / (f"group_{kind}.nii.gz" if group == "all" else f"group_{group}_{kind}.nii.gz")
+
+
+def _collect(out: Path, chosen: dict[str, list[str]], want: dict) -> tuple[dict, dict, list]:
+    done, failed, missing = {}, {}, []
+    for subject in chosen:
+        record_path = out / "subjects" / f"{subject}_ig.json"
+        error_path = out / "subjects" / f"{subject}_error.json"
+        record = json.loads(record_path.read_text()) if record_path.exists() else None
+        if record is not None and record.get("settings") == want:
+            done[subject] = record
+        elif error_path.exists():
+            failed[subject] = json.loads(error_path.read_text())["error"]
+        else:
+            missing.append(subject)
+    return done, failed, missing
+
+
+def _write_completeness(done: dict, path: Path) -> dict:
+    keys = ("subject", "target", "prediction", "output", "f_input", "f_baseline", "ig_sum", "gap", "relative_gap",
+            "max_window_gap", "within_tolerance")
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([*keys, "windows"])
+        for record in done.values():
+            writer.writerow([f"{record[k]:.6g}" if isinstance(record[k], float) else record[k] for k in keys]
+                            + [len(record["windows"])])
+    gaps = np.array([abs(r["gap"]) for r in done.values()])
+    rel = np.array([r["relative_gap"] for r in done.values() if r["relative_gap"] is not None])
+    return {"median_abs_gap": float(np.median(gaps)), "max_abs_gap": float(gaps.max()),
+            "median_relative_gap": float(np.median(rel)) if rel.size else None,
+            "within_tolerance": int(sum(r["within_tolerance"] for r in done.values())), "subjects": len(done),
+            "tolerance": f"|sum IG - (f(input) - f(baseline))| <= {COMPLETENESS_RTOL:g} * |f(input) - f(baseline)| + "
+                         f"{COMPLETENESS_ATOL:g} in every window"}
+
+
+def merge(run_dir: str | Path, out: str | Path | None, settings: AnalysisConfig, subjects: list[str] | None = None,
+          shards_dir: str | Path | None = None) -> dict:
+    """Group maps, completeness table, region table, figures and ``summary.json`` from the subject maps."""
+    from brainmt.analysis.attribution import training_mean
+    from brainmt.analysis.figures import orthogonal_slices, top_regions_chart
+    from brainmt.analysis.regions import builtin_lobes, load_atlas, region_table, write_region_table
+
+    start = time.time()
+    run = open_run(run_dir, settings.checkpoint, shards_dir)
+    out = Path(out) if out else run.run_dir / "ig"
+    shards = run.shards
+    chosen = subjects_of(shards, settings.split, subjects)
+    done, failed, missing = _collect(out, chosen, fingerprint(run, settings))
+    if not done:
+        reasons = "".join(f"; {s}: {e}" for s, e in failed.items())
+        raise AnalysisError(f"{out / 'subjects'}: no subject maps for these settings ({len(failed)} failed, "
+                            f"{len(missing)} not run{reasons})")
+    grid = BrainGrid(shards, [s for subject in done for s in chosen[subject]])
+    names = class_names(shards.manifest, run.stats)
+    groups = {"all": GroupMaps(grid.n_brain)} | {name: GroupMaps(grid.n_brain) for name in names.values()}
+    for subject, record in done.items():
+        own = BrainGrid(shards, chosen[subject])
+        signed = own.load(out / "subjects" / f"{subject}_ig.nii.gz")
+        absolute = own.load(out / "subjects" / f"{subject}_abs_ig.nii.gz")
+        groups["all"].add(signed, absolute)
+        if names:
+            groups[names[float(record["target"])]].add(signed, absolute)
+    maps = {g: acc.result() for g, acc in groups.items() if acc.n}
+    files = []
+    for group, result in maps.items():
+        for kind in MAP_KINDS:
+            files.append(str(grid.save(result[kind], _map_path(out, group, kind))))
+    completeness = _write_completeness(done, out / "completeness.csv")
+
+    if settings.atlas:
+        labels, label_names = load_atlas(settings.atlas, settings.atlas_labels, grid)
+        atlas = str(settings.atlas)
+    else:
+        labels, label_names = builtin_lobes(grid)
+        atlas = "built-in coarse lobes (brainmt.analysis.regions.builtin_lobes)"
+    rows = region_table(labels, label_names, maps["all"], {g: m["mean_ig"] for g, m in maps.items() if g != "all"})
+    write_region_table(rows, out / "regions.csv")
+
+    mean_brain = training_mean(shards, baseline_scans(shards, shards.scans_of(settings.split)), settings.baseline_scans)
+    underlay = grid.to_canonical(mean_brain)
+    mask = grid.to_canonical(np.ones(grid.n_brain, dtype=bool))
+    target = run.stats["target"]
+    figures = [orthogonal_slices(grid.to_canonical(maps["all"]["mean_abs_ig"]), underlay, mask, grid.canonical_affine,
+                                 out / "group_mean_abs_ig.png",
+                                 f"mean |IG| of {groups['all'].n} subjects ({settings.split} split), target '{target}'")]
+    for group, result in maps.items():
+        if group != "all" or not names:
+            figures.append(orthogonal_slices(grid.to_canonical(result["t_ig"]), underlay, mask, grid.canonical_affine,
+                                             _map_path(out, group, "t_ig").with_suffix("").with_suffix(".png"),
+                                             f"t of signed IG, {group} ({groups[group].n} subjects); > 0: toward a higher "
+                                             f"{'class' if names else 'prediction'}", signed=True))
+    figures.append(top_regions_chart(rows, out / "top_regions.png", settings.top_regions,
+                                     f"top regions by mean |IG| ({atlas if settings.atlas else 'built-in lobes'})"))
+    summary = {"run": str(run.run_dir), "checkpoint": str(run.checkpoint), "step": run.step, "task": run.stats["task"],
+               "target": target, "split": settings.split, "settings": settings_to_dict(settings),
+               "subjects": len(chosen), "analysed": len(done), "failed": failed, "missing": missing,
+               "groups": {g: acc.n for g, acc in groups.items()}, "completeness": completeness, "atlas": atlas,
+               "regions": len(rows), "top_regions": rows[:settings.top_regions], "maps": files,
+               "figures": [str(f) for f in figures], "grid": {"shape": list(grid.shape), "affine": grid.affine.tolist()},
+               "seconds": time.time() - start}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def summary_text(summary: dict, top: int | None = None) -> str:
+    """The printed summary of :func:`merge`: subjects, completeness, top regions, files, failures."""
+    c = summary["completeness"]
+    rel = f", median relative {c['median_relative_gap']:.2g}" if c["median_relative_gap"] is not None else ""
+    lines = [f"IG of {summary['analysed']} of {summary['subjects']} subjects ({summary['split']} split, "
+             f"target '{summary['target']}', checkpoint step {summary['step']}, baseline {summary['settings']['baseline']}, "
+             f"{summary['settings']['steps']} steps); groups: "
+             + ", ".join(f"{g} {n}" for g, n in summary["groups"].items()),
+             f"completeness gap |sum IG - (f(x) - f(baseline))|: median {c['median_abs_gap']:.2g}, max "
+             f"{c['max_abs_gap']:.2g}{rel}; {c['within_tolerance']} of {c['subjects']} subjects within the tolerance "
+             f"({c['tolerance']})"]
+    if c["within_tolerance"] < c["subjects"]:
+        lines.append("  the path integral is coarse for the others: raise --steps (or try --method riemann_trapezoid, "
+                     "or another --baseline); see completeness.csv")
+    shown = summary["top_regions"][:top] if top else summary["top_regions"]
+    lines.append(f"top regions by mean |IG| ({summary['atlas']}):")
+    lines += [f"  {r['rank']:>3}  {r['name'][:48]:48s} {r['mean_abs_ig']:.4g}  ({100 * r['share_abs_ig']:.1f}% of |IG|, "
+              f"{r['voxels']} voxels)" for r in shown]
+    out = Path(summary["maps"][0]).parent if summary["maps"] else None
+    lines.append(f"maps, regions.csv, completeness.csv, figures and summary.json in {out}")
+    for subject, error in summary["failed"].items():
+        lines.append(f"FAILED subject {subject}: {error} (see subjects/{subject}_error.json)")
+    if summary["missing"]:
+        lines.append(f"NOT RUN: {len(summary['missing'])} subject(s) have no maps: {', '.join(summary['missing'][:10])}"
+                     f"{' ...' if len(summary['missing']) > 10 else ''}")
+    return "\n".join(lines)

@@ -1,0 +1,267 @@
+"""The analysis of a run: per-subject IG maps (any number of processes, one subject at a time), then the group.
+
+``analyze_subjects`` writes, per subject, into ``OUT/subjects/``: ``<subject>_ig.nii.gz`` (signed IG summed
+over frames, averaged over the subject's evaluation windows), ``<subject>_abs_ig.nii.gz`` (|IG| summed over
+frames) and ``<subject>_ig.json`` (completeness per window, prediction, settings; written last, it marks the
+subject done). A subject that fails leaves ``<subject>_error.json`` and the others go on.
+``merge`` reads them back and writes the group maps, ``completeness.csv``, ``regions.csv``, figures and
+``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from brainmt.analysis.maps import BrainGrid
+from brainmt.config import AnalysisConfig, Config, config_from_dict
+from brainmt.data.loader import ShardSet, eval_windows
+
+log = logging.getLogger("brainmt.analysis")
+# completeness holds when |sum(IG) - (f(input) - f(baseline))| <= RTOL * |f(input) - f(baseline)| + ATOL
+COMPLETENESS_RTOL, COMPLETENESS_ATOL = 0.01, 1e-4
+
+
+class AnalysisError(ValueError):
+    """The analysis cannot start or finish as asked; the message names the run, subject or file."""
+
+
+@dataclass
+class RunInfo:
+    """A trained run opened for analysis: its checkpoint, config, target statistics and shards."""
+
+    run_dir: Path
+    checkpoint: Path
+    step: int
+    cfg: Config
+    stats: dict
+    shards: ShardSet
+    weights: dict
+
+
+def open_run(run_dir: str | Path, checkpoint: str = "best", shards_dir: str | Path | None = None) -> RunInfo:
+    """Resolve and load a run's checkpoint and open its shards; clear errors for a missing run, checkpoint or data."""
+    from brainmt.data.shards import ShardError
+    from brainmt.train import checkpoint as ckpt
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise AnalysisError(f"{run_dir}: run directory not found")
+    path = ckpt.resolve_checkpoint(run_dir, checkpoint)
+    saved = ckpt.load_checkpoint(path)
+    cfg = config_from_dict(saved["config"], str(path))
+    root = shards_dir or cfg.data.shards
+    if not root or not Path(root).is_dir():
+        raise AnalysisError(f"{root}: the shard directory of run {run_dir} is not found; pass --shards DIR")
+    try:
+        shards = ShardSet(root)
+    except ShardError as exc:
+        raise AnalysisError(str(exc)) from None
+    if list(cfg.model.volume_shape) != list(shards.volume_shape):
+        raise AnalysisError(f"{root}: volumes of {list(shards.volume_shape)} voxels, but run {run_dir} was trained on "
+                            f"{list(cfg.model.volume_shape)}; pass the run's own shards")
+    return RunInfo(run_dir, path, int(saved["step"]), cfg, saved["target_stats"], shards, saved["model"])
+
+
+def subjects_of(shards: ShardSet, split: str, wanted: list[str] | None = None) -> dict[str, list[str]]:
+    """Subject -> its scans in ``split``; ``wanted`` (ids, with or without ``sub-``) must all be in that split."""
+    try:
+        scans = shards.scans_of(split)
+    except KeyError as exc:
+        raise AnalysisError(f"{shards.root / 'splits.json'}: {exc.args[0]}") from None
+    by_subject: dict[str, list[str]] = {}
+    for scan in scans:
+        by_subject.setdefault(shards.scans[scan]["subject"], []).append(scan)
+    if wanted is None:
+        return dict(sorted(by_subject.items()))
+    names = [w[4:] if w.startswith("sub-") and w not in by_subject else w for w in wanted]
+    unknown = [w for w in names if w not in by_subject]
+    if unknown:
+        splits = {s: name for name, members in shards.splits().items() if isinstance(members, list) for s in members}
+        where = [f"'{u}' is in the {splits[u]} split (pass --split {splits[u]})" if u in splits else
+                 f"'{u}' is not in {shards.root}" for u in unknown]
+        raise AnalysisError(f"unknown subject(s) for the {split} split: {'; '.join(where)}")
+    return {w: by_subject[w] for w in dict.fromkeys(names)}
+
+
+def resolve_device(device: str):
+    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is an error."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise AnalysisError("analysis.device=cuda but no CUDA device is visible")
+    return torch.device(device)
+
+
+def fingerprint(run: RunInfo, settings: AnalysisConfig) -> dict:
+    """The settings a subject's maps depend on; maps made with other settings are recomputed."""
+    return {"checkpoint": run.checkpoint.name, "step": run.step, "steps": settings.steps, "baseline": settings.baseline,
+            "method": settings.method, "baseline_scans": settings.baseline_scans if settings.baseline == "mean" else None}
+
+
+def _atomic_json(path: Path, obj: object) -> None:
+    tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def baseline_scans(shards: ShardSet, split_scans: list[str]) -> list[str]:
+    """Scans the 'mean' baseline averages: the training split's, else (no training split) the analysed ones."""
+    try:
+        return shards.scans_of("train") or split_scans
+    except KeyError:
+        return split_scans
+
+
+class SubjectAnalyzer:
+    """The run's model, wrapped for packed inputs and loaded once; :meth:`run` attributes one subject."""
+
+    def __init__(self, run: RunInfo, settings: AnalysisConfig, out: Path, split_scans: list[str]) -> None:
+        import torch
+
+        from brainmt.analysis.attribution import BASELINES, PackedModel, training_mean
+        from brainmt.models import build_model
+
+        if settings.baseline not in BASELINES:
+            raise AnalysisError(f"unknown baseline {settings.baseline!r}; choose one of {', '.join(BASELINES)}")
+        self.run_info, self.settings, self.out = run, settings, out
+        self.device = resolve_device(settings.device)
+        model = build_model(run.cfg.model)
+        model.load_state_dict(run.weights)
+        model.eval().requires_grad_(False)    # gradients with respect to the input only
+        self.model = PackedModel(model, run.shards.brain_index, run.shards.volume_shape).to(self.device)
+        self.mean_brain = None
+        if settings.baseline == "mean":
+            mean = training_mean(run.shards, baseline_scans(run.shards, split_scans), settings.baseline_scans)
+            self.mean_brain = torch.from_numpy(mean).to(self.device)
+        self.internal_batch_size = settings.internal_batch_size
+        self.bytes_per_sample: int | None = None
+        self.fingerprint = fingerprint(run, settings)
+
+    def _windows(self, scans: list[str]) -> tuple:
+        import torch
+
+        shards, num_frames = self.run_info.shards, self.run_info.cfg.data.num_frames
+        windows = eval_windows(shards, scans, num_frames)
+        frames = np.stack([shards.read_frames(scan, start, num_frames) for scan, start in windows])
+        for (scan, start), block in zip(windows, frames):
+            if not np.isfinite(block).all():
+                raise AnalysisError(f"scan {scan}: non-finite values in frames {start}-{start + num_frames - 1} of "
+                                    f"{shards.root / 'shards' / shards.scans[scan]['shard']} (corrupt shard? check with "
+                                    "ShardSet(dir, verify='sha256'))")
+        packed = torch.from_numpy(frames).to(self.device, torch.float32)
+        background = torch.tensor([shards.scans[s]["background"] for s, _ in windows], dtype=torch.float32,
+                                  device=self.device)
+        return windows, packed, background
+
+    def run(self, subject: str, scans: list[str]) -> dict:
+        """Attribute every window of a subject's scans; write its maps and record; return the record."""
+        from brainmt.analysis.attribution import attribute_windows, choose_internal_batch_size, make_baseline
+
+        start_time = time.time()
+        windows, packed, background = self._windows(scans)
+        baseline = make_baseline(self.settings.baseline, packed, background, self.mean_brain)
+        if self.internal_batch_size is None:
+            self.internal_batch_size, self.bytes_per_sample = choose_internal_batch_size(
+                self.model, packed, background, self.settings.steps)
+            log.info("internal_batch_size %d (about %.1f MB a sample for the backward pass on %s)",
+                     self.internal_batch_size, self.bytes_per_sample / 1e6, self.device)
+        results = attribute_windows(self.model, packed, background, baseline, self.settings.steps,
+                                    self.internal_batch_size, self.settings.method)
+        rows = []
+        for (scan, start), (signed, _absolute, f_x, f_b, total) in zip(windows, results):
+            if not (np.isfinite(signed).all() and math.isfinite(f_x) and math.isfinite(f_b)):
+                raise AnalysisError(f"scan {scan}, window at frame {start}: non-finite attributions or outputs")
+            gap = total - (f_x - f_b)
+            rows.append({"scan": scan, "start": start, "f_input": f_x, "f_baseline": f_b, "ig_sum": total, "gap": gap,
+                         "within_tolerance": abs(gap) <= COMPLETENESS_RTOL * abs(f_x - f_b) + COMPLETENESS_ATOL})
+        signed = np.mean([r[0] for r in results], axis=0)
+        absolute = np.mean([r[1] for r in results], axis=0)
+        grid = BrainGrid(self.run_info.shards, scans)
+        subject_dir = self.out / "subjects"
+        grid.save(signed, subject_dir / f"{subject}_ig.nii.gz")
+        grid.save(absolute, subject_dir / f"{subject}_abs_ig.nii.gz")
+        record = {"subject": subject, "scans": scans, **self._prediction(scans, rows), "windows": rows,
+                  **self._completeness(rows), "internal_batch_size": self.internal_batch_size,
+                  "device": str(self.device), "seconds": time.time() - start_time, "settings": self.fingerprint}
+        _atomic_json(subject_dir / f"{subject}_ig.json", record)
+        (subject_dir / f"{subject}_error.json").unlink(missing_ok=True)
+        return record
+
+    def _prediction(self, scans: list[str], rows: list[dict]) -> dict:
+        stats, shards = self.run_info.stats, self.run_info.shards
+        outputs = np.array([r["f_input"] for r in rows])
+        if stats["task"] == "classification":
+            prediction = float(np.mean(1.0 / (1.0 + np.exp(-outputs))))   # as evaluation: mean probability
+        else:
+            prediction = float(np.mean(outputs) * stats["std"] + stats["mean"])
+        return {"target": shards.target(scans[0], stats["target"]), "prediction": prediction, "output": float(outputs.mean())}
+
+    @staticmethod
+    def _completeness(rows: list[dict]) -> dict:
+        f_x, f_b = np.mean([r["f_input"] for r in rows]), np.mean([r["f_baseline"] for r in rows])
+        total = float(np.mean([r["ig_sum"] for r in rows]))
+        gap = total - (f_x - f_b)
+        return {"f_input": float(f_x), "f_baseline": float(f_b), "ig_sum": total, "gap": float(gap),
+                "relative_gap": float(abs(gap) / abs(f_x - f_b)) if f_x != f_b else None,
+                "max_window_gap": float(max(abs(r["gap"]) for r in rows)),
+                "within_tolerance": all(r["within_tolerance"] for r in rows)}
+
+
+def _is_done(path: Path, want: dict) -> bool:
+    try:
+        return json.loads(path.read_text()).get("settings") == want
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def analyze_subjects(run_dir: str | Path, out: str | Path | None, settings: AnalysisConfig,
+                     subjects: list[str] | None = None, shards_dir: str | Path | None = None) -> dict:
+    """Per-subject IG maps for ``subjects`` (default: every subject of ``settings.split``); returns what was done.
+
+    Subjects whose maps exist with the same settings are skipped (a re-run or requeued task resumes). A subject
+    that fails is logged, recorded in ``<subject>_error.json``, and the next one starts.
+    """
+    start = time.time()
+    run = open_run(run_dir, settings.checkpoint, shards_dir)
+    out = Path(out) if out else run.run_dir / "ig"
+    (out / "subjects").mkdir(parents=True, exist_ok=True)
+    chosen = subjects_of(run.shards, settings.split, subjects)
+    want = fingerprint(run, settings)
+    todo = {s: scans for s, scans in chosen.items() if not _is_done(out / "subjects" / f"{s}_ig.json", want)}
+    summary: dict = {"done": [], "failed": {}, "already_done": sorted(set(chosen) - set(todo)), "out": str(out)}
+    if todo:
+        analyzer = SubjectAnalyzer(run, settings, out, run.shards.scans_of(settings.split))
+        for i, (subject, scans) in enumerate(todo.items(), start=1):
+            try:
+                record = analyzer.run(subject, scans)
+            except Exception as exc:   # one subject's failure must not cost the others their maps
+                message = f"{type(exc).__name__}: {exc}"
+                log.error("subject %s failed: %s", subject, message)
+                _atomic_json(out / "subjects" / f"{subject}_error.json",
+                             {"subject": subject, "error": message, "traceback": traceback.format_exc()})
+                summary["failed"][subject] = message
+                continue
+            summary["done"].append(subject)
+            log.info("subject %s (%d/%d): %d windows, f(x) - f(baseline) %.4g, sum IG %.4g, gap %.2g, %.1f s", subject,
+                     i, len(todo), len(record["windows"]), record["f_input"] - record["f_baseline"], record["ig_sum"],
+                     record["gap"], record["seconds"])
+        summary.update(internal_batch_size=analyzer.internal_batch_size, bytes_per_sample=analyzer.bytes_per_sample,
+                       device=str(analyzer.device))
+    summary["seconds"] = time.time() - start
+    return summary
+
+
+def settings_to_dict(settings: AnalysisConfig) -> dict:
+    """The analysis settings as a plain dict (for job arguments and summary.json)."""
+    return asdict(settings)

@@ -1,0 +1,9 @@
+#!/usr/bin/env python3
+"""Integrated Gradients as a SLURM job array over subjects, then a merge job: ``python jobs/analyze.py --help``."""
+
+import sys
+
+from brainmt.analysis.jobs import main
+
+if __name__ == "__main__":
+    sys.exit(main())

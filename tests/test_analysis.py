@@ -1,0 +1,338 @@
+"""Integrated Gradients analysis: completeness, planted regions found, the scans' grid, bounded memory, errors, jobs.
+
+One demo-size model (synthetic scans with planted regions, the ``demo`` config, trained in-process) and one
+``brainmt analyze`` of 24 of its test subjects are shared by the module's tests.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from data_helpers import random_scan, write_scan
+
+from brainmt.analysis.attribution import PackedModel, attribute_windows, make_baseline, training_mean
+from brainmt.analysis.maps import BrainGrid
+from brainmt.analysis.regions import AtlasError, load_atlas, lobe_labels, read_label_file
+from brainmt.cli import main
+from brainmt.config import load_config
+from brainmt.data.loader import ShardSet, eval_windows
+from brainmt.models import build_model
+from brainmt.train.metrics import auroc
+
+ROOT = Path(__file__).parent.parent
+ANALYSED = 24        # test subjects in the shared analysis
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> dict:
+    """The demo's data (300 synthetic subjects, 20x24x20x40) and its model trained in-process, then analysed."""
+    from brainmt.demo import prepare_data
+    from brainmt.train.loop import run
+
+    work = tmp_path_factory.mktemp("demo")
+    shards = prepare_data(work, 300, 40, [20, 24, 20])
+    result = run(load_config("demo"), shards, work / "run")
+    assert result["evaluation"]["auroc"]["value"] >= 0.8, result["evaluation"]
+    subjects = sorted(json.loads((shards / "splits.json").read_text())["test"])[:ANALYSED]
+    code = main(["analyze", "--run", str(work / "run"), "--out", str(work / "ig"), "--subjects", *subjects])
+    assert code == 0
+    return {"raw": work / "raw", "shards": shards, "run": work / "run", "ig": work / "ig", "subjects": subjects}
+
+
+def _packed_windows(shards: ShardSet, scans: list[str], frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    windows = eval_windows(shards, scans, frames)
+    packed = torch.from_numpy(np.stack([shards.read_frames(s, start, frames) for s, start in windows])).float()
+    return packed, torch.tensor([shards.scans[s]["background"] for s, _ in windows])
+
+
+@pytest.mark.parametrize("baseline", ["mean", "temporal_mean", "zeros"])
+def test_completeness_holds_on_the_debug_model(small_shards, baseline):
+    """sum(IG) = f(input) - f(baseline) within 1% of |f(input) - f(baseline)| + 1e-6, every window (32 steps)."""
+    shards = ShardSet(small_shards)
+    torch.manual_seed(0)
+    cfg = load_config("debug", [f"model.volume_shape={list(shards.volume_shape)}"])
+    model = PackedModel(build_model(cfg.model).eval().requires_grad_(False), shards.brain_index, shards.volume_shape)
+    packed, background = _packed_windows(shards, shards.scans_of("test")[:1], 8)
+    mean = torch.from_numpy(training_mean(shards, shards.scans_of("train")))
+    base = make_baseline(baseline, packed, background, mean)
+    results = attribute_windows(model, packed, background, base, steps=32, internal_batch_size=16)
+    assert len(results) == len(packed) == 3
+    for signed, absolute, f_x, f_b, total in results:
+        print(f"{baseline}: f(x) - f(baseline) {f_x - f_b:.3g}, sum IG {total:.3g}, gap {total - (f_x - f_b):.2g}")
+        assert abs(f_x - f_b) > 1e-4                      # a real output change to account for
+        assert abs(total - (f_x - f_b)) <= 0.01 * abs(f_x - f_b) + 1e-6, (total, f_x - f_b)
+        assert np.isclose(signed.sum(), total, rtol=1e-4, atol=1e-6) and (absolute >= np.abs(signed) - 1e-7).all()
+
+
+def test_group_abs_map_finds_the_planted_regions(demo):
+    """Sex acts through planted region b (its coupling with region a): the group |IG| map ranks them first."""
+    group = nib.load(demo["ig"] / "group_mean_abs_ig.nii.gz")
+    values = np.asarray(group.dataobj)
+    planted = {r: np.asarray(nib.load(demo["raw"] / "derivatives" / "planted" / f"region-{r}_mask.nii.gz").dataobj) > 0
+               for r in "abc"}
+    brain = values != 0
+    scores = {name: auroc((np.logical_or.reduce([planted[r] for r in name]))[brain].astype(float), values[brain])
+              for name in ("a", "b", "c", "ab", "abc")}
+    print("voxel-level AUROC of the group |IG| map against the planted regions:", json.dumps(scores))
+    assert scores["ab"] >= 0.8, scores
+    summary = json.loads((demo["ig"] / "summary.json").read_text())
+    assert summary["analysed"] == ANALYSED and not summary["failed"] and not summary["missing"]
+    assert set(summary["groups"]) == {"all", "female", "male"} and summary["groups"]["all"] == ANALYSED
+    for name in ("group_mean_ig", "group_t_ig", "group_male_mean_ig", "group_female_t_ig", "group_male_mean_abs_ig"):
+        assert (demo["ig"] / f"{name}.nii.gz").exists(), name
+    for figure in ("group_mean_abs_ig.png", "group_male_t_ig.png", "top_regions.png"):
+        assert (demo["ig"] / figure).stat().st_size > 10_000, figure
+    rows = (demo["ig"] / "regions.csv").read_text().splitlines()
+    assert rows[0].startswith("rank,label,name,voxels,mean_abs_ig,share_abs_ig") and len(rows) == 13   # 12 built-in regions
+    completeness = (demo["ig"] / "completeness.csv").read_text().splitlines()
+    assert len(completeness) == 1 + ANALYSED
+    record = json.loads((demo["ig"] / "subjects" / f"{demo['subjects'][0]}_ig.json").read_text())
+    assert record["ig_sum"] == pytest.approx(sum(w["ig_sum"] for w in record["windows"]) / len(record["windows"]))
+
+
+def test_maps_are_on_the_input_scans_grid(demo):
+    source = nib.load(next((demo["raw"] / f"sub-{demo['subjects'][0]}" / "func").glob("*_bold.nii.gz")))
+    assert np.allclose(source.affine[0, 0], -2.0)       # stored LAS, as FSL writes MNI data
+    for name in (f"subjects/{demo['subjects'][0]}_ig.nii.gz", f"subjects/{demo['subjects'][0]}_abs_ig.nii.gz",
+                 "group_mean_abs_ig.nii.gz", "group_female_t_ig.nii.gz"):
+        img = nib.load(demo["ig"] / name)
+        assert img.shape == source.shape[:3], name
+        np.testing.assert_array_equal(img.affine, source.affine)
+    # a subject map is exactly the attribution vector put back: re-packing it gives the brain voxels only
+    grid = BrainGrid(ShardSet(demo["shards"]))
+    subject_map = np.asarray(nib.load(demo["ig"] / "subjects" / f"{demo['subjects'][0]}_abs_ig.nii.gz").dataobj)
+    outside = grid.unpack(np.ones(grid.n_brain)) == 0
+    assert (subject_map[outside] == 0).all() and (grid.pack(grid.from_source(subject_map)) > 0).mean() > 0.99
+
+
+def _permuted_dataset(root: Path) -> Path:
+    """Three scans stored with permuted, flipped axes (the world's y, z, x along the file's first, second, third)."""
+    affine = np.array([[0.0, 0.0, -2.0, 11.0], [2.0, 0.0, 0.0, -13.0], [0.0, -2.0, 0.0, 12.0], [0.0, 0.0, 0.0, 1.0]])
+    for i in range(3):
+        write_scan(root / f"sub-{i:02d}" / "func" / f"sub-{i:02d}_task-rest_bold.nii.gz",
+                   random_scan(i, shape=(14, 12, 12), frames=12), affine, dtype=np.int16)
+    (root / "participants.tsv").write_text("participant_id\tscore\n" + "".join(f"sub-{i:02d}\t{i}\n" for i in range(3)))
+    return root
+
+
+@pytest.mark.parametrize("layout", ["las-synthetic", "permuted"])
+def test_brain_voxel_packing_is_undone_exactly(demo, tmp_path, layout):
+    """Every stored brain voxel of a frame lands on its voxel of the source file: bitwise the file's z-scored value."""
+    from brainmt.data.shards import ShardOptions, shard_dataset
+
+    if layout == "permuted":
+        raw = _permuted_dataset(tmp_path / "raw")
+        shard_dataset(raw, raw / "participants.tsv", tmp_path / "shards", options=ShardOptions(min_frames=8),
+                      progress=False)
+        shards = ShardSet(tmp_path / "shards")
+    else:
+        shards = ShardSet(demo["shards"])
+    scan = sorted(shards.scans)[1]
+    meta = shards.scans[scan]
+    grid = BrainGrid(shards, [scan])
+    source = nib.load(meta["source"])
+    assert grid.shape == source.shape[:3] and np.array_equal(grid.affine, source.affine)
+    t = 5
+    stored = shards.read_frames(scan, t, 1)[0]
+    frame = np.asarray(source.dataobj[..., t:t + 1], dtype=np.float32)[..., 0]
+    frame -= meta["mean"]
+    frame /= meta["std"]
+    put_back = grid.unpack(stored)
+    brain = grid.unpack(np.ones(grid.n_brain, dtype=bool))
+    assert brain.sum() == shards.n_brain and put_back.dtype == np.float16
+    np.testing.assert_array_equal(put_back[brain], frame.astype(np.float16)[brain])
+    assert (put_back[~brain] == 0).all()
+    np.testing.assert_array_equal(grid.pack(grid.from_source(put_back)), stored)     # and back: the round trip is exact
+    mask = nib.load(shards.root / "mask.nii.gz")
+    np.testing.assert_array_equal(grid.to_canonical(np.ones(grid.n_brain, bool)), np.asarray(mask.dataobj) > 0)
+
+
+def test_memory_is_bounded_by_internal_batch_size():
+    """A 40-frame debug window at 32 steps: captum unbounded pushes all 32 scaled copies through at once; with the
+    batch size chosen for a 200 MB budget the added peak memory stays inside the budget, several times lower."""
+    def probe(batch: str) -> dict:
+        proc = subprocess.run([sys.executable, str(ROOT / "tests" / "analysis_memory_probe.py"), "40", "32", batch],
+                              capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    budget = 200_000_000
+    unbounded, bounded = probe("none"), probe(f"auto:{budget}")
+    print(f"added peak memory: unbounded {unbounded['added_peak_bytes'] / 1e6:.0f} MB (batches {unbounded['batch_sizes']}); "
+          f"internal_batch_size {bounded['internal_batch_size']} for a {budget / 1e6:.0f} MB budget "
+          f"({bounded['bytes_per_sample'] / 1e6:.1f} MB a sample estimated): {bounded['added_peak_bytes'] / 1e6:.0f} MB")
+    assert unbounded["batch_sizes"] == [32] and unbounded["added_peak_bytes"] > 3 * budget
+    assert 1 <= bounded["internal_batch_size"] < 32 and max(bounded["batch_sizes"]) <= bounded["internal_batch_size"]
+    assert sum(bounded["batch_sizes"]) == 32 and bounded["finite"]
+    assert bounded["added_peak_bytes"] <= budget
+    assert unbounded["added_peak_bytes"] > 4 * bounded["added_peak_bytes"]
+
+
+def test_windows_share_a_call_only_when_the_batch_allows(small_shards):
+    shards = ShardSet(small_shards)
+    cfg = load_config("debug", [f"model.volume_shape={list(shards.volume_shape)}"])
+    model = PackedModel(build_model(cfg.model).eval().requires_grad_(False), shards.brain_index, shards.volume_shape)
+    seen: list[int] = []
+    model.model.register_forward_pre_hook(lambda module, args: seen.append(int(args[0].shape[0])))
+    packed, background = _packed_windows(shards, shards.scans_of("test")[:1], 8)
+    zeros = torch.zeros_like(packed)
+    assert len(packed) == 3
+    attribute_windows(model, packed, background, zeros, steps=8, internal_batch_size=3)
+    assert seen == [3, 3, 2, 1, 1] * 3            # per window: the 8 path points in 3 batches, then f(input), f(baseline)
+    seen.clear()
+    attribute_windows(model, packed, background, zeros, steps=8, internal_batch_size=16)
+    assert seen == [16, 2, 2, 8, 1, 1]            # two windows' paths in one batch, then the third window's
+
+
+def test_bad_input_gives_clear_errors(demo, tmp_path, capsys):
+    empty = tmp_path / "never-trained"
+    (empty / "checkpoints").mkdir(parents=True)
+    assert main(["analyze", "--run", str(empty)]) == 1
+    assert f"{empty / 'checkpoints'}: no checkpoints" in capsys.readouterr().err
+    assert main(["analyze", "--run", str(tmp_path / "missing")]) == 1
+    assert f"{tmp_path / 'missing'}: run directory not found" in capsys.readouterr().err
+    train_subject = json.loads((demo["shards"] / "splits.json").read_text())["train"][0]
+    assert main(["analyze", "--run", str(demo["run"]), "--out", str(tmp_path / "ig"), "--subjects", "9999",
+                 f"sub-{train_subject}"]) == 1
+    err = capsys.readouterr().err
+    assert "'9999' is not in" in err and f"'{train_subject}' is in the train split (pass --split train)" in err
+    assert main(["analyze", "--run", str(demo["run"]), "--baseline", "mean", "analysis.steps=0"]) == 2
+    assert "analysis.steps" in capsys.readouterr().err
+
+
+def test_region_table_with_a_user_atlas(demo, tmp_path, capsys):
+    """The planted regions as an atlas, given at 1 mm (resampled to the 2 mm scans): region b or a ranks first."""
+    planted = [nib.load(demo["raw"] / "derivatives" / "planted" / f"region-{r}_mask.nii.gz") for r in "abc"]
+    labels = sum((i + 1) * (np.asarray(img.dataobj) > 0) for i, img in enumerate(planted)).astype(np.int16)
+    fine = np.repeat(np.repeat(np.repeat(labels, 2, 0), 2, 1), 2, 2)
+    affine = planted[0].affine @ np.diag([0.5, 0.5, 0.5, 1.0])
+    affine[:3, 3] -= affine[:3, :3] @ np.array([0.5, 0.5, 0.5])       # 1 mm voxels centred inside the 2 mm ones
+    nib.save(nib.Nifti1Image(fine, affine), tmp_path / "atlas.nii.gz")
+    (tmp_path / "labels.tsv").write_text("index\tname\n1\tplanted a\n2\tplanted b\n3\tplanted c\n")
+    grid = BrainGrid(ShardSet(demo["shards"]))
+    packed, names = load_atlas(tmp_path / "atlas.nii.gz", tmp_path / "labels.tsv", grid)
+    coarse, _ = load_atlas(_save(labels, planted[0].affine, tmp_path / "coarse.nii.gz"), None, grid)
+    np.testing.assert_array_equal(packed, coarse)                      # nearest neighbour through the affines
+    assert names == {1: "planted a", 2: "planted b", 3: "planted c"}
+    shutil.copytree(demo["ig"] / "subjects", tmp_path / "ig" / "subjects")
+    code = main(["analyze", "--run", str(demo["run"]), "--out", str(tmp_path / "ig"), "--group-only", "--subjects",
+                 *demo["subjects"], "--atlas", str(tmp_path / "atlas.nii.gz"), "--atlas-labels", str(tmp_path / "labels.tsv")])
+    out = capsys.readouterr().out
+    assert code == 0 and "top regions by mean |IG|" in out
+    rows = (tmp_path / "ig" / "regions.csv").read_text().splitlines()
+    assert len(rows) == 4 and rows[1].split(",")[2] in ("planted a", "planted b"), rows
+    nib.save(nib.Nifti1Image(np.full((4, 4, 4), 0.5, np.float32), np.eye(4)), tmp_path / "float.nii.gz")
+    with pytest.raises(AtlasError, match="float.nii.gz: values are not integers"):
+        load_atlas(tmp_path / "float.nii.gz", None, grid)
+
+
+def _save(data: np.ndarray, affine: np.ndarray, path: Path) -> Path:
+    nib.save(nib.Nifti1Image(data, affine), path)
+    return path
+
+
+def test_label_files_and_builtin_lobes(tmp_path):
+    files = {"fsl.xml": '<?xml version="1.0"?><atlas><data><label index="0" x="1">Frontal Pole</label>'
+                        '<label index="1" x="2">Insular Cortex</label></data></atlas>',
+             "lut.txt": "# FreeSurfer-style\n1 7Networks_LH_Vis_1 120 18 134 0\n2 7Networks_LH_Vis_2 120 18 135 0\n",
+             "names.txt": "Precuneus\nSuperior temporal gyrus\n",
+             "labels.csv": "id,name,colour\n10,MFG,red\n20,STG,blue\n"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    assert read_label_file(tmp_path / "fsl.xml") == {1: "Frontal Pole", 2: "Insular Cortex"}
+    assert read_label_file(tmp_path / "lut.txt") == {1: "7Networks_LH_Vis_1", 2: "7Networks_LH_Vis_2"}
+    assert read_label_file(tmp_path / "names.txt") == {1: "Precuneus", 2: "Superior temporal gyrus"}
+    assert read_label_file(tmp_path / "labels.csv") == {10: "MFG", 20: "STG"}
+    with pytest.raises(AtlasError, match="labels-missing.txt: label file not found"):
+        read_label_file(tmp_path / "labels-missing.txt")
+    # MNI points well inside each built-in region
+    points = {"left frontal": (-40, 30, 30), "right parietal": (40, -50, 45), "left temporal": (-55, -20, -10),
+              "right occipital": (15, -90, 10), "left cerebellum, brainstem": (-20, -60, -40),
+              "right deep grey (basal ganglia, thalamus)": (15, -10, 5)}
+    names = {1: "left frontal", 8: "right parietal", 3: "left temporal", 10: "right occipital",
+             6: "left cerebellum, brainstem", 11: "right deep grey (basal ganglia, thalamus)"}
+    got = lobe_labels(*np.array(list(points.values()), dtype=float).T)
+    assert [names[int(v)] for v in got] == list(points)
+
+
+def test_jobs_array_keeps_the_others_when_one_subject_fails(demo, tmp_path):
+    """jobs/analyze.py --cluster local: two array tasks and a merge; one subject's shard data is corrupt (NaN)."""
+    shards = tmp_path / "shards"
+    shutil.copytree(demo["shards"], shards)
+    bad = demo["subjects"][1]
+    scan = ShardSet(shards).scans_of("test")[1]
+    meta = json.loads((shards / "manifest.json").read_text())["scans"][scan]
+    assert meta["subject"] == bad
+    offset, nbytes = meta["chunks"][0][:2]
+    with (shards / "shards" / meta["shard"]).open("r+b") as f:      # same size: only reading the values shows it
+        f.seek(offset)
+        f.write(b"\xff\x7f" * (nbytes // 2))                        # float16 NaN
+    subjects = demo["subjects"][:3]
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "analyze.py"), "--run", str(demo["run"]), "--shards",
+                           str(shards), "--out", str(tmp_path / "ig"), "--cluster", "local", "--gpus-per-node", "0",
+                           "--array-size", "2", "--steps", "8", "--subjects", *subjects, "--wait"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "array of 2 tasks over 3 subjects" in proc.stdout and f"FAILED subject {bad}" in proc.stdout
+    out = tmp_path / "ig"
+    for subject in (subjects[0], subjects[2]):
+        assert (out / "subjects" / f"{subject}_ig.nii.gz").exists() and (out / "subjects" / f"{subject}_ig.json").exists()
+    assert not (out / "subjects" / f"{bad}_ig.nii.gz").exists()
+    error = json.loads((out / "subjects" / f"{bad}_error.json").read_text())["error"]
+    assert "non-finite values" in error and meta["shard"] in error
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["analysed"] == 2 and list(summary["failed"]) == [bad] and summary["settings"]["steps"] == 8
+    assert nib.load(out / "group_mean_abs_ig.nii.gz").shape == (20, 24, 20)
+    assert len(list((out / "slurm").glob("*/*_log.out"))) >= 3       # two tasks and the merge ran as submitit jobs
+    # a re-run resumes: the two good subjects are skipped, the bad one fails again
+    again = subprocess.run([sys.executable, "-m", "brainmt.cli", "analyze", "--run", str(demo["run"]), "--shards", str(shards),
+                            "--out", str(out), "--steps", "8", "--maps-only", "--subjects", *subjects],
+                           capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert again.returncode == 0 and "0 written, 2 already there, 1 failed" in again.stdout, again.stdout + again.stderr
+
+
+def test_jobs_container_runs_each_task_and_the_merge_in_the_image(demo, tmp_path):
+    """--container with a stand-in runtime (tests/fake_apptainer.sh): it records each call and runs it on the host."""
+    import os
+
+    profile = tmp_path / "site.yaml"
+    profile.write_text(f"cluster:\n  container_runtime: {ROOT / 'tests' / 'fake_apptainer.sh'}\n  binds: ['/data:/data']\n")
+    env = {**os.environ, "FAKE_APPTAINER_LOG": str(tmp_path / "calls.log"), "FAKE_APPTAINER_PYTHON": sys.executable}
+    out = tmp_path / "ig"
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "analyze.py"), "--run", str(demo["run"]), "--out", str(out),
+                           "--profile", str(profile), "--container", "brainmt.sif", "--cluster", "local", "--gpus-per-node",
+                           "0", "--array-size", "1", "--steps", "4", "--subjects", demo["subjects"][0], "--wait"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    task, merge = (tmp_path / "calls.log").read_text().splitlines()
+    prefix = f"exec --bind /data:/data brainmt.sif python3 -m brainmt.cli analyze --run {demo['run']} --out {out} --config "
+    assert task.startswith(prefix) and task.endswith(f"--maps-only --subjects {demo['subjects'][0]}") and "--nv" not in task
+    assert merge.startswith(prefix) and "--group-only" in merge
+    assert (out / "subjects" / f"{demo['subjects'][0]}_ig.nii.gz").exists() and "IG of 1 of 1 subjects" in proc.stdout
+    assert json.loads((out / "summary.json").read_text())["settings"]["steps"] == 4
+
+
+def test_jobs_array_and_merge_on_a_real_slurm(slurm, demo, tmp_path):
+    """The same job array and afterany merge job, submitted to the local single-node SLURM."""
+    out = tmp_path / "ig"
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "analyze.py"), "--run", str(demo["run"]), "--out", str(out),
+                           "--cluster", "slurm", "--partition", "cpu", "--gpus-per-node", "0", "--cpus-per-task", "1",
+                           "--time", "10", "--array-size", "2", "--steps", "4", "--subjects", *demo["subjects"][:2], "--wait"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "array of 2 tasks over 2 subjects" in proc.stdout and "(slurm)" in proc.stdout
+    jobs = json.loads((out / "slurm" / "jobs.jsonl").read_text().splitlines()[-1])
+    assert jobs["cluster"] == "slurm" and jobs["merge"] != jobs["array"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["analysed"] == 2 and not summary["failed"]
+    for subject in demo["subjects"][:2]:
+        assert (out / "subjects" / f"{subject}_ig.nii.gz").exists()
+    assert (out / "slurm" / f"{jobs['array']}_0").is_dir() and (out / "slurm" / f"{jobs['array']}_1").is_dir()

@@ -336,3 +336,22 @@ def test_jobs_array_and_merge_on_a_real_slurm(slurm, demo, tmp_path):
     for subject in demo["subjects"][:2]:
         assert (out / "subjects" / f"{subject}_ig.nii.gz").exists()
     assert (out / "slurm" / f"{jobs['array']}_0").is_dir() and (out / "slurm" / f"{jobs['array']}_1").is_dir()
+
+
+def test_regression_run_has_one_group_in_target_units(small_shards, tmp_path):
+    """A regression target (cognition): one group of all subjects, its t-map figure, predictions in target units."""
+    from brainmt.train.loop import train
+
+    run_dir = tmp_path / "run"
+    train(load_config("debug", ["data.target=cognition", "train.epochs=1", "data.samples_per_epoch=8", "train.log_every=1"]),
+          small_shards, run_dir)
+    subjects = sorted(json.loads((small_shards / "splits.json").read_text())["test"])[:2]
+    assert main(["analyze", "--run", str(run_dir), "--steps", "4", "--internal-batch-size", "2", "--subjects", *subjects]) == 0
+    summary = json.loads((run_dir / "ig" / "summary.json").read_text())
+    assert summary["task"] == "regression" and summary["groups"] == {"all": 2}
+    assert (run_dir / "ig" / "group_t_ig.png").exists() and not list((run_dir / "ig").glob("group_*_mean_ig.nii.gz"))
+    record = json.loads((run_dir / "ig" / "subjects" / f"{subjects[0]}_ig.json").read_text())
+    stats = json.loads((run_dir / "target_stats.json").read_text())
+    assert record["internal_batch_size"] == 2 and len(record["windows"]) == 3
+    assert record["prediction"] == pytest.approx(record["output"] * stats["std"] + stats["mean"])
+    assert 40 < record["target"] < 160                                  # cognition in its own units, not z-scored

@@ -134,7 +134,7 @@ def merge(run_dir: str | Path, out: str | Path | None, settings: AnalysisConfig,
                                              f"t of signed IG, {group} ({groups[group].n} subjects); > 0: toward a higher "
                                              f"{'class' if names else 'prediction'}", signed=True))
     figures.append(top_regions_chart(rows, out / "top_regions.png", settings.top_regions,
-                                     f"top regions by mean |IG| ({atlas if settings.atlas else 'built-in lobes'})"))
+                                     f"top regions by mean |IG| ({Path(atlas).name if settings.atlas else 'built-in lobes'})"))
     summary = {"run": str(run.run_dir), "checkpoint": str(run.checkpoint), "step": run.step, "task": run.stats["task"],
                "target": target, "split": settings.split, "settings": settings_to_dict(settings),
                "subjects": len(chosen), "analysed": len(done), "failed": failed, "missing": missing,

@@ -136,20 +136,19 @@ def main(argv: list[str] | None = None) -> int:
         merger, _ = make_executor(merge_cluster, out / "slurm", f"{args.job_name}-merge")
         if cluster == "slurm":
             check_submittable(c, out / "slurm", args.job_name)
-        common = (dataclasses.asdict(settings), shards)
+        settings_dict, n = dataclasses.asdict(settings), len(chunks)
         with clean_slurm_env():   # a submission from inside a SLURM job must not inherit its SLURM_*
             if cluster == "slurm":
-                executor.update_parameters(array_parallelism=len(chunks))
-            parts = executor.map_array(AnalyzeTask(), [run] * len(chunks), [str(out)] * len(chunks), chunks,
-                                       [common[0]] * len(chunks), [shards] * len(chunks),
-                                       [dataclasses.asdict(c)] * len(chunks), [config_path] * len(chunks))
+                executor.update_parameters(array_parallelism=n)
+            parts = executor.map_array(AnalyzeTask(), [run] * n, [str(out)] * n, chunks, [settings_dict] * n, [shards] * n,
+                                       [dataclasses.asdict(c)] * n, [config_path] * n)
             array_id = parts[0].job_id.split("_")[0]
-            print(f"array of {len(chunks)} tasks over {len(chosen)} subjects: job {array_id} ({cluster})", flush=True)
+            print(f"array of {n} tasks over {len(chosen)} subjects: job {array_id} ({cluster})", flush=True)
             if cluster == "slurm":
                 merger.update_parameters(dependency=f"afterany:{array_id}")
             else:
                 _wait_local(parts)
-            merge_job = merger.submit(merge_task, run, str(out), chosen if args.subjects else None, *common,
+            merge_job = merger.submit(merge_task, run, str(out), chosen if args.subjects else None, settings_dict, shards,
                                       dataclasses.asdict(merge_cluster), config_path)
     except ConfigError as exc:
         print(f"jobs/analyze.py: config error: {exc}", file=sys.stderr)

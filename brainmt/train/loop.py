@@ -89,19 +89,20 @@ def check_resume_config(run_dir: Path, cfg: Config) -> None:
                             "Resume it unchanged, train into a new --run-dir, or (jobs/launch.py) pass --force to move it aside")
 
 
-def _target_stats(shards: ShardSet, scans: list[str], cfg: Config) -> dict:
+def target_stats(shards: ShardSet, scans: list[str], target: str, task: str) -> dict:
+    """The task, target and (regression) the training subjects' mean and std that targets are z-scored with."""
     held = shards.manifest.get("targets") or sorted(shards.scans[scans[0]]["targets"])
-    if cfg.data.target not in held:
-        raise ConfigError(f"data.target: '{cfg.data.target}' is not a target in {shards.root}; the shards hold {held}")
-    values = {shards.scans[s]["subject"]: shards.target(s, cfg.data.target) for s in scans}
+    if target not in held:
+        raise ConfigError(f"data.target: '{target}' is not a target in {shards.root}; the shards hold {held}")
+    values = {shards.scans[s]["subject"]: shards.target(s, target) for s in scans}
     arr = np.array(list(values.values()), dtype=np.float64)
-    if cfg.data.task == "classification":
+    if task == "classification":
         bad = sorted(set(arr.tolist()) - {0.0, 1.0})
         if bad:
-            raise ConfigError(f"data.task=classification needs a 0/1 target; '{cfg.data.target}' has values {bad[:5]}")
-        return {"task": "classification", "target": cfg.data.target, "positive_fraction": float(arr.mean())}
+            raise ConfigError(f"data.task=classification needs a 0/1 target; '{target}' has values {bad[:5]}")
+        return {"task": "classification", "target": target, "positive_fraction": float(arr.mean())}
     std = float(arr.std())
-    return {"task": "regression", "target": cfg.data.target, "mean": float(arr.mean()), "std": std if std > 0 else 1.0}
+    return {"task": "regression", "target": target, "mean": float(arr.mean()), "std": std if std > 0 else 1.0}
 
 
 def _normalise(y: torch.Tensor, stats: dict) -> torch.Tensor:
@@ -223,7 +224,7 @@ def train(cfg: Config, shards_dir: str | Path | None, run_dir: str | Path, sink:
     if not train_scans or not val_scans:
         raise ShardError(f"{shards.root / 'splits.json'}: the train and validation splits need scans "
                          f"(have {len(train_scans)} and {len(val_scans)})")
-    stats = _target_stats(shards, train_scans, cfg)
+    stats = target_stats(shards, train_scans, cfg.data.target, cfg.data.task)
     check_resume_config(run_dir, cfg)
     setup_run_logging(run_dir, env.rank)
     device = device_for(env, cfg.train.device)
@@ -440,14 +441,21 @@ def evaluate(run_dir: str | Path, split: str = "test", checkpoint: str = "best",
     result = {**metrics, "split": split, "checkpoint": str(path), "step": saved["step"], "subjects": len(rows),
               "windows": len(subjects), "task": saved["target_stats"]["task"], "target": saved["target_stats"]["target"]}
     if env.is_main:
-        suffix = "" if split == "test" else f"-{split}"
-        with (run_dir / f"predictions{suffix}.csv").open("w") as f:
-            f.write("subject,target,prediction,windows\n")
-            f.writelines(f"{r['subject']},{r['target']:.6g},{r['prediction']:.6g},{r['windows']}\n" for r in rows)
-        (run_dir / f"metrics{suffix}.json").write_text(json.dumps(result, indent=1) + "\n")
+        write_evaluation(run_dir, split, rows, result)
         print(format_table(metrics, f"{split} split: {len(rows)} subjects, {len(subjects)} windows, "
                                     f"checkpoint {path.name}"), flush=True)
     return result
+
+
+def write_evaluation(run_dir: str | Path, split: str, rows: list[dict], result: dict) -> None:
+    """predictions[-split].csv (one row a subject) and metrics[-split].json, as ``brainmt evaluate`` writes them."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    suffix = "" if split == "test" else f"-{split}"
+    with (run_dir / f"predictions{suffix}.csv").open("w") as f:
+        f.write("subject,target,prediction,windows\n")
+        f.writelines(f"{r['subject']},{r['target']:.6g},{r['prediction']:.6g},{r['windows']}\n" for r in rows)
+    (run_dir / f"metrics{suffix}.json").write_text(json.dumps(result, indent=1) + "\n")
 
 
 def run(cfg: Config, shards_dir: str | Path | None, run_dir: str | Path, evaluate_split: str | None = "test",

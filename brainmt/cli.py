@@ -132,6 +132,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_selftest(args: argparse.Namespace) -> int:
+    """The container's %test: versions, kernels and a small training step (brainmt.selftest)."""
+    from brainmt.selftest import run
+
+    return run(args.device, args.require_kernels)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``brainmt`` console script."""
     parser = argparse.ArgumentParser(prog="brainmt", description=__doc__)
@@ -197,8 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", help="shard directory (default: the run's)")
     p.set_defaults(func=cmd_evaluate)
     from brainmt.analysis.cli import add_parser as add_analyze_parser
+    from brainmt.baseline.cli import add_parser as add_baseline_parser
 
     add_analyze_parser(sub)
+    add_baseline_parser(sub)
+    p = sub.add_parser("selftest", help="check the install: versions, the CUDA kernels if a GPU is visible, a training step")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--require-kernels", action="store_true", help="fail unless the compiled Mamba kernels run")
+    p.set_defaults(func=cmd_selftest)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from brainmt.data.shards import ShardError

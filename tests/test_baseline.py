@@ -1,0 +1,101 @@
+"""Connectivity baselines (brainmt baseline) and the learning benchmark's smoke run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from brainmt.baseline.features import builtin_parcels, connectome, roi_timeseries
+from brainmt.baseline.fit import run_baseline
+from brainmt.config import ConfigError
+from brainmt.data.loader import ShardSet
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_features_are_parcel_means_and_fisher_z_correlations(small_shards):
+    shards = ShardSet(small_shards)
+    labels, names = builtin_parcels(shards, size_mm=40.0)
+    assert labels.shape == (shards.n_brain,) and labels.min() == 1 and set(names) == set(np.unique(labels).tolist())
+    scan = sorted(shards.scans)[0]
+    ts = roi_timeseries(shards, scan, labels, block=5)                  # blocks that do not divide the frames
+    frames = shards.read_frames(scan, 0, shards.scans[scan]["frames"]).astype(np.float64)
+    for parcel in (1, int(labels.max())):
+        np.testing.assert_allclose(ts[:, parcel - 1], frames[:, labels == parcel].mean(axis=1), rtol=1e-10)
+    feats = connectome(ts)
+    r = np.corrcoef(ts.T)
+    np.testing.assert_allclose(feats, np.arctanh(r[np.triu_indices(len(r), 1)]), rtol=1e-6, atol=1e-9)
+
+
+def test_connectome_logreg_writes_what_evaluate_writes(small_shards, tmp_path):
+    result = run_baseline(small_shards, "connectome-logreg", tmp_path / "b", parcel_mm=30.0, n_boot=50)
+    assert result["task"] == "classification" and result["target"] == "sex" and result["subjects"] > 0
+    for name in ("predictions.csv", "metrics.json", "baseline.json"):
+        assert (tmp_path / "b" / name).exists()
+    written = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert set(written["auroc"]) == {"value", "ci95"}
+    info = json.loads((tmp_path / "b" / "baseline.json").read_text())
+    assert info["features_per_scan"] == info["parcels"] * (info["parcels"] - 1) // 2
+    assert info["chosen_penalty"] in info["validation_loss"] or str(info["chosen_penalty"]) in info["validation_loss"]
+    lines = (tmp_path / "b" / "predictions.csv").read_text().splitlines()
+    assert lines[0] == "subject,target,prediction,windows" and len(lines) == result["subjects"] + 1
+
+
+def test_a_user_atlas_is_used_and_bad_inputs_are_named(small_shards, tmp_path):
+    shards = ShardSet(small_shards)
+    meta = next(iter(shards.scans.values()))
+    shape, affine = meta["shape"], np.asarray(meta["affine"])
+    atlas = np.zeros(shape, dtype=np.int16)
+    atlas[: shape[0] // 2] = 1                                           # two hemispheres, in the scans' space
+    atlas[shape[0] // 2:] = 2
+    path = tmp_path / "atlas.nii.gz"
+    nib.save(nib.Nifti1Image(atlas, affine), path)
+    (tmp_path / "atlas.txt").write_text("1 left\n2 right\n")
+    result = run_baseline(small_shards, "amplitude-ridge", tmp_path / "a", atlas=str(path),
+                          atlas_labels=str(tmp_path / "atlas.txt"), n_boot=20)
+    info = json.loads((tmp_path / "a" / "baseline.json").read_text())
+    assert info["parcels"] == 2 and info["region_names"] == {"1": "left", "2": "right"} and result["target"] == "cognition"
+
+    with pytest.raises(ConfigError, match="unknown method 'connectome-svm'"):
+        run_baseline(small_shards, "connectome-svm", tmp_path / "x")
+    with pytest.raises(ConfigError, match="'age' is not a target"):
+        run_baseline(small_shards, "connectome-ridge", tmp_path / "x", target="age")
+    empty = tmp_path / "empty.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(shape, dtype=np.int16), affine), empty)
+    with pytest.raises(ValueError, match=f"{empty}.*no labelled atlas voxel"):
+        run_baseline(small_shards, "connectome-ridge", tmp_path / "x", atlas=str(empty))
+
+
+def test_baseline_command_line(small_shards, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "brainmt.cli", "baseline", "--shards", str(small_shards), "--task", "sex",
+                           "--method", "connectome-logreg", "--parcel-mm", "30", "--out", str(tmp_path / "cli")],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "auroc" in proc.stdout and (tmp_path / "cli" / "metrics.json").exists()
+    bad = subprocess.run([sys.executable, "-m", "brainmt.cli", "baseline", "--shards", str(small_shards), "--task", "sex",
+                          "--method", "connectome-ridge", "--out", str(tmp_path / "bad")],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert bad.returncode == 2 and "connectome-ridge is a regression method" in bad.stderr
+
+
+def test_learning_benchmark_smoke(tmp_path):
+    """A reduced learning benchmark: the sex task only, few subjects, short training; loose thresholds."""
+    from brainmt.bench.learning import main
+
+    work = tmp_path / "bench"
+    assert main(["--subjects", "60", "--frames", "24", "--work-dir", str(work), "--tasks", "sex", "--n-boot", "50",
+                 "train.epochs=3", "data.num_frames=8", "model.num_frames=8"]) == 0
+    rows = json.loads((work / "learning.json").read_text())["rows"]
+    by = {(r["labels"], r["method"]): r["metrics"] for r in rows if r["task"] == "sex"}
+    assert set(by) == {("true", "brainmt"), ("true", "connectome-logreg"), ("true", "amplitude-logreg"),
+                       ("shuffled", "brainmt"), ("shuffled", "connectome-logreg")}
+    assert by[("true", "connectome-logreg")]["auroc"]["value"] >= 0.75
+    assert by[("true", "brainmt")]["auroc"]["value"] >= 0.6
+    for r in rows:
+        assert r["seconds"] > 0

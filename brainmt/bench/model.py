@@ -286,6 +286,13 @@ def _model_config(args: argparse.Namespace, overrides: list[str]) -> ModelConfig
     return apply_overrides(cfg, extra + list(overrides)).model  # a variant's own overrides win
 
 
+def _save(record: dict, path: str | None) -> None:
+    """Write the record so far (after every setting: a run cut short keeps what it measured)."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(record, indent=1))
+
+
 def run(args: argparse.Namespace) -> dict:
     """Every (variant, attention, frames) setting, then the memory fits, inference and IG; returns the record."""
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -317,6 +324,7 @@ def run(args: argparse.Namespace) -> dict:
                         row["mfu"] = row["tflops_per_s"] / peak
                 record["settings"].append(row)
                 print(_format_row(row), flush=True)
+                _save(record, args.json)
             ok = [r for r in record["settings"] if r["variant"] == name and r["attention"] == attention
                   and r["status"] == "ok" and "peak_gib" in r]
             fit = linear_fit([r["frames"] for r in ok], [r["peak_gib"] for r in ok])
@@ -328,6 +336,7 @@ def run(args: argparse.Namespace) -> dict:
                 if args.ig_steps:
                     record["ig"].append({"variant": name, "attention": attention, **_guarded(
                         measure_ig, device, cfg, args.inference_frames, device, precision, args.ig_steps, args.ig_batch)})
+            _save(record, args.json)
     return record
 
 
@@ -396,8 +405,7 @@ def main(argv: list[str] | None = None) -> dict:
     record = run(args)
     print(format_report(record))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(record, indent=1))
+        _save(record, args.json)
         print(f"wrote {args.json}")
     return record
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -21,12 +23,12 @@ _ATTENTION_OPS = tuple(
 )
 
 
-def _keep_attention_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+def _keep_attention_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
     """Selective checkpointing: save the attention kernels' outputs, recompute the rest (norms, linears, GELU)."""
     return CheckpointPolicy.MUST_SAVE if op in _ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def _keep_attention_context():
+def _keep_attention_context() -> tuple[Any, Any]:
     """``context_fn`` for :func:`torch.utils.checkpoint.checkpoint` with :func:`_keep_attention_policy`."""
     return create_selective_checkpoint_contexts(_keep_attention_policy)
 
@@ -122,7 +124,7 @@ class BrainMT(nn.Module):
         """The stem with its activations dropped after the forward and recomputed in the backward."""
         return checkpoint(self.stem, frames, use_reentrant=False)
 
-    def _stem_fn(self, recompute: bool, cuda: bool):
+    def _stem_fn(self, recompute: bool, cuda: bool) -> Callable[[torch.Tensor], tuple[torch.Tensor, tuple[int, int, int]]]:
         """The stem callable: plain or checkpointed, compiled (once per kind) on CUDA when ``compile`` is set."""
         fn = self._checkpointed_stem if recompute else self.stem
         if not (self.cfg.compile and cuda):

@@ -181,9 +181,8 @@ class BiMambaMixer(nn.Module):
         return self.fused and get_kernels(self.backend, device).name == "cuda" and fused.fused_available()
 
     def _forward_fused(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The fused path: in_proj, then one op for both directions and out_proj."""
-        xz = self.in_proj(hidden)  # (batch, L, 2*d_inner)
+        """The fused path: in_proj, both directions and out_proj as one op."""
         branches = [self.forward_branch] + ([self.backward_branch] if self.backward_branch is not None else [])
         tensors = [(b.conv1d.weight, b.conv1d.bias, b.x_proj.weight, b.dt_proj.weight, -torch.exp(b.A_log.float()),
                     b.D.float(), b.dt_proj.bias.float()) for b in branches]
-        return fused.bimamba_inner_fn(xz, self.out_proj.weight, tensors)
+        return fused.bimamba_inner_fn(hidden, self.in_proj.weight, self.out_proj.weight, tensors)

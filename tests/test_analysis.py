@@ -7,6 +7,7 @@ One demo-size model (synthetic scans with planted regions, the ``demo`` config, 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -29,6 +30,21 @@ from brainmt.train.metrics import auroc
 
 ROOT = Path(__file__).parent.parent
 ANALYSED = 24        # test subjects in the shared analysis
+
+
+def one_thread_env(**extra: str) -> dict:
+    """The environment for the jobs: this one (SLURM_CONF included, once the fixture set it), one thread."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread, here and in the jobs: two threads on this shared 2-core machine slow down many times over
+    when other work runs beside them."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +295,7 @@ def test_jobs_array_keeps_the_others_when_one_subject_fails(demo, tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "analyze.py"), "--run", str(demo["run"]), "--shards",
                            str(shards), "--out", str(tmp_path / "ig"), "--cluster", "local", "--gpus-per-node", "0",
                            "--array-size", "2", "--steps", "8", "--subjects", *subjects, "--wait"],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=one_thread_env())
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "array of 2 tasks over 3 subjects" in proc.stdout and f"FAILED subject {bad}" in proc.stdout
     out = tmp_path / "ig"
@@ -295,17 +311,15 @@ def test_jobs_array_keeps_the_others_when_one_subject_fails(demo, tmp_path):
     # a re-run resumes: the two good subjects are skipped, the bad one fails again
     again = subprocess.run([sys.executable, "-m", "brainmt.cli", "analyze", "--run", str(demo["run"]), "--shards", str(shards),
                             "--out", str(out), "--steps", "8", "--maps-only", "--subjects", *subjects],
-                           capture_output=True, text=True, timeout=600, cwd=ROOT)
+                           capture_output=True, text=True, timeout=600, cwd=ROOT, env=one_thread_env())
     assert again.returncode == 0 and "0 written, 2 already there, 1 failed" in again.stdout, again.stdout + again.stderr
 
 
 def test_jobs_container_runs_each_task_and_the_merge_in_the_image(demo, tmp_path):
     """--container with a stand-in runtime (tests/fake_apptainer.sh): it records each call and runs it on the host."""
-    import os
-
     profile = tmp_path / "site.yaml"
     profile.write_text(f"cluster:\n  container_runtime: {ROOT / 'tests' / 'fake_apptainer.sh'}\n  binds: ['/data:/data']\n")
-    env = {**os.environ, "FAKE_APPTAINER_LOG": str(tmp_path / "calls.log"), "FAKE_APPTAINER_PYTHON": sys.executable}
+    env = one_thread_env(FAKE_APPTAINER_LOG=str(tmp_path / "calls.log"), FAKE_APPTAINER_PYTHON=sys.executable)
     out = tmp_path / "ig"
     proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "analyze.py"), "--run", str(demo["run"]), "--out", str(out),
                            "--profile", str(profile), "--container", "brainmt.sif", "--cluster", "local", "--gpus-per-node",
@@ -326,7 +340,7 @@ def test_jobs_array_and_merge_on_a_real_slurm(slurm, demo, tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "analyze.py"), "--run", str(demo["run"]), "--out", str(out),
                            "--cluster", "slurm", "--partition", "cpu", "--gpus-per-node", "0", "--cpus-per-task", "1",
                            "--time", "10", "--array-size", "2", "--steps", "4", "--subjects", *demo["subjects"][:2], "--wait"],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=one_thread_env())
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "array of 2 tasks over 2 subjects" in proc.stdout and "(slurm)" in proc.stdout
     jobs = json.loads((out / "slurm" / "jobs.jsonl").read_text().splitlines()[-1])

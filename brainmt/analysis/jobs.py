@@ -20,9 +20,7 @@ import submitit
 
 from brainmt.analysis.cli import add_analysis_options, config_from_args
 from brainmt.config import AnalysisConfig, ClusterConfig, ConfigError, save_config
-
-CLUSTER_OPTIONS = ("cluster", "partition", "gpus_per_node", "gpu_request", "cpus_per_task", "mem_gb", "time", "account",
-                   "qos", "constraint", "container")
+from brainmt.launch.cli import add_cluster_arguments, apply_cluster_arguments
 
 
 def parser() -> argparse.ArgumentParser:
@@ -31,16 +29,7 @@ def parser() -> argparse.ArgumentParser:
     add_analysis_options(p)
     p.add_argument("--array-size", type=int, default=8, help="array tasks (each takes a share of the subjects)")
     p.add_argument("--profile", help="cluster profile YAML (a 'cluster:' section: partition, account, setup, binds, ...)")
-    p.add_argument("--cluster", choices=["auto", "slurm", "local", "debug"])
-    p.add_argument("--partition")
-    p.add_argument("--gpus-per-node", type=int, help="GPUs a task (default 1; 0 for CPU nodes)")
-    p.add_argument("--gpu-request", choices=["gpus_per_node", "gres"], help="how the site asks for GPUs")
-    p.add_argument("--cpus-per-task", type=int)
-    p.add_argument("--mem-gb", type=float)
-    p.add_argument("--time", type=int, help="time limit of a task in minutes")
-    p.add_argument("--account")
-    p.add_argument("--qos")
-    p.add_argument("--constraint")
+    add_cluster_arguments(p)   # each array task is one process on one node: --nodes is not used here
     p.add_argument("--job-name", default="brainmt-analyze")
     p.add_argument("--container", metavar="IMAGE", help="run each task inside this Apptainer image (binds: cluster.binds)")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script and the task plan; submit nothing")
@@ -49,14 +38,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _cluster_config(args: argparse.Namespace, profile_cluster: ClusterConfig) -> ClusterConfig:
-    from brainmt.launch.cli import OPTION_KEYS
-
-    c = dataclasses.replace(profile_cluster, nodes=1, tasks_per_node=1)
+    c = dataclasses.replace(profile_cluster)
     if args.gpus_per_node is None:
         c.gpus_per_node = min(1, c.gpus_per_node)      # a training profile's GPUs a node: one a task here
-    for option in CLUSTER_OPTIONS:
-        if getattr(args, option) is not None:
-            setattr(c, OPTION_KEYS[option], getattr(args, option))
+    apply_cluster_arguments(c, args)
+    c.nodes, c.tasks_per_node = 1, 1
     return c
 
 

@@ -54,7 +54,8 @@ def results(sweep_dir: Path) -> list[dict]:
 def test_local_sweep_stops_trials_early_and_its_best_config_trains(small_shards, tmp_path):
     sweep_dir = tmp_path / "sweep"
     proc = tune_cli("--cluster", "local", "--cpus-per-task", "2", "--gpus-per-node", "0", "--time", "30",
-                    "--sweep", str(sweep_file(tmp_path, small_shards)), "--run-dir", str(sweep_dir), "--wait")
+                    "--sweep", str(sweep_file(tmp_path, small_shards, max_concurrent_trials=1)),   # trials in grid order:
+                    "--run-dir", str(sweep_dir), "--wait")                                         # ASHA's choices fixed
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = results(sweep_dir)
     assert len(rows) == 4

@@ -167,6 +167,13 @@ def test_sweep_job_on_slurm_is_requeued_and_completes(slurm, small_shards, tmp_p
     assert json.loads((sweep_dir / "summary.json").read_text())["status"] == "finished"
 
 
+def test_a_trial_that_needs_a_gpu_the_cluster_lacks_fails_at_once(small_shards, tmp_path):
+    proc = tune_cli("--cluster", "debug", "--sweep", str(sweep_file(tmp_path, small_shards, gpus_per_trial=1)),
+                    "--run-dir", str(tmp_path / "sweep"), timeout=300)
+    assert proc.returncode == 1
+    assert "sweep.gpus_per_trial=1 but the largest Ray node has 0 GPUs" in proc.stderr
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"sweep": {"spcae": {}}}, "sweep.spcae"),
     ({"sweep": {"space": {}}}, "sweep.space is empty"),

@@ -136,7 +136,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if cluster != "debug":   # the debug executor runs the job inside result()
         _follow(Path(job.paths.stdout), job)
-    summary = job.results()[0] if hasattr(job, "results") else job.result()   # task 0: the driver
+    try:
+        summary = job.results()[0] if hasattr(job, "results") else job.result()   # task 0: the driver
+    except (RuntimeError, submitit.core.utils.UncompletedJobError) as exc:   # FailedJobError is a RuntimeError
+        print(f"sweeps/tune.py: the sweep job {job.job_id} failed: {exc}", file=sys.stderr)
+        return 1
     print(f"sweep job {job.job_id}: {summary['status']}, {summary['trials']} trials; results {summary['results']}; "
           f"best config {summary['best_config']}", flush=True)
     return 0 if summary["status"] == "finished" else 3

@@ -107,7 +107,7 @@ def _check_resources(resources: dict) -> None:
     for kind, need in resources.items():
         most = max((n.get(kind.upper() if kind == "gpu" else "CPU", 0.0) for n in nodes), default=0.0)
         if need > most:
-            raise RuntimeError(f"sweep.{kind}s_per_trial={need} but the largest Ray node has {most:g} {kind.upper()}s; "
+            raise RuntimeError(f"sweep.{kind}s_per_trial={need:g} but the largest Ray node has {most:g} {kind.upper()}s; "
                                f"ask the job for more (--{'gpus-per-node' if kind == 'gpu' else 'cpus-per-task'}) "
                                f"or lower sweep.{kind}s_per_trial")
 

@@ -75,6 +75,15 @@ def _stream(path: Path, position: int) -> int:
     return position + len(text.encode())
 
 
+def follow_log(path: Path, job) -> None:
+    """Print ``path`` as it grows until the submitit ``job`` is done."""
+    position = 0
+    while not job.done():
+        position = _stream(path, position)
+        time.sleep(2)
+    _stream(path, position)
+
+
 def _scheduler_state(job_id: str) -> tuple[str, str]:
     """(state, restarts) of a SLURM job from scontrol, else sacct; ('unknown', '?') without SLURM."""
     import re
@@ -170,11 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         f.write(json.dumps({"job_id": job.job_id, "cluster": cluster, "submitted": time.time()}) + "\n")
     if args.wait:
         if cluster != "debug":   # the debug executor runs the job inside result()
-            log_path, position = run_dir / "logs" / "rank-0.log", 0
-            while not job.done():
-                position = _stream(log_path, position)
-                time.sleep(2)
-            _stream(log_path, position)
+            follow_log(run_dir / "logs" / "rank-0.log", job)
         results = job.results() if hasattr(job, "results") else [job.result()]
         result = results[0]
         ev = result.get("evaluation") or {}

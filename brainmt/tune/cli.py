@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from brainmt.config import ConfigError, config_to_dict, load_config, save_config
-from brainmt.launch.cli import add_cluster_arguments, apply_cluster_arguments
+from brainmt.launch.cli import add_cluster_arguments, apply_cluster_arguments, follow_log
 
 
 def parser() -> argparse.ArgumentParser:
@@ -84,17 +84,6 @@ def resolve(args: argparse.Namespace) -> tuple[dict, Path, list[str]]:
     return cfg_dict, sweep_dir, list(space)
 
 
-def _follow(log_path: Path, job) -> None:
-    """Print the job's log as it grows, until the job ends."""
-    from brainmt.launch.cli import _stream
-
-    position = 0
-    while not job.done():
-        position = _stream(log_path, position)
-        time.sleep(2)
-    _stream(log_path, position)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of sweeps/tune.py; exit status 0 when the sweep finished, 3 when it was interrupted."""
     import submitit
@@ -135,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.wait or cluster == "debug"):
         return 0
     if cluster != "debug":   # the debug executor runs the job inside result()
-        _follow(Path(job.paths.stdout), job)
+        follow_log(Path(job.paths.stdout), job)
     try:
         summary = job.results()[0] if hasattr(job, "results") else job.result()   # task 0: the driver
     except (RuntimeError, submitit.core.utils.UncompletedJobError) as exc:   # FailedJobError is a RuntimeError

@@ -129,15 +129,21 @@ def ray_space(space: dict[str, tuple[str, Any]]) -> dict[str, Any]:
     return {key: make[kind](args) for key, (kind, args) in space.items()}
 
 
-def trial_config(base: dict, params: dict[str, Any], max_epochs: int) -> Config:
-    """The config a trial trains: the base with the sampled values, ``max_epochs`` epochs, validation every epoch,
-    no early stopping of its own (ASHA decides), and only its newest checkpoint kept."""
+def with_params(base: dict, params: dict[str, Any], source: str) -> Config:
+    """The base config (a dict) with the swept values (dotted keys) and the keys that follow them applied, unchecked."""
     from brainmt.config import config_from_dict
 
     cfg = config_from_dict(copy.deepcopy(base), "sweep base config")
     for key, value in params.items():
-        set_value(cfg, key, value, "sweep trial")
+        set_value(cfg, key, value, source)
     apply_coupled(cfg, params)
+    return cfg
+
+
+def trial_config(base: dict, params: dict[str, Any], max_epochs: int) -> Config:
+    """The config a trial trains: the base with the sampled values, ``max_epochs`` epochs, validation every epoch,
+    no early stopping of its own (ASHA decides), and only its newest checkpoint kept."""
+    cfg = with_params(base, params, "sweep trial")
     cfg.train.epochs = max_epochs
     cfg.train.eval_every_epochs = 1
     cfg.train.early_stopping_patience = max_epochs + 1
@@ -149,12 +155,7 @@ def trial_config(base: dict, params: dict[str, Any], max_epochs: int) -> Config:
 def best_config(base: dict, params: dict[str, Any], name: str) -> dict:
     """The best trial's config for a full training run: the base (its own epochs and early stopping) with the best
     values, without the sweep section; what ``jobs/launch.py --config`` and ``brainmt train --config`` read."""
-    from brainmt.config import config_from_dict
-
-    cfg = config_from_dict(copy.deepcopy(base), "sweep base config")
-    for key, value in params.items():
-        set_value(cfg, key, value, "best trial")
-    apply_coupled(cfg, params)
+    cfg = with_params(base, params, "best trial")
     cfg.name = name
     validate(cfg)
     out = config_to_dict(cfg)

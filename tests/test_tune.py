@@ -215,3 +215,47 @@ def test_cli_refuses_a_bad_sweep_and_a_changed_one(small_shards, tmp_path):
     assert proc.returncode == 2 and "holds a different sweep" in proc.stderr
     dry = tune_cli("--sweep", str(good), "--cluster", "local", "--dry-run")
     assert dry.returncode == 0 and "#SBATCH" in dry.stdout and "2 swept keys" in dry.stdout
+
+
+def _token_of(sweep_dir: str, queue) -> None:
+    from brainmt.tune.ray_cluster import auth_environment
+
+    path = auth_environment(Path(sweep_dir), "token")["RAY_AUTH_TOKEN_PATH"]
+    queue.put(Path(path).read_text())
+
+
+def test_every_task_of_a_job_gets_the_same_token_when_they_start_at_once(tmp_path):
+    """The tasks of a multi-node job create the sweep's token together: one wins, all read the same full token."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_token_of, args=(str(tmp_path), queue)) for _ in range(8)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+    assert all(p.exitcode == 0 for p in procs)
+    tokens = {queue.get(timeout=5) for _ in procs}
+    assert len(tokens) == 1 and len(tokens.pop()) == 64
+    assert [p.name for p in (tmp_path / "ray").iterdir()] == ["auth_token"]          # no temporary files left
+    assert stat.S_IMODE((tmp_path / "ray" / "auth_token").stat().st_mode) == 0o600
+
+
+def test_head_stops_waiting_when_a_worker_task_failed(tmp_path, monkeypatch):
+    """A worker task that fails (here: before Ray starts) writes why; the head fails at once, naming it."""
+    import ray
+
+    from brainmt.tune.ray_cluster import RayNode, failure_file, wait_for_nodes
+
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}])           # only the head is up
+    node = RayNode(0, 2, "127.0.0.1", "77", attempt=1)
+    (tmp_path / "ray").mkdir()
+    failure_file(tmp_path, RayNode(1, 2, "127.0.0.1", "77", attempt=0)).write_text("an earlier attempt\n")
+    with pytest.raises(RuntimeError, match="only 1 of 2"):                  # another attempt's failure is not this one's
+        wait_for_nodes(node, tmp_path, timeout_s=0)
+    failure_file(tmp_path, RayNode(1, 2, "127.0.0.1", "77", attempt=1)).write_text("OSError: no space left\n")
+    start = time.time()
+    with pytest.raises(RuntimeError, match="task 1: OSError: no space left"):
+        wait_for_nodes(node, tmp_path, timeout_s=600)
+    assert time.time() - start < 5

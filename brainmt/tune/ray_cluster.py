@@ -36,6 +36,12 @@ class RayNode:
     nodes: int
     head_host: str
     job_id: str
+    attempt: int = 0     # SLURM_RESTART_COUNT: a requeued job keeps its id, so its files carry the attempt too
+
+    @property
+    def tag(self) -> str:
+        """This attempt of the job, for the files its tasks exchange (done-file, worker failures)."""
+        return f"{self.job_id}.{self.attempt}"
 
     @property
     def port(self) -> int:
@@ -50,9 +56,18 @@ def auth_environment(sweep_dir: Path, mode: str) -> dict[str, str]:
     path = Path(sweep_dir) / "ray" / "auth_token"
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        # every task of a job may get here at once: write a private file, then link it into place (atomic; the
+        # first link wins and every task reads the same, complete token)
+        tmp = path.with_name(f".auth_token.{socket.gethostname()}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32))
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(path.resolve())}
 
 
@@ -90,16 +105,27 @@ def start_head(node: RayNode, dashboard: bool) -> tuple[str, subprocess.Popen]:
     return f"{ip}:{node.port}", subprocess.Popen(cmd)
 
 
-def wait_for_nodes(expected: int, timeout_s: float = 600) -> None:
-    """Wait until ``expected`` Ray nodes (head + workers) are alive in the connected cluster."""
+def failure_file(sweep_dir: Path, node: RayNode) -> Path:
+    """Where a worker task writes why it stopped, so the head stops waiting for it."""
+    return Path(sweep_dir) / "ray" / f"failed-{node.tag}-{node.rank}"
+
+
+def wait_for_nodes(node: RayNode, sweep_dir: Path, timeout_s: float = 600) -> None:
+    """Wait until ``expected`` Ray nodes (head + workers) are alive in the connected cluster; fail at once when a
+    worker task reports that it failed."""
     import ray
 
+    expected = node.nodes
     deadline = time.time() + timeout_s
     while True:
         alive = sum(1 for n in ray.nodes() if n.get("Alive"))
         if alive >= expected:
             log.info("Ray cluster: %d nodes, resources %s", alive, ray.cluster_resources())
             return
+        failed = sorted(Path(sweep_dir, "ray").glob(f"failed-{node.tag}-*"))
+        if failed:
+            reasons = "; ".join(f"task {p.name.rsplit('-', 1)[1]}: {p.read_text().strip()}" for p in failed)
+            raise RuntimeError(f"a Ray worker task failed before joining the head ({reasons})")
         if time.time() > deadline:
             raise RuntimeError(f"only {alive} of {expected} Ray nodes joined within {timeout_s:.0f} s; see the job's "
                                "task logs for the workers' errors")

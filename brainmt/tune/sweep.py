@@ -10,11 +10,13 @@ from pathlib import Path
 
 import submitit
 
-from brainmt.config import config_from_dict
+from brainmt.config import Config, config_from_dict
+from brainmt.distributed import detect
 from brainmt.tune.preemption import PreemptionGuard
 from brainmt.tune.ray_cluster import (
     RayNode,
     auth_environment,
+    failure_file,
     node_resources,
     run_worker,
     start_head,
@@ -123,38 +125,45 @@ class SweepJob(submitit.helpers.Checkpointable):
         cfg = config_from_dict(cfg_dict, "sweep job config")
         node = _this_node()
         os.environ.pop("RAY_ADDRESS", None)               # never connect to a Ray this job did not start
-        os.environ.update(auth_environment(Path(sweep_dir), cfg.sweep.ray_auth))
-        done_file = Path(sweep_dir) / "ray" / f"done-{node.job_id}"
+        done_file = Path(sweep_dir) / "ray" / f"done-{node.tag}"
         if node.rank > 0:
-            code = run_worker(node, done_file)
-            if code:
-                raise RuntimeError(f"Ray worker on task {node.rank} could not join the head {node.head_host}")
+            try:
+                os.environ.update(auth_environment(Path(sweep_dir), cfg.sweep.ray_auth))
+                if run_worker(node, done_file):
+                    raise RuntimeError(f"Ray worker on task {node.rank} could not join the head {node.head_host}")
+            except BaseException as e:                    # tell the head, which would otherwise wait for this node
+                failure_file(Path(sweep_dir), node).write_text(f"{type(e).__name__}: {e}\n")
+                raise
             return {"status": "worker", "rank": node.rank}
+        try:
+            return self._driver(cfg, cfg_dict, sweep_dir, node)
+        finally:                                          # whatever happened, the workers leave
+            done_file.parent.mkdir(parents=True, exist_ok=True)
+            done_file.touch()
 
-        import ray
+    def _driver(self, cfg: Config, cfg_dict: dict, sweep_dir: str, node: RayNode) -> dict:
+        """Task 0: the Ray head (several nodes) or a local Ray, then the sweep driver."""
+        os.environ.update(auth_environment(Path(sweep_dir), cfg.sweep.ray_auth))
+        import ray  # after RAY_AUTH_* are set: Ray reads them when it is imported
 
-        from brainmt.distributed import detect
-
-        _event(sweep_dir, "started", node.job_id, restart=detect().restart_count, nodes=node.nodes)
+        _event(sweep_dir, "started", node.job_id, restart=node.attempt, nodes=node.nodes)
         guard = PreemptionGuard(lambda forced: _event(sweep_dir, "preempted", node.job_id, forced=forced))
         guard.before_ray()
         head = None
-        if node.nodes > 1:
-            address, head = start_head(node, cfg.sweep.dashboard)
-            ray.init(address=address, log_to_driver=True)
-            wait_for_nodes(node.nodes)
-        else:
-            cpus, gpus = node_resources()
-            ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=cfg.sweep.dashboard,
-                     dashboard_host="127.0.0.1", _temp_dir=temp_dir(node.job_id), configure_logging=False)
-        guard.after_ray()
         try:
+            if node.nodes > 1:
+                address, head = start_head(node, cfg.sweep.dashboard)
+                ray.init(address=address, log_to_driver=True)
+                wait_for_nodes(node, Path(sweep_dir))
+            else:
+                cpus, gpus = node_resources()
+                ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=cfg.sweep.dashboard,
+                         dashboard_host="127.0.0.1", _temp_dir=temp_dir(node.job_id), configure_logging=False)
+            guard.after_ray()
             summary = run_driver(cfg_dict, sweep_dir)
         finally:
             guard.finished()
             ray.shutdown()
-            done_file.parent.mkdir(parents=True, exist_ok=True)
-            done_file.touch()
             if head is not None:
                 head.terminate()
                 head.wait(timeout=120)
@@ -179,7 +188,7 @@ def _this_node() -> RayNode:
     try:
         env = submitit.JobEnvironment()
         hosts = env.hostnames if env.num_nodes > 1 else [env.hostname]
-        return RayNode(env.global_rank, env.num_tasks, hosts[0], str(env.job_id))
+        return RayNode(env.global_rank, env.num_tasks, hosts[0], str(env.job_id), detect().restart_count)
     except (RuntimeError, KeyError, ValueError):          # not inside a submitit job (the debug executor runs in-process)
         return RayNode(0, 1, "127.0.0.1", str(os.getpid()))
 

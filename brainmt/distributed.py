@@ -1,4 +1,5 @@
-"""Where this process runs: a single process, torchrun, or a SLURM task. The only reader of SLURM_* variables."""
+"""Where this process runs: a single process, torchrun, a SLURM task, or a task of submitit's local executor.
+The only reader of SLURM_* variables."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DistEnv:
-    """Rank layout of this process; ``launcher`` is "single", "torchrun" or "slurm"."""
+    """Rank layout of this process; ``launcher`` is "single", "torchrun", "submitit-local" or "slurm"."""
 
     launcher: str
     rank: int = 0
@@ -65,10 +66,12 @@ def _first_host(nodelist: str) -> str:
 
 
 def detect(environ: dict[str, str] | None = None) -> DistEnv:
-    """Detect torchrun (RANK/WORLD_SIZE/LOCAL_RANK), then a SLURM task (SLURM_PROCID/SLURM_NTASKS), else a single process.
+    """Detect torchrun (RANK/WORLD_SIZE/LOCAL_RANK), then a task of submitit's local executor (SUBMITIT_LOCAL_*: one
+    task per GPU on this host), then a SLURM task (SLURM_PROCID/SLURM_NTASKS), else a single process.
 
     Under SLURM the master is the first host of SLURM_JOB_NODELIST and the port is derived from the job id,
-    so every task of a job agrees without talking. CUDA_VISIBLE_DEVICES is never rewritten.
+    so every task of a job agrees without talking; local tasks meet on 127.0.0.1 at a port derived from their
+    job id the same way. CUDA_VISIBLE_DEVICES is never rewritten.
     """
     env = os.environ if environ is None else environ
     restarts = int(env.get("SLURM_RESTART_COUNT", "0") or 0)
@@ -76,6 +79,13 @@ def detect(environ: dict[str, str] | None = None) -> DistEnv:
         return DistEnv("torchrun", int(env["RANK"]), int(env["LOCAL_RANK"]), int(env["WORLD_SIZE"]),
                        env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", "29500")),
                        env.get("SLURM_JOB_ID"), restarts)
+    if all(k in env for k in ("SUBMITIT_LOCAL_NTASKS", "SUBMITIT_LOCAL_GLOBALID", "SUBMITIT_LOCAL_JOB_ID")):
+        # checked before SLURM: a local job started inside a SLURM allocation inherits the allocation's variables
+        job_id = env["SUBMITIT_LOCAL_JOB_ID"]
+        return DistEnv("submitit-local", int(env["SUBMITIT_LOCAL_GLOBALID"]),
+                       int(env.get("SUBMITIT_LOCAL_LOCALID", env["SUBMITIT_LOCAL_GLOBALID"])),
+                       int(env["SUBMITIT_LOCAL_NTASKS"]), "127.0.0.1",
+                       15000 + int(re.sub(r"\D", "", job_id) or 0) % 20000, job_id, 0)
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_JOB_ID" in env:
         job_id = env["SLURM_JOB_ID"]
         base = env.get("SLURM_ARRAY_JOB_ID", job_id)

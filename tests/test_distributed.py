@@ -30,3 +30,12 @@ def test_expand_hostlist():
     assert expand_hostlist("gpu[01-03,07],login1") == ["gpu01", "gpu02", "gpu03", "gpu07", "login1"]
     assert expand_hostlist("a[1-2]-ib,b[08-10]") == ["a1-ib", "a2-ib", "b08", "b09", "b10"]
     assert expand_hostlist("node5") == ["node5"]
+
+
+def test_submitit_local_tasks_form_one_job_and_win_over_an_enclosing_slurm_allocation():
+    base = {"SUBMITIT_LOCAL_NTASKS": "2", "SUBMITIT_LOCAL_GLOBALID": "1", "SUBMITIT_LOCAL_LOCALID": "1",
+            "SUBMITIT_LOCAL_JOB_ID": "4321"}
+    env = detect({**base, "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_ID": "9"})
+    assert (env.launcher, env.rank, env.local_rank, env.world_size, env.master_addr) == ("submitit-local", 1, 1, 2, "127.0.0.1")
+    assert env.master_port == 15000 + 4321 % 20000 == detect({**base, "SUBMITIT_LOCAL_GLOBALID": "0"}).master_port
+    assert not detect({**base, "SUBMITIT_LOCAL_NTASKS": "1", "SUBMITIT_LOCAL_GLOBALID": "0"}).distributed

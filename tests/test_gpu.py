@@ -77,6 +77,8 @@ def _step_results(overrides: list[str], precision: str, frames: int) -> tuple[to
         out = model(x)
     out.float().sum().backward()
     grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
+    unused = sorted(n for n, p in model.named_parameters() if p.requires_grad and p.grad is None)
+    assert not unused, f"parameters without a gradient (DDP would stall on them): {unused}"
     return out.detach().float(), grads
 
 

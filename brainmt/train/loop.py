@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -124,6 +125,16 @@ def replicas_agree(model: torch.nn.Module) -> bool:
         torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN)
         torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX)
     return bool(lo == hi)
+
+
+def param_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of this process's parameters, bit for bit (DDP replicas must give the same)."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def compute_loss(forward, x: torch.Tensor, y: torch.Tensor, task: str, device: torch.device, precision: str) -> torch.Tensor:
@@ -314,12 +325,17 @@ def train(cfg: Config, shards_dir: str | Path | None, run_dir: str | Path, sink:
              cfg.name, total_steps, steps_per_epoch, b * w * acc, stats["task"], stats["target"],
              len(train_scans), len(val_scans))
     model.train()
-    t_log, samples_since = time.time(), 0
+    t_log, samples_since, steps_since = time.time(), 0, 0
+    wait_since, wait_total, steps_run = 0.0, 0.0, 0          # loader wait: time blocked on the next batch
     try:
         while state["step"] < total_steps:
             loss_sum = torch.zeros((), device=device)
             for micro in range(acc):
+                t_wait = time.perf_counter()
                 batch = next(batches)
+                waited = time.perf_counter() - t_wait
+                wait_since += waited
+                wait_total += waited
                 x = dense_batch(shards, batch, device)
                 y = _normalise(batch["y"].to(device), stats)
                 sync = contextlib.nullcontext() if (micro == acc - 1 or not env.distributed) else ddp_model.no_sync()
@@ -349,6 +365,8 @@ def train(cfg: Config, shards_dir: str | Path | None, run_dir: str | Path, sink:
             state["loss_sum"] += float(loss_sum)
             state["loss_count"] += 1
             samples_since += b * w * acc
+            steps_since += 1
+            steps_run += 1
             if bar is not None:
                 bar.update(1)
             if state["step"] % cfg.train.log_every == 0:
@@ -357,14 +375,17 @@ def train(cfg: Config, shards_dir: str | Path | None, run_dir: str | Path, sink:
                     record = {"step": state["step"], "epoch": state["epoch"],
                               "train_loss": state["loss_sum"] / max(1, state["loss_count"]),
                               "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
-                              "samples_per_s": samples_since / max(now - t_log, 1e-9)}
-                    t_log, samples_since = now, 0
+                              "samples_per_s": samples_since / max(now - t_log, 1e-9),
+                              "step_s": (now - t_log) / max(steps_since, 1),
+                              "loader_wait_s": wait_since / max(steps_since, 1)}
                     if sink:
                         sink.log(record)
                     if not show_bar:
-                        log.info("step %d/%d  loss %.4f  lr %.2e  %.2f samples/s", state["step"], total_steps,
-                                 record["train_loss"], record["lr"], record["samples_per_s"])
+                        log.info("step %d/%d  loss %.4f  lr %.2e  %.2f samples/s  loader wait %.3f s/step", state["step"],
+                                 total_steps, record["train_loss"], record["lr"], record["samples_per_s"],
+                                 record["loader_wait_s"])
                 state["loss_sum"], state["loss_count"] = 0.0, 0
+                t_log, samples_since, steps_since, wait_since = time.time(), 0, 0, 0.0
             saved_now = False
             if state["step"] % steps_per_epoch == 0:
                 state["epoch"] += 1
@@ -392,9 +413,14 @@ def train(cfg: Config, shards_dir: str | Path | None, run_dir: str | Path, sink:
             if cfg.train.checkpoint_every_steps and state["step"] % cfg.train.checkpoint_every_steps == 0 and not saved_now:
                 save("periodic")
                 saved_now = True
+            if saved_now:                                 # throughput windows leave evaluation and saving out
+                t_log, samples_since, steps_since, wait_since = time.time(), 0, 0, 0.0
             if flags[1] > 0:
                 if not saved_now:
                     save(f"stop requested ({stop.reason or 'test hook'})")
+                else:
+                    log.info("stop requested (%s): the checkpoint of step %d is written", stop.reason or "test hook",
+                             state["step"])
                 status = "interrupted"
                 break
         if status == "finished" and last_saved["step"] != state["step"]:
@@ -414,7 +440,8 @@ def train(cfg: Config, shards_dir: str | Path | None, run_dir: str | Path, sink:
         except Exception:  # a figure is not worth failing a finished run for
             log.exception("could not draw %s", run_dir / "curves.png")
     return {"status": status, "step": state["step"], "epoch": state["epoch"],
-            "best_val_loss": state["best_metric"], "best_step": state["best_step"], "total_steps": total_steps}
+            "best_val_loss": state["best_metric"], "best_step": state["best_step"], "total_steps": total_steps,
+            "loader_wait_s": wait_total / max(steps_run, 1), "param_digest": param_digest(model)}
 
 
 def evaluate(run_dir: str | Path, split: str = "test", checkpoint: str = "best", shards_dir: str | Path | None = None,

@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -130,6 +131,8 @@ def measure_count(args: argparse.Namespace, shards: Path, work: Path, count: int
     """Train ``warmup + steps`` steps on ``count`` GPUs (tasks); the row of the table."""
     cfg_dict = bench_config(args, count)
     run_dir = work / f"run-{count}"
+    if run_dir.exists():                                  # a reused --workdir: measure from step 0, not a resume
+        shutil.rmtree(run_dir)
     stop_at = args.warmup + args.steps
     t0 = time.time()
     results = run_job(cfg_dict, shards, run_dir, count, stop_at)
@@ -154,27 +157,25 @@ def measure_count(args: argparse.Namespace, shards: Path, work: Path, count: int
             "run_dir": str(run_dir)}
 
 
-def resume_on(args: argparse.Namespace, shards: Path, work: Path, saved_on: int, resume_on_: int) -> dict:
-    """Copy the ``saved_on``-GPU run and continue it on ``resume_on_`` GPUs for ``resume_steps`` steps."""
-    import shutil
-
+def resume_on(args: argparse.Namespace, shards: Path, work: Path, saved_on: int, count: int) -> dict:
+    """Copy the ``saved_on``-GPU run and continue it on ``count`` GPUs for ``resume_steps`` steps."""
     source = work / f"run-{saved_on}"
-    run_dir = work / f"resume-{saved_on}-on-{resume_on_}"
+    run_dir = work / f"resume-{saved_on}-on-{count}"
     if run_dir.exists():
         shutil.rmtree(run_dir)
     shutil.copytree(source, run_dir)
     start = args.warmup + args.steps
-    cfg_dict = bench_config(args, resume_on_)
-    results = run_job(cfg_dict, shards, run_dir, resume_on_, start + args.resume_steps)
+    cfg_dict = bench_config(args, count)
+    results = run_job(cfg_dict, shards, run_dir, count, start + args.resume_steps)
     digests = [r["param_digest"] for r in results]
     saved_digest, saved_world = checkpoint_digest(run_dir, start + args.resume_steps)
     records = _records(run_dir, start, start + args.resume_steps)
     log0 = (run_dir / "logs" / "rank-0.log").read_text() if (run_dir / "logs" / "rank-0.log").exists() else ""
     resumed_line = any("resumed from" in line and f"at step {start} " in line for line in log0.splitlines())
     ok = (all(r["step"] == start + args.resume_steps for r in results) and len(set(digests)) == 1
-          and saved_digest == digests[0] and saved_world == resume_on_ and len(records) == args.resume_steps
+          and saved_digest == digests[0] and saved_world == count and len(records) == args.resume_steps
           and all(math.isfinite(r["train_loss"]) for r in records) and resumed_line)
-    return {"saved_on": saved_on, "resumed_on": resume_on_, "from_step": start, "to_step": results[0]["step"],
+    return {"saved_on": saved_on, "resumed_on": count, "from_step": start, "to_step": results[0]["step"],
             "replicas_identical": len(set(digests)) == 1, "checkpoint_world_size": saved_world,
             "train_loss": [r["train_loss"] for r in records], "ok": ok, "run_dir": str(run_dir)}
 
@@ -197,7 +198,7 @@ def run(args: argparse.Namespace) -> dict:
     """Every count, then the cross-count resumes; the whole record."""
     import torch
 
-    from brainmt.bench.model import versions
+    from brainmt.bench.model import save_record, versions
 
     if args.device == "cuda":
         if not torch.cuda.is_available():
@@ -217,7 +218,7 @@ def run(args: argparse.Namespace) -> dict:
     for count in sorted(set(args.gpus)):
         row = measure_count(args, shards, work, count)
         record["rows"].append(row)
-        _save(record, args.json)
+        save_record(record, args.json)
     base = next((r for r in record["rows"] if r["gpus"] == 1), None)
     for row in record["rows"]:
         row["scaling"] = row["samples_per_s"] / base["samples_per_s"] if base else None
@@ -227,16 +228,10 @@ def run(args: argparse.Namespace) -> dict:
     if len(counts) > 1 and args.resume_steps > 0:
         for a, b in ((counts[-1], counts[0]), (counts[0], counts[-1])):
             record["resumes"].append(resume_on(args, shards, work, a, b))
-            _save(record, args.json)
+            save_record(record, args.json)
     record["work_dir"] = str(work)
-    _save(record, args.json)
+    save_record(record, args.json)
     return record
-
-
-def _save(record: dict, path: str | None) -> None:
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(record, indent=1) + "\n")
 
 
 def format_report(record: dict) -> str:

@@ -286,7 +286,7 @@ def _model_config(args: argparse.Namespace, overrides: list[str]) -> ModelConfig
     return apply_overrides(cfg, extra + list(overrides)).model  # a variant's own overrides win
 
 
-def _save(record: dict, path: str | None) -> None:
+def save_record(record: dict, path: str | None) -> None:
     """Write the record so far (after every setting: a run cut short keeps what it measured)."""
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -324,7 +324,7 @@ def run(args: argparse.Namespace) -> dict:
                         row["mfu"] = row["tflops_per_s"] / peak
                 record["settings"].append(row)
                 print(_format_row(row), flush=True)
-                _save(record, args.json)
+                save_record(record, args.json)
             ok = [r for r in record["settings"] if r["variant"] == name and r["attention"] == attention
                   and r["status"] == "ok" and "peak_gib" in r]
             fit = linear_fit([r["frames"] for r in ok], [r["peak_gib"] for r in ok])
@@ -336,7 +336,7 @@ def run(args: argparse.Namespace) -> dict:
                 if args.ig_steps:
                     record["ig"].append({"variant": name, "attention": attention, **_guarded(
                         measure_ig, device, cfg, args.inference_frames, device, precision, args.ig_steps, args.ig_batch)})
-            _save(record, args.json)
+            save_record(record, args.json)
     return record
 
 
@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> dict:
     record = run(args)
     print(format_report(record))
     if args.json:
-        _save(record, args.json)
+        save_record(record, args.json)
         print(f"wrote {args.json}")
     return record
 

@@ -10,6 +10,7 @@ the driver writes its done-file. Token authentication uses a per-sweep secret in
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -63,9 +64,8 @@ def auth_environment(sweep_dir: Path, mode: str) -> dict[str, str]:
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32))
         try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass
+            with contextlib.suppress(FileExistsError):  # another task linked its token first: use that one
+                os.link(tmp, path)
         finally:
             tmp.unlink()
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(path.resolve())}

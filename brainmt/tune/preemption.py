@@ -17,9 +17,10 @@ class PreemptionGuard:
     Ray's processes are started with SIGUSR2 ignored (the disposition is inherited), so the signal only reaches the
     driver, which asks Tune to stop (SIGUSR1: Tune saves its experiment state and returns from ``fit``); the
     job then hands the signal to submitit, which requeues it, and the next run continues with ``Tuner.restore``.
-    A preemption also sends SIGTERM, which stops Ray's own processes: Tune then cannot return, so a watcher
-    thread (woken through ``signal.set_wakeup_fd`` even while the main thread waits inside Ray) requeues the job
-    after ``grace_s`` from the state Tune saved last (trial checkpoints of every finished epoch included).
+    A preemption sends SIGTERM, which stops Ray's own processes: Tune then cannot return, and Ray's core worker may
+    end the driver process soon after, so a watcher thread (woken through ``signal.set_wakeup_fd`` even while the
+    main thread waits inside Ray) requeues the job at once from the state Tune saved last (trial checkpoints of every
+    finished epoch included); it does the same when Tune has not returned ``grace_s`` after SIGUSR2.
     """
 
     def __init__(self, on_requeue: Callable[[bool], None], grace_s: float = 30.0) -> None:
@@ -64,6 +65,14 @@ class PreemptionGuard:
                 return
             if not data:
                 return
+            if signal.SIGTERM in data and not self.driver_done.is_set():
+                # a preemption: SLURM sent SIGTERM to every process of the step, Ray's too. Its driver may end this
+                # process at any moment once the raylet is gone, and Tune cannot save again: requeue now
+                log.warning("SIGTERM (preemption): Ray's processes are stopping; requeueing from the state Tune "
+                            "saved last")
+                self.preempted = True
+                self.requeue(forced=True)
+                os._exit(1)
             if signal.SIGUSR2 in data and not self.driver_done.wait(self.grace_s):
                 log.warning("Tune did not return within %.0f s of SIGUSR2 (Ray's processes were stopped by the "
                             "preemption): requeueing from the state it saved last", self.grace_s)

@@ -30,7 +30,7 @@ PACKAGES = {"mamba_ssm": "mamba-ssm", "causal_conv1d": "causal-conv1d"}
 FP32_TOLERANCE = 1e-3   # relative error of the CUDA kernels' output against the PyTorch scan, whole debug model
 
 
-def _version(distribution: str) -> str:
+def version_of(distribution: str) -> str:
     """The installed version of ``distribution``, or "not installed"."""
     try:
         return importlib.metadata.version(distribution)
@@ -43,7 +43,7 @@ def versions(device: torch.device) -> dict[str, str]:
     out = {"python": platform.python_version(), "torch": torch.__version__, "torch CUDA": str(torch.version.cuda),
            "cuDNN": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else "none",
            "brainmt": brainmt.__version__}
-    out.update({dist: _version(dist) for dist in PACKAGES.values()})
+    out.update({dist: version_of(dist) for dist in PACKAGES.values()})
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         out["GPU"] = f"{props.name}, sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB"

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -127,24 +126,6 @@ def choose_internal_batch_size(model: PackedModel, packed: torch.Tensor, backgro
         log.warning("one sample needs about %.1f GB for the backward pass, more than %.0f%% of the free %.1f GB; "
                     "trying internal_batch_size=1", safety * per_sample / 1e9, 100 * fraction, free / 1e9)
     return max(1, min(steps, size)), per_sample
-
-
-@dataclass
-class WindowResult:
-    """IG of one window summed over its frames: signed and absolute (n_brain,), and the completeness terms."""
-
-    scan: str
-    start: int
-    signed: np.ndarray
-    absolute: np.ndarray
-    f_input: float
-    f_baseline: float
-    ig_sum: float
-
-    @property
-    def gap(self) -> float:
-        """Completeness gap: sum(IG) - (f(input) - f(baseline))."""
-        return self.ig_sum - (self.f_input - self.f_baseline)
 
 
 def attribute_windows(model: PackedModel, packed: torch.Tensor, background: torch.Tensor, baseline: torch.Tensor,

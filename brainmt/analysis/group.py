@@ -26,6 +26,7 @@ from brainmt.analysis.pipeline import (
     subjects_of,
 )
 from brainmt.config import AnalysisConfig
+from brainmt.fileio import atomic_write_json
 
 log = logging.getLogger("brainmt.analysis")
 MAP_KINDS = ("mean_ig", "mean_abs_ig", "t_ig")
@@ -142,7 +143,7 @@ def merge(run_dir: str | Path, out: str | Path | None, settings: AnalysisConfig,
                "regions": len(rows), "top_regions": rows[:settings.top_regions], "maps": files,
                "figures": [str(f) for f in figures], "grid": {"shape": list(grid.shape), "affine": grid.affine.tolist()},
                "seconds": time.time() - start}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    atomic_write_json(out / "summary.json", summary)
     return summary
 
 

@@ -12,7 +12,6 @@ import argparse
 import dataclasses
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -94,7 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     """Check the run and the subjects here, then submit the array of subject tasks and the merge job."""
     from brainmt.analysis.group import summary_text
     from brainmt.analysis.pipeline import open_run, subjects_of
-    from brainmt.launch.slurm import LaunchError, check_submittable, clean_slurm_env, make_executor, sbatch_preview
+    from brainmt.launch.slurm import (
+        LaunchError,
+        checked_executor,
+        clean_slurm_env,
+        make_executor,
+        record_submission,
+        sbatch_preview,
+    )
     from brainmt.train.checkpoint import CheckpointError
 
     args = parser().parse_args(argv)
@@ -118,10 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         (out / "slurm").mkdir(parents=True, exist_ok=True)
         config_path = str(save_config(cfg, out / "slurm" / "analysis-config.yaml"))
-        executor, cluster = make_executor(c, out / "slurm", args.job_name)
+        executor, cluster = checked_executor(c, out / "slurm", args.job_name)
         merger, _ = make_executor(merge_cluster, out / "slurm", f"{args.job_name}-merge")
-        if cluster == "slurm":
-            check_submittable(c, out / "slurm", args.job_name)
         settings_dict, n = dataclasses.asdict(settings), len(chunks)
         with clean_slurm_env():   # a submission from inside a SLURM job must not inherit its SLURM_*
             if cluster == "slurm":
@@ -145,9 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     except submitit.core.utils.FailedJobError as exc:
         print(f"jobs/analyze.py: the scheduler refused the job: {exc}", file=sys.stderr)
         return 2
-    with (out / "slurm" / "jobs.jsonl").open("a") as f:
-        f.write(json.dumps({"array": array_id, "merge": merge_job.job_id, "cluster": cluster, "subjects": len(chosen),
-                            "submitted": time.time()}) + "\n")
+    record_submission(out / "slurm", array=array_id, merge=merge_job.job_id, cluster=cluster, subjects=len(chosen))
     print(f"merge job {merge_job.job_id} (after the array); maps, regions.csv and figures in {out}; logs in {out / 'slurm'}",
           flush=True)
     if not args.wait:

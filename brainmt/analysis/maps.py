@@ -15,6 +15,7 @@ import nibabel as nib
 import numpy as np
 
 from brainmt.data.loader import ShardSet
+from brainmt.data.nifti import ScanError, read_volume
 
 log = logging.getLogger("brainmt.analysis")
 CANONICAL = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)   # RAS+
@@ -117,12 +118,10 @@ class BrainGrid:
     def load(self, path: str | Path) -> np.ndarray:
         """Read a map written by :meth:`save` back to (n_brain,) float32; its grid must be this one."""
         try:
-            img = nib.load(str(path))
-            data = np.asarray(img.dataobj, dtype=np.float32)
-        except FileNotFoundError:
-            raise MapError(f"{path}: map not found") from None
-        except Exception as exc:
-            raise MapError(f"{path}: unreadable NIfTI ({type(exc).__name__}: {exc})") from None
+            data, img = read_volume(path, "map")
+        except ScanError as exc:
+            raise MapError(str(exc)) from None
+        data = np.asarray(data, dtype=np.float32)
         if data.shape != self.shape or not np.allclose(img.affine, self.affine, atol=1e-4):
             raise MapError(f"{path}: shape {data.shape} / affine differ from the scans' grid {self.shape}")
         return self.pack(self.from_source(data))

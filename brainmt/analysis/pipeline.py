@@ -13,17 +13,21 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from brainmt.analysis.maps import BrainGrid
-from brainmt.config import AnalysisConfig, Config, config_from_dict
+from brainmt.config import AnalysisConfig, Config
 from brainmt.data.loader import ShardSet, eval_windows
+from brainmt.fileio import atomic_write_json
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("brainmt.analysis")
 # completeness holds when |sum(IG) - (f(input) - f(baseline))| <= RTOL * |f(input) - f(baseline)| + ATOL
@@ -50,25 +54,17 @@ class RunInfo:
 def open_run(run_dir: str | Path, checkpoint: str = "best", shards_dir: str | Path | None = None) -> RunInfo:
     """Resolve and load a run's checkpoint and open its shards; clear errors for a missing run, checkpoint or data."""
     from brainmt.data.shards import ShardError
-    from brainmt.train import checkpoint as ckpt
+    from brainmt.train.loop import load_run
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise AnalysisError(f"{run_dir}: run directory not found")
-    path = ckpt.resolve_checkpoint(run_dir, checkpoint)
-    saved = ckpt.load_checkpoint(path)
-    cfg = config_from_dict(saved["config"], str(path))
-    root = shards_dir or cfg.data.shards
-    if not root or not Path(root).is_dir():
-        raise AnalysisError(f"{root}: the shard directory of run {run_dir} is not found; pass --shards DIR")
     try:
-        shards = ShardSet(root)
+        loaded = load_run(run_dir, checkpoint, shards_dir)
     except ShardError as exc:
         raise AnalysisError(str(exc)) from None
-    if list(cfg.model.volume_shape) != list(shards.volume_shape):
-        raise AnalysisError(f"{root}: volumes of {list(shards.volume_shape)} voxels, but run {run_dir} was trained on "
-                            f"{list(cfg.model.volume_shape)}; pass the run's own shards")
-    return RunInfo(run_dir, path, int(saved["step"]), cfg, saved["target_stats"], shards, saved["model"])
+    return RunInfo(run_dir, loaded.checkpoint, int(loaded.saved["step"]), loaded.cfg, loaded.stats, loaded.shards,
+                   loaded.saved["model"])
 
 
 def subjects_of(shards: ShardSet, split: str, wanted: list[str] | None = None) -> dict[str, list[str]]:
@@ -92,27 +88,21 @@ def subjects_of(shards: ShardSet, split: str, wanted: list[str] | None = None) -
     return {w: by_subject[w] for w in dict.fromkeys(names)}
 
 
-def resolve_device(device: str):
-    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is an error."""
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> this process's GPU when one is available, else cpu; ``cuda`` without a GPU is an error."""
     import torch
 
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from brainmt.distributed import detect, device_for
+
     if device == "cuda" and not torch.cuda.is_available():
         raise AnalysisError("analysis.device=cuda but no CUDA device is visible")
-    return torch.device(device)
+    return device_for(detect(), device)
 
 
 def fingerprint(run: RunInfo, settings: AnalysisConfig) -> dict:
     """The settings a subject's maps depend on; maps made with other settings are recomputed."""
     return {"checkpoint": run.checkpoint.name, "step": run.step, "steps": settings.steps, "baseline": settings.baseline,
             "method": settings.method, "baseline_scans": settings.baseline_scans if settings.baseline == "mean" else None}
-
-
-def _atomic_json(path: Path, obj: object) -> None:
-    tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    tmp.replace(path)
 
 
 def baseline_scans(shards: ShardSet, split_scans: list[str]) -> list[str]:
@@ -130,14 +120,13 @@ class SubjectAnalyzer:
         import torch
 
         from brainmt.analysis.attribution import BASELINES, PackedModel, training_mean
-        from brainmt.models import build_model
+        from brainmt.train.loop import trained_model
 
         if settings.baseline not in BASELINES:
             raise AnalysisError(f"unknown baseline {settings.baseline!r}; choose one of {', '.join(BASELINES)}")
         self.run_info, self.settings, self.out = run, settings, out
         self.device = resolve_device(settings.device)
-        model = build_model(run.cfg.model)
-        model.load_state_dict(run.weights)
+        model = trained_model(run.cfg, run.weights)
         model.eval().requires_grad_(False)    # gradients with respect to the input only
         self.model = PackedModel(model, run.shards.brain_index, run.shards.volume_shape).to(self.device)
         self.mean_brain = None
@@ -194,17 +183,16 @@ class SubjectAnalyzer:
         record = {"subject": subject, "scans": scans, **self._prediction(scans, rows), "windows": rows,
                   **self._completeness(rows), "internal_batch_size": self.internal_batch_size,
                   "device": str(self.device), "seconds": time.time() - start_time, "settings": self.fingerprint}
-        _atomic_json(subject_dir / f"{subject}_ig.json", record)
+        atomic_write_json(subject_dir / f"{subject}_ig.json", record)
         (subject_dir / f"{subject}_error.json").unlink(missing_ok=True)
         return record
 
     def _prediction(self, scans: list[str], rows: list[dict]) -> dict:
+        from brainmt.train.loop import to_predictions
+
         stats, shards = self.run_info.stats, self.run_info.shards
         outputs = np.array([r["f_input"] for r in rows])
-        if stats["task"] == "classification":
-            prediction = float(np.mean(1.0 / (1.0 + np.exp(-outputs))))   # as evaluation: mean probability
-        else:
-            prediction = float(np.mean(outputs) * stats["std"] + stats["mean"])
+        prediction = float(np.mean(to_predictions(outputs, stats)))   # as evaluation: the mean over the windows
         return {"target": shards.target(scans[0], stats["target"]), "prediction": prediction, "output": float(outputs.mean())}
 
     @staticmethod
@@ -248,8 +236,8 @@ def analyze_subjects(run_dir: str | Path, out: str | Path | None, settings: Anal
             except Exception as exc:   # one subject's failure must not cost the others their maps
                 message = f"{type(exc).__name__}: {exc}"
                 log.error("subject %s failed: %s", subject, message)
-                _atomic_json(out / "subjects" / f"{subject}_error.json",
-                             {"subject": subject, "error": message, "traceback": traceback.format_exc()})
+                atomic_write_json(out / "subjects" / f"{subject}_error.json",
+                                  {"subject": subject, "error": message, "traceback": traceback.format_exc()})
                 summary["failed"][subject] = message
                 continue
             summary["done"].append(subject)

@@ -109,22 +109,19 @@ def _records(run_dir: Path, after_step: int, upto: int) -> list[dict]:
 
 
 def checkpoint_digest(run_dir: Path, step: int) -> tuple[str, int]:
-    """(parameter digest, world size) of the checkpoint of ``step`` in ``run_dir``."""
+    """(parameter digest, world size) of the checkpoint of ``step`` in ``run_dir``, hashed as the replicas hash theirs."""
     import torch
 
     from brainmt.config import config_from_dict
     from brainmt.models import build_model
-    from brainmt.train.checkpoint import checkpoint_path
+    from brainmt.train.checkpoint import checkpoint_path, load_checkpoint
     from brainmt.train.loop import param_digest
 
     path = checkpoint_path(run_dir / "checkpoints", step)
-    if not path.exists():
-        found = sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt"))
-        raise RuntimeError(f"{run_dir}: no checkpoint of step {step} (found {found})")
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    model = build_model(config_from_dict(saved["config"], str(path)).model)
-    model.load_state_dict(saved["model"])
-    return param_digest(model), int(saved["world_size"])
+    saved = load_checkpoint(path)
+    with torch.device("meta"):                            # the parameters' names, without allocating the model
+        names = [n for n, _ in build_model(config_from_dict(saved["config"], str(path)).model).named_parameters()]
+    return param_digest({n: saved["model"][n] for n in names}), int(saved["world_size"])
 
 
 def measure_count(args: argparse.Namespace, shards: Path, work: Path, count: int) -> dict:

@@ -20,25 +20,23 @@ and twice that backward, per direction and Mamba block. MFU divides by the card'
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
+import functools
 import gc
-import importlib.metadata
 import json
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from brainmt.config import ModelConfig, apply_overrides, load_config
 from brainmt.models import build_model
 from brainmt.models.layers import conv_output_size
+from brainmt.train.loop import autocast, compute_loss
 
 DENSE_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
 SCAN_FLOPS_PER_UPDATE = 7      # forward; the backward counts twice that
@@ -78,12 +76,6 @@ def count_flops(cfg: ModelConfig, frames: int, batch: int) -> dict[str, int]:
     counted = int(counter.get_total_flops())
     scan = scan_flops(cfg, frames, batch)
     return {"counted": counted, "scan_analytic": scan, "total": counted + scan}
-
-
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if device.type == "cuda" and precision in ("bf16", "fp16"):
-        return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-    return contextlib.nullcontext()
 
 
 def _sync(device: torch.device) -> None:
@@ -126,11 +118,10 @@ def measure_training(cfg: ModelConfig, frames: int, batch: int, device: torch.de
     torch.manual_seed(0)
     model = build_model(cfg).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=0.05, fused=device.type == "cuda")
-    x, y = _input(cfg, frames, batch, device), torch.randn(batch, 1, device=device)
+    x, y = _input(cfg, frames, batch, device), torch.randn(batch, device=device)
 
     def step() -> None:
-        with _autocast(device, precision):
-            loss = F.mse_loss(model(x).float(), y)
+        loss = compute_loss(model, x, y, "regression", device, precision)   # the training loop's forward and loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -183,7 +174,7 @@ def measure_inference(cfg: ModelConfig, frames: int, device: torch.device, preci
         for i in range(warmup + steps):
             _sync(device)
             t0 = time.perf_counter()
-            with _autocast(device, precision):
+            with autocast(device, precision):
                 model(x)
             _sync(device)
             if i >= warmup:
@@ -195,7 +186,7 @@ def measure_inference(cfg: ModelConfig, frames: int, device: torch.device, preci
 
 
 def integrated_gradients(model: torch.nn.Module, x: torch.Tensor, n_steps: int, internal_batch_size: int,
-                         autocast: Any) -> torch.Tensor:
+                         cast: Any) -> torch.Tensor:
     """Integrated Gradients of ``model``'s output for one input (1, ...) against a zero baseline, as captum computes them.
 
     Gauss-Legendre points on [0, 1] (captum's default method), ``internal_batch_size`` scaled inputs per
@@ -210,7 +201,7 @@ def integrated_gradients(model: torch.nn.Module, x: torch.Tensor, n_steps: int, 
     for start in range(0, n_steps, internal_batch_size):
         a = alphas[start:start + internal_batch_size]
         scaled = (baseline + a.view(shape) * (x - baseline)).requires_grad_()
-        with autocast():
+        with cast():
             out = model(scaled)
         (grad,) = torch.autograd.grad(out.float().sum(), scaled)
         total += (weights[start:start + internal_batch_size].view(shape) * grad).sum(0, keepdim=True)
@@ -223,15 +214,13 @@ def measure_ig(cfg: ModelConfig, frames: int, device: torch.device, precision: s
     model = build_model(cfg).to(device).eval()
     x = _input(cfg, frames, 1, device)
 
-    def autocast() -> contextlib.AbstractContextManager:
-        return _autocast(device, precision)
-
-    integrated_gradients(model, x, min(n_steps, batch), batch, autocast)
+    cast = functools.partial(autocast, device, precision)
+    integrated_gradients(model, x, min(n_steps, batch), batch, cast)
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    attributions = integrated_gradients(model, x, n_steps, batch, autocast)
+    attributions = integrated_gradients(model, x, n_steps, batch, cast)
     _sync(device)
     out = {"status": "ok", "frames": frames, "n_steps": n_steps, "internal_batch_size": batch,
            "seconds": time.perf_counter() - t0, "finite": bool(torch.isfinite(attributions).all())}
@@ -264,17 +253,13 @@ def linear_fit(xs: list[float], ys: list[float]) -> dict | None:
 
 
 def versions(device: torch.device) -> dict:
-    """Card and software versions for the record."""
-    info: dict[str, Any] = {"python": sys.version.split()[0], "torch": torch.__version__, "device": str(device)}
-    for name in ("mamba_ssm", "causal_conv1d", "triton"):
-        try:
-            info[name] = importlib.metadata.version(name.replace("_", "-"))
-        except importlib.metadata.PackageNotFoundError:
-            info[name] = None
+    """Card and software versions for the record: the self-test's, plus Triton, the device and its bf16 peak."""
+    from brainmt.selftest import version_of
+    from brainmt.selftest import versions as software
+
+    info: dict[str, Any] = {**software(device), "triton": version_of("triton"), "device": str(device)}
     if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(gpu=props.name, gpu_memory_gib=round(_gib(props.total_memory), 1), cuda=torch.version.cuda,
-                    cudnn=torch.backends.cudnn.version(), peak_bf16_tflops=peak_tflops(device))
+        info["peak_bf16_tflops"] = peak_tflops(device)
     return info
 
 
@@ -353,8 +338,8 @@ def _format_row(row: dict) -> str:
 def format_report(record: dict) -> str:
     """The record as a plain-text table."""
     v = record["versions"]
-    lines = [f"device {v.get('gpu', v['device'])}, torch {v['torch']}, CUDA {v.get('cuda')}, cuDNN {v.get('cudnn')}, "
-             f"mamba-ssm {v.get('mamba_ssm')}, causal-conv1d {v.get('causal_conv1d')}; {record['precision']}, "
+    lines = [f"device {v.get('GPU', v['device'])}, torch {v['torch']}, CUDA {v['torch CUDA']}, cuDNN {v['cuDNN']}, "
+             f"mamba-ssm {v['mamba-ssm']}, causal-conv1d {v['causal-conv1d']}; {record['precision']}, "
              f"batch {record['batch']}, median of {record['steps']} steps after {record['warmup']}",
              f"{'variant':<14} {'scope':<8} {'T':>5} {'step ms':>10} {'samples/s':>9} {'peak GiB':>8} {'TFLOP':>9} {'MFU %':>6}"]
     lines += [_format_row(r) for r in record["settings"]]

@@ -28,6 +28,7 @@ from brainmt import __version__
 from brainmt.data.layouts import ScanSource, find_scans
 from brainmt.data.nifti import OpenScan, ScanError, bounding_box, load_mask, read_brain_series, save_mask, variation_mask
 from brainmt.data.phenotypes import make_splits, read_phenotypes
+from brainmt.fileio import atomic_write_json
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -72,12 +73,6 @@ class ShardSummary:
         if self.manifest:
             lines.append(f"manifest: {self.manifest}")
         return "\n".join(lines)
-
-
-def _atomic_json(path: Path, obj: object) -> None:
-    tmp = path.with_name(".tmp-" + path.name)
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    tmp.replace(path)
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:
@@ -170,7 +165,7 @@ class _ShardWriter:
             meta["chunks"] = [[*offsets[f"{key}.npy"], start, n] for key, start, n in keys]
         index = {"shard": self.name, "bytes": final.stat().st_size, "sha256": sha256_file(final),
                  "samples": self.samples, "scans": self.scans}
-        _atomic_json(final.with_suffix(".json"), index)
+        atomic_write_json(final.with_suffix(".json"), index)
         self.tar = None
 
 
@@ -237,7 +232,7 @@ def _prepare_mask(out: Path, scans: list[ScanSource], mask_path: str | None, opt
     info = {"file": mask_file.name, "source": source, "shape": list(mask.shape), "affine": np.asarray(affine).tolist(),
             "voxel_size": list(_grid_of(affine)), "n_voxels": int(mask.sum()), "bbox": [list(b) for b in bbox],
             "cropped_shape": [b - a for a, b in bbox]}
-    _atomic_json(info_file, info)
+    atomic_write_json(info_file, info)
     return info
 
 
@@ -329,11 +324,11 @@ def shard_dataset(input_dir: str | Path, phenotypes: str | Path, output: str | P
         finished = True
     finally:
         writer.close()  # every scan added so far is kept, whatever stopped the loop
-        _atomic_json(out / "parts" / f"part-{index:03d}-of-{n_parts:03d}.json",
-                     {"part": index, "parts": n_parts, "finished": finished,
-                      "skipped": summary.skipped, "phenotypes": str(phen.path), "layout": layout,
-                      "targets": phen.targets, "sex_column": phen.sex_column, "family_column": phen.family_column,
-                      "rows_without_scan": sorted(set(phen.values) - {s.subject for s in scans})})
+        atomic_write_json(out / "parts" / f"part-{index:03d}-of-{n_parts:03d}.json",
+                          {"part": index, "parts": n_parts, "finished": finished,
+                           "skipped": summary.skipped, "phenotypes": str(phen.path), "layout": layout,
+                           "targets": phen.targets, "sex_column": phen.sex_column, "family_column": phen.family_column,
+                           "rows_without_scan": sorted(set(phen.values) - {s.subject for s in scans})})
     if n_parts == 1:
         summary.manifest = str(merge_manifest(out, opts))
     summary.seconds = time.time() - t0
@@ -390,7 +385,7 @@ def merge_manifest(output: str | Path, options: ShardOptions | None = None, resp
         "phenotype_rows_without_scan": sorted({r for i in infos for r in i["rows_without_scan"]}),
     }
     path = out / "manifest.json"
-    _atomic_json(path, manifest)
+    atomic_write_json(path, manifest)
     splits_path = out / "splits.json"
     if resplit or not splits_path.exists():
         write_splits(manifest, splits_path, opts.split_fractions, opts.split_seed)
@@ -404,7 +399,7 @@ def write_splits(manifest: dict, path: str | Path, fractions=(0.7, 0.15, 0.15), 
     sex_col = manifest.get("sex_column")
     strata = {m["subject"]: m["targets"].get(sex_col) for m in manifest["scans"].values()} if sex_col else None
     splits = make_splits(subjects, fam or None, strata, tuple(fractions), seed)
-    _atomic_json(Path(path), splits)
+    atomic_write_json(Path(path), splits)
     return splits
 
 

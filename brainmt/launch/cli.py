@@ -130,7 +130,15 @@ def main(argv: list[str] | None = None) -> int:
     import submitit
 
     from brainmt.launch.job import TrainJob
-    from brainmt.launch.slurm import LaunchError, check_submittable, clean_slurm_env, make_executor, sbatch_preview
+    from brainmt.launch.slurm import (
+        LaunchError,
+        checked_executor,
+        clean_slurm_env,
+        move_aside,
+        record_submission,
+        sbatch_preview,
+        shard_dir,
+    )
     from brainmt.train.loop import TrainingError, check_resume_config
 
     args = parser().parse_args(argv)
@@ -141,10 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(layers, args.overrides)
         apply_cluster_arguments(cfg.cluster, args)
         run_dir = Path(args.run_dir or f"runs/{cfg.name}").resolve()
-        shards = args.shards or cfg.data.shards
-        if not shards or not Path(shards).is_dir():
-            raise LaunchError(f"shard directory not found: {shards!r} (pass --shards DIR; make one with brainmt shard)")
-        cfg.data.shards = str(Path(shards).resolve())
+        cfg.data.shards = shard_dir(args.shards or cfg.data.shards)
         job_name = args.job_name or f"brainmt-{cfg.name}"
         if args.dry_run:
             print(sbatch_preview(cfg.cluster, run_dir / "slurm", job_name))
@@ -155,12 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         except TrainingError:
             if not args.force:
                 raise
-            aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-            run_dir.rename(aside)
-            print(f"--force: moved the run directory of the other configuration to {aside}", flush=True)
-        executor, cluster = make_executor(cfg.cluster, run_dir / "slurm", job_name)
-        if cluster == "slurm":
-            check_submittable(cfg.cluster, run_dir / "slurm", job_name)
+            print(f"--force: moved the run directory of the other configuration to {move_aside(run_dir)}", flush=True)
+        executor, cluster = checked_executor(cfg.cluster, run_dir / "slurm", job_name)
         if cluster == "local" and args.cluster is None and cfg.cluster.cluster == "auto":
             print("no SLURM here (sbatch not found): running with submitit's local executor", flush=True)
         with clean_slurm_env():   # a submission from inside a SLURM job must not inherit its SLURM_*
@@ -174,9 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     logs = run_dir / "slurm" / str(job.job_id)
     print(f"submitted job {job.job_id} ({cluster}); run directory {run_dir}\n"
           f"  job logs: {logs}/{job.job_id}_<task>_log.out|err\n  training logs: {run_dir / 'logs'}", flush=True)
-    (run_dir / "slurm").mkdir(parents=True, exist_ok=True)
-    with (run_dir / "slurm" / "jobs.jsonl").open("a") as f:
-        f.write(json.dumps({"job_id": job.job_id, "cluster": cluster, "submitted": time.time()}) + "\n")
+    record_submission(run_dir / "slurm", job_id=job.job_id, cluster=cluster)
     if args.wait:
         if cluster != "debug":   # the debug executor runs the job inside result()
             follow_log(run_dir / "logs" / "rank-0.log", job)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import time
 from pathlib import Path
 
 import submitit
@@ -99,3 +100,32 @@ def check_submittable(c: ClusterConfig, folder: Path, job_name: str) -> None:
         os.unlink(f.name)
     if proc.returncode != 0:
         raise LaunchError(f"the scheduler refused the job (sbatch --test-only): {proc.stderr.strip() or proc.stdout.strip()}")
+
+
+def shard_dir(shards: str | None) -> str:
+    """The absolute shard directory a job will read; LaunchError when it is not a directory."""
+    if not shards or not Path(shards).is_dir():
+        raise LaunchError(f"shard directory not found: {shards!r} (pass --shards DIR; make one with brainmt shard)")
+    return str(Path(shards).resolve())
+
+
+def move_aside(path: Path) -> Path:
+    """Rename ``path`` to ``<name>.replaced-<time>`` (--force: keep the other run or sweep, out of the way)."""
+    aside = path.with_name(f"{path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    path.rename(aside)
+    return aside
+
+
+def checked_executor(c: ClusterConfig, folder: Path, job_name: str) -> tuple[submitit.Executor, str]:
+    """:func:`make_executor`, with the SLURM script checked by ``sbatch --test-only`` before anything is queued."""
+    executor, cluster = make_executor(c, folder, job_name)
+    if cluster == "slurm":
+        check_submittable(c, folder, job_name)
+    return executor, cluster
+
+
+def record_submission(folder: Path, **fields: object) -> None:
+    """Append the submission (job ids, cluster, time) to ``folder/jobs.jsonl``: what ``--status`` and people read."""
+    from brainmt.train.logging import JsonlSink
+
+    JsonlSink(Path(folder) / "jobs.jsonl").log({**fields, "submitted": time.time()})

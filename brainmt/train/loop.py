@@ -11,6 +11,8 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -127,11 +129,17 @@ def replicas_agree(model: torch.nn.Module) -> bool:
     return bool(lo == hi)
 
 
-def param_digest(model: torch.nn.Module) -> str:
-    """SHA-256 of this process's parameters, bit for bit (DDP replicas must give the same)."""
+def param_digest(params: torch.nn.Module | Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of parameters, bit for bit (DDP replicas must give the same): a module's named_parameters(), or every
+    entry of a name -> tensor mapping in its order (the same names and tensors give the same digest).
+
+    A state_dict holds buffers too (and tied weights under each name): to match a module's digest, pass only its
+    parameters, e.g. ``{n: state[n] for n, _ in model.named_parameters()}``.
+    """
+    named = params.named_parameters() if isinstance(params, torch.nn.Module) else params.items()
     h = hashlib.sha256()
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in named:
             h.update(name.encode())
             h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
@@ -139,12 +147,13 @@ def param_digest(model: torch.nn.Module) -> str:
 
 def compute_loss(forward, x: torch.Tensor, y: torch.Tensor, task: str, device: torch.device, precision: str) -> torch.Tensor:
     """Model output (autocast as configured) -> the task's loss in fp32."""
-    with _autocast(device, precision):
+    with autocast(device, precision):
         out = forward(x).squeeze(1).float()
     return _loss(out, y, task)
 
 
-def _autocast(device: torch.device, precision: str):
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast for ``precision`` ("bf16" or "fp16") on a CUDA device; a no-op for fp32 or another device."""
     if device.type != "cuda" or precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
@@ -155,8 +164,41 @@ def _open_shards(cfg: Config, shards_dir: str | Path | None) -> ShardSet:
     if not path:
         raise ConfigError("no shard directory: pass --shards DIR or set data.shards")
     if not Path(path).is_dir():
-        raise ShardError(f"{path}: shard directory not found (make one with brainmt shard --output {path})")
+        raise ShardError(f"{path}: shard directory not found (pass --shards DIR if the shards moved; make them with "
+                         f"brainmt shard --output {path})")
     return ShardSet(path)
+
+
+@dataclass
+class LoadedRun:
+    """A trained run's checkpoint opened: its path, the loaded payload, config, shards and target statistics."""
+
+    checkpoint: Path
+    saved: dict
+    cfg: Config
+    shards: ShardSet
+    stats: dict
+
+
+def load_run(run_dir: str | Path, checkpoint: str = "best", shards_dir: str | Path | None = None,
+             map_location: str | torch.device = "cpu") -> LoadedRun:
+    """Resolve and load a run's checkpoint (``best``, ``last`` or a path), its config and its shards (``shards_dir``,
+    else the run's own); ShardError when the shards' volumes differ from those the run was trained on."""
+    path = ckpt.resolve_checkpoint(Path(run_dir), checkpoint)
+    saved = ckpt.load_checkpoint(path, map_location)
+    cfg = config_from_dict(saved["config"], str(path))
+    shards = _open_shards(cfg, shards_dir)
+    if list(cfg.model.volume_shape) != list(shards.volume_shape):
+        raise ShardError(f"{shards.root}: volumes of {list(shards.volume_shape)} voxels, but run {run_dir} was trained "
+                         f"on {list(cfg.model.volume_shape)}; pass the run's own shards")
+    return LoadedRun(path, saved, cfg, shards, saved["target_stats"])
+
+
+def trained_model(cfg: Config, weights: Mapping[str, torch.Tensor], device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The model of ``cfg`` with a checkpoint's ``weights``, on ``device``."""
+    model = build_model(cfg.model)
+    model.load_state_dict(weights)
+    return model.to(device)
 
 
 def dense_batch(shards: ShardSet, batch: dict, device: torch.device) -> torch.Tensor:
@@ -179,7 +221,7 @@ def predict(model: torch.nn.Module, shards: ShardSet, scans: list[str], cfg: Con
     rows: list[tuple[str, int, float, float]] = []
     for batch in loader:
         x = dense_batch(shards, batch, device)
-        with _autocast(device, cfg.train.precision):
+        with autocast(device, cfg.train.precision):
             out = model(x).squeeze(1).float().cpu()
         rows += [(s, int(st), float(y), float(o)) for s, st, y, o in zip(batch["scan"], batch["start"], batch["y"], out)]
     if env.distributed:
@@ -192,16 +234,20 @@ def predict(model: torch.nn.Module, shards: ShardSet, scans: list[str], cfg: Con
     return subjects, np.array([r[2] for r in rows]), np.array([r[3] for r in rows])
 
 
+def to_predictions(outputs: np.ndarray, stats: dict) -> np.ndarray:
+    """Model outputs (one per window) -> predictions in the target's units: probabilities (classification) or
+    de-z-scored values (regression); callers average them per subject."""
+    outputs = np.asarray(outputs)
+    if stats["task"] == "regression":
+        return outputs * stats["std"] + stats["mean"]
+    return 1.0 / (1.0 + np.exp(-outputs))
+
+
 def subject_metrics(subjects: list[str], targets: np.ndarray, outputs: np.ndarray, stats: dict,
                     n_boot: int = 0) -> tuple[dict, list[dict]]:
     """Per-subject averaged predictions and the task's metrics (with bootstrap intervals if ``n_boot``)."""
-    if stats["task"] == "regression":
-        preds = outputs * stats["std"] + stats["mean"]
-        fn = regression_metrics
-    else:
-        preds = 1.0 / (1.0 + np.exp(-outputs))  # probabilities, averaged per subject
-        fn = classification_metrics
-    table = per_subject(subjects, targets, preds)
+    fn = regression_metrics if stats["task"] == "regression" else classification_metrics
+    table = per_subject(subjects, targets, to_predictions(outputs, stats))
     y = np.array([v[0] for v in table.values()])
     p = np.array([v[1] for v in table.values()])
     rows = [{"subject": s, "target": t, "prediction": pr, "windows": n} for s, (t, pr, n) in table.items()]
@@ -452,21 +498,18 @@ def evaluate(run_dir: str | Path, split: str = "test", checkpoint: str = "best",
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.exists():
         raise ConfigError(f"{cfg_path}: not found; is {run_dir} a brainmt run directory?")
-    path = ckpt.resolve_checkpoint(run_dir, checkpoint)
-    saved = ckpt.load_checkpoint(path)
-    cfg = config_from_dict(saved["config"], str(path))
-    shards = _open_shards(cfg, shards_dir)
+    loaded = load_run(run_dir, checkpoint, shards_dir)
+    path, saved, cfg, shards, stats = loaded.checkpoint, loaded.saved, loaded.cfg, loaded.shards, loaded.stats
     scans = shards.scans_of(split)
     if not scans:
         raise ShardError(f"split {split!r} has no scans in {shards.root}")
     device = device_for(env, cfg.train.device)
     init_distributed(env, device)
-    model = build_model(cfg.model).to(device)
-    model.load_state_dict(saved["model"])
+    model = trained_model(cfg, saved["model"], device)
     subjects, targets, outputs = predict(model, shards, scans, cfg, device, env)
-    metrics, rows = subject_metrics(subjects, targets, outputs, saved["target_stats"], n_boot=n_boot)
+    metrics, rows = subject_metrics(subjects, targets, outputs, stats, n_boot=n_boot)
     result = {**metrics, "split": split, "checkpoint": str(path), "step": saved["step"], "subjects": len(rows),
-              "windows": len(subjects), "task": saved["target_stats"]["task"], "target": saved["target_stats"]["target"]}
+              "windows": len(subjects), "task": stats["task"], "target": stats["target"]}
     if env.is_main:
         write_evaluation(run_dir, split, rows, result)
         print(format_table(metrics, f"{split} split: {len(rows)} subjects, {len(subjects)} windows, "

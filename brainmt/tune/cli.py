@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
-import time
 from pathlib import Path
 
 import yaml
@@ -36,14 +34,12 @@ def parser() -> argparse.ArgumentParser:
 
 def _comparable(cfg_dict: dict) -> dict:
     """What must not change when a sweep is continued (everything but the job's resources)."""
-    out = copy.deepcopy(cfg_dict)
-    out.pop("cluster", None)
-    return out
+    return {k: v for k, v in cfg_dict.items() if k != "cluster"}
 
 
 def resolve(args: argparse.Namespace) -> tuple[dict, Path, list[str]]:
     """The checked sweep config (as a dict), its directory and the swept keys; handles --resume and --force."""
-    from brainmt.launch.slurm import LaunchError
+    from brainmt.launch.slurm import LaunchError, move_aside, shard_dir
     from brainmt.tune.space import check_sweep
 
     if bool(args.sweep) == bool(args.resume):
@@ -65,10 +61,7 @@ def resolve(args: argparse.Namespace) -> tuple[dict, Path, list[str]]:
         cfg.sweep.num_samples = args.num_samples
     if args.max_concurrent is not None:
         cfg.sweep.max_concurrent_trials = args.max_concurrent
-    shards = args.shards or cfg.data.shards
-    if not shards or not Path(shards).is_dir():
-        raise LaunchError(f"shard directory not found: {shards!r} (pass --shards DIR; make one with brainmt shard)")
-    cfg.data.shards = str(Path(shards).resolve())
+    cfg.data.shards = shard_dir(args.shards or cfg.data.shards)
     space = check_sweep(cfg, str(source))
     cfg_dict = config_to_dict(cfg)
     saved = sweep_dir / "sweep.yaml"
@@ -78,9 +71,7 @@ def resolve(args: argparse.Namespace) -> tuple[dict, Path, list[str]]:
             if not args.force:
                 raise LaunchError(f"{sweep_dir} holds a different sweep ({saved} differs from {source}); continue it "
                                   f"with --resume {sweep_dir}, pick another --run-dir, or pass --force to move it aside")
-            aside = sweep_dir.with_name(f"{sweep_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-            sweep_dir.rename(aside)
-            print(f"--force: moved the other sweep to {aside}", flush=True)
+            print(f"--force: moved the other sweep to {move_aside(sweep_dir)}", flush=True)
     return cfg_dict, sweep_dir, list(space)
 
 
@@ -89,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     import submitit
 
     from brainmt.config import config_from_dict
-    from brainmt.launch.slurm import LaunchError, check_submittable, clean_slurm_env, make_executor, sbatch_preview
+    from brainmt.launch.slurm import LaunchError, checked_executor, clean_slurm_env, record_submission, sbatch_preview
     from brainmt.tune.sweep import SweepJob
 
     args = parser().parse_args(argv)
@@ -105,9 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# {len(keys)} swept keys: {', '.join(keys)}; {cfg.sweep.num_samples} sample(s) of the space")
             return 0
         save_config(cfg, sweep_dir / "sweep.yaml")
-        executor, cluster = make_executor(job_cluster, sweep_dir / "slurm", job_name)
-        if cluster == "slurm":
-            check_submittable(job_cluster, sweep_dir / "slurm", job_name)
+        executor, cluster = checked_executor(job_cluster, sweep_dir / "slurm", job_name)
         with clean_slurm_env():
             job = executor.submit(SweepJob(), cfg_dict, str(sweep_dir))
     except (ConfigError, LaunchError) as exc:
@@ -118,9 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"submitted sweep job {job.job_id} ({cluster}); sweep directory {sweep_dir}\n"
           f"  job log: {sweep_dir / 'slurm' / str(job.job_id)}/{job.job_id}_0_log.out", flush=True)
-    (sweep_dir / "slurm").mkdir(parents=True, exist_ok=True)
-    with (sweep_dir / "slurm" / "jobs.jsonl").open("a") as f:
-        f.write(json.dumps({"job_id": job.job_id, "cluster": cluster, "submitted": time.time()}) + "\n")
+    record_submission(sweep_dir / "slurm", job_id=job.job_id, cluster=cluster)
     if not (args.wait or cluster == "debug"):
         return 0
     if cluster != "debug":   # the debug executor runs the job inside result()

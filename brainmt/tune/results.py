@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from brainmt.fileio import atomic_write_text
 from brainmt.tune.space import best_config, format_value
 from brainmt.tune.trainable import trial_run_dir
 
@@ -69,14 +71,12 @@ def format_rows(rows: list[dict], space_keys: list[str], metric: str) -> str:
 def write_csv(rows: list[dict], space_keys: list[str], metric: str, path: Path) -> Path:
     """results.csv: the table's columns plus each trial's run directory and error."""
     fields = ["rank", "trial", "status", "epochs", metric, "best_epoch", *space_keys, "run_dir", "error"]
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        for i, r in enumerate(rows):
-            w.writerow({**r, "rank": i + 1})
-    tmp.replace(path)
-    return path
+    text = io.StringIO()
+    w = csv.DictWriter(text, fieldnames=fields, extrasaction="ignore")
+    w.writeheader()
+    for i, r in enumerate(rows):
+        w.writerow({**r, "rank": i + 1})
+    return atomic_write_text(path, text.getvalue())
 
 
 def write_best(rows: list[dict], base: dict, space_keys: list[str], metric: str, sweep_dir: Path) -> Path | None:
@@ -91,10 +91,7 @@ def write_best(rows: list[dict], base: dict, space_keys: list[str], metric: str,
               f"{best['best_epoch']}\n# swept values: "
               + ", ".join(f"{k}={format_value(v)}" for k, v in params.items())
               + f"\n# train it: python jobs/launch.py --config {path}   (or: brainmt train --config {path})\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(header + yaml.safe_dump(cfg, sort_keys=False))
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, header + yaml.safe_dump(cfg, sort_keys=False))
 
 
 def plot(rows: list[dict], space: dict[str, tuple[str, Any]], metric: str, max_epochs: int, out_dir: Path) -> list[Path]:

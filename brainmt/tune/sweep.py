@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -12,6 +11,8 @@ import submitit
 
 from brainmt.config import Config, config_from_dict
 from brainmt.distributed import detect
+from brainmt.fileio import atomic_write_json
+from brainmt.train.logging import JsonlSink
 from brainmt.tune.preemption import PreemptionGuard
 from brainmt.tune.ray_cluster import (
     RayNode,
@@ -107,7 +108,7 @@ def _check_resources(resources: dict) -> None:
 
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     for kind, need in resources.items():
-        most = max((n.get(kind.upper() if kind == "gpu" else "CPU", 0.0) for n in nodes), default=0.0)
+        most = max((n.get(kind.upper(), 0.0) for n in nodes), default=0.0)
         if need > most:
             raise RuntimeError(f"sweep.{kind}s_per_trial={need:g} but the largest Ray node has {most:g} {kind.upper()}s; "
                                f"ask the job for more (--{'gpus-per-node' if kind == 'gpu' else 'cpus-per-task'}) "
@@ -167,7 +168,7 @@ class SweepJob(submitit.helpers.Checkpointable):
             if head is not None:
                 head.terminate()
                 head.wait(timeout=120)
-        (Path(sweep_dir) / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        atomic_write_json(Path(sweep_dir) / "summary.json", summary)
         if guard.preempted:
             log.info("Tune saved its state; handing the preemption to submitit to requeue")
             guard.requeue()
@@ -179,8 +180,7 @@ class SweepJob(submitit.helpers.Checkpointable):
 def _event(sweep_dir: str | Path, event: str, job_id: str, **extra: object) -> None:
     """Append one line to the sweep's events.jsonl (starts, preemptions, ends: what the job log of a requeued job
     no longer shows)."""
-    with (Path(sweep_dir) / "events.jsonl").open("a") as f:
-        f.write(json.dumps({"time": time.time(), "event": event, "job_id": job_id, **extra}) + "\n")
+    JsonlSink(Path(sweep_dir) / "events.jsonl").log({"time": time.time(), "event": event, "job_id": job_id, **extra})
 
 
 def _this_node() -> RayNode:

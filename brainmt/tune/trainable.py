@@ -8,6 +8,8 @@ import os
 import shutil
 from pathlib import Path
 
+from brainmt.fileio import atomic_write_text
+
 log = logging.getLogger("brainmt.tune")
 
 
@@ -56,7 +58,7 @@ def restore_trial_checkpoint(run_dir: Path) -> int | None:
     reported = tune.get_checkpoint()
     if reported is None:
         shutil.rmtree(local, ignore_errors=True)
-        _truncate_metrics(Path(run_dir) / "metrics.jsonl", -1)
+        (Path(run_dir) / "metrics.jsonl").unlink(missing_ok=True)
         return None
     with reported.as_directory() as directory:
         found = ckpt.list_checkpoints(Path(directory))
@@ -79,9 +81,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
-    tmp.replace(path)
+    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
 
 def trial_run_dir(sweep_dir: str | Path, trial_id: str) -> Path:

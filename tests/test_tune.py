@@ -117,6 +117,21 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(small_shard
     assert (sweep_dir / "best.yaml").exists()
 
 
+def test_a_sweep_interrupted_before_its_searcher_made_every_trial_is_not_complete():
+    """CI once sent Ctrl-C after trial 1 of 4 had finished but before Tune created trial 2: the one saved trial was
+    TERMINATED, and the sweep called itself finished. The count the space makes is checked too."""
+    from brainmt.tune.space import trial_count
+    from brainmt.tune.sweep import sweep_progress
+
+    space = {"model.mamba_depth": ("grid", [1, 2]), "data.num_frames": ("grid", [8, 16]),
+             "train.lr": ("loguniform", [1e-4, 1e-3])}
+    assert trial_count(space, 3) == 12
+    assert sweep_progress({"a": "TERMINATED"}, 1, 4) == (0, 3)                        # the case CI hit
+    assert sweep_progress({"a": "TERMINATED", "b": "PENDING"}, 2, 4) == (1, 2)
+    assert sweep_progress({"a": "TERMINATED", "b": "ERROR", "c": "TERMINATED", "d": "TERMINATED"}, 4, 4) == (0, 0)
+    assert sweep_progress({"a": "TERMINATED"}, 2, 2) == (1, 0)                         # returned but never saved
+
+
 def test_two_node_sweep_starts_a_head_and_a_worker_with_token_auth(small_shards, tmp_path):
     """Two tasks of a local job stand in for two nodes: task 0 runs the Ray head and the driver, task 1 a worker."""
     sweep_dir = tmp_path / "sweep"

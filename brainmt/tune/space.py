@@ -129,6 +129,15 @@ def ray_space(space: dict[str, tuple[str, Any]]) -> dict[str, Any]:
     return {key: make[kind](args) for key, (kind, args) in space.items()}
 
 
+def trial_count(space: dict[str, tuple[str, Any]], num_samples: int) -> int:
+    """How many trials a sweep has in all: num_samples times every combination of the grid entries."""
+    count = num_samples
+    for kind, args in space.values():
+        if kind == "grid":
+            count *= len(args)
+    return count
+
+
 def with_params(base: dict, params: dict[str, Any], source: str) -> Config:
     """The base config (a dict) with the swept values (dotted keys) and the keys that follow them applied, unchecked."""
     from brainmt.config import config_from_dict

@@ -49,7 +49,7 @@ def run_driver(cfg_dict: dict, sweep_dir: str | Path) -> dict:
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from brainmt.tune import results as res
-    from brainmt.tune.space import check_sweep, ray_space
+    from brainmt.tune.space import check_sweep, ray_space, trial_count
     from brainmt.tune.trainable import trial_main
 
     sweep_dir = Path(sweep_dir).resolve()
@@ -79,14 +79,16 @@ def run_driver(cfg_dict: dict, sweep_dir: str | Path) -> dict:
                 failure_config=tune.FailureConfig(max_failures=s.max_failures), verbose=1),
         )
     grid = tuner.fit()
-    # the statuses Tune saved (those of the returned grid read "terminated" for trials an interruption left pending)
+    # the statuses Tune saved (those of the returned grid read "terminated" for trials an interruption left pending);
+    # an interruption can also come before the searcher has created every trial, so the count is checked too
     statuses = {t.trial_id: t.status for t in tune.ExperimentAnalysis(str(exp)).trials}
-    complete = all(v in ("TERMINATED", "ERROR") for v in statuses.values()) and len(statuses) == len(grid)
+    unfinished, not_started = sweep_progress(statuses, len(grid), trial_count(space, s.num_samples))
+    complete = not unfinished and not not_started
     keys = list(space)
     rows = res.collect(grid, sweep_dir, statuses, keys, s.metric, s.mode, s.max_epochs)
     table = res.format_rows(rows, keys, s.metric)
-    print(f"\nsweep {cfg.name}: {len(rows)} trials{'' if complete else ' (interrupted: not all have finished)'}, "
-          f"sorted by {s.metric} ({s.mode})\n{table}", flush=True)
+    state = "" if complete else f" (interrupted: {unfinished} unfinished, {not_started} not started)"
+    print(f"\nsweep {cfg.name}: {len(rows)} trials{state}, sorted by {s.metric} ({s.mode})\n{table}", flush=True)
     csv_path = res.write_csv(rows, keys, s.metric, sweep_dir / "results.csv")
     best_path = res.write_best(rows, cfg_dict, keys, s.metric, sweep_dir)
     try:
@@ -100,6 +102,13 @@ def run_driver(cfg_dict: dict, sweep_dir: str | Path) -> dict:
     best = {k: v for k, v in rows[0].items() if k != "history"} if rows and rows[0][s.metric] is not None else None
     return {"status": "finished" if complete else "interrupted", "trials": len(rows), "best": best,
             "results": str(csv_path), "best_config": str(best_path) if best_path else None, "figures": figures}
+
+
+def sweep_progress(statuses: dict[str, str], returned: int, expected: int) -> tuple[int, int]:
+    """(unfinished, not started) trials of a sweep from the statuses Tune saved, the trials its fit returned and the
+    number the search space makes; both 0 when the sweep is complete."""
+    unfinished = sum(v not in ("TERMINATED", "ERROR") for v in statuses.values()) + max(0, returned - len(statuses))
+    return unfinished, max(0, expected - max(len(statuses), returned))
 
 
 def _check_resources(resources: dict) -> None:

@@ -85,13 +85,13 @@ def detect(environ: dict[str, str] | None = None) -> DistEnv:
         return DistEnv("submitit-local", int(env["SUBMITIT_LOCAL_GLOBALID"]),
                        int(env.get("SUBMITIT_LOCAL_LOCALID", env["SUBMITIT_LOCAL_GLOBALID"])),
                        int(env["SUBMITIT_LOCAL_NTASKS"]), "127.0.0.1",
-                       15000 + int(re.sub(r"\D", "", job_id) or 0) % 20000, job_id, 0)
+                       20000 + int(re.sub(r"\D", "", job_id) or 0) % 6000, job_id, 0)
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_JOB_ID" in env:
         job_id = env["SLURM_JOB_ID"]
         base = env.get("SLURM_ARRAY_JOB_ID", job_id)
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1")
         return DistEnv("slurm", int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", "0")), int(env["SLURM_NTASKS"]),
-                       _first_host(nodelist), 15000 + int(re.sub(r"\D", "", base) or 0) % 20000, job_id, restarts)
+                       _first_host(nodelist), 20000 + int(re.sub(r"\D", "", base) or 0) % 6000, job_id, restarts)
     return DistEnv("single")
 
 

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ SLURM_BINARIES = ("slurmctld", "slurmd", "sbatch", "munged", "slurmdbd", "mariad
 
 
 @pytest.fixture(scope="session")
-def slurm():
+def slurm_cluster():
     """A real single-node SLURM (munge, MariaDB + slurmdbd, slurmctld, slurmd) for the session; stopped by PID."""
     missing = [b for b in SLURM_BINARIES if shutil.which(b) is None]
     if os.geteuid() != 0 or missing:
@@ -49,6 +50,20 @@ def slurm():
         fcntl.flock(lock, fcntl.LOCK_UN)
         lock.close()
         assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+
+
+@pytest.fixture
+def slurm(slurm_cluster):
+    """The session's SLURM for one test; the jobs a test leaves behind (a failed one) are cancelled after it, so
+    that they do not hold the node's CPUs while the next tests wait."""
+    yield slurm_cluster
+    left = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=60).stdout.split()
+    if left:
+        subprocess.run(["scancel", *left], capture_output=True, timeout=60)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and subprocess.run(["squeue", "-h"], capture_output=True, text=True,
+                                                             timeout=60).stdout.strip():
+            time.sleep(1)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

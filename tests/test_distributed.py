@@ -22,7 +22,7 @@ def test_slurm_task_layout_and_port_from_job_id():
             "SLURM_JOB_NODELIST": "gpu[07-10]", "SLURM_RESTART_COUNT": "2"}
     env = detect(base)
     assert (env.launcher, env.rank, env.local_rank, env.world_size) == ("slurm", 5, 1, 8)
-    assert env.master_addr == "gpu07" and env.master_port == 15000 + 123456 % 20000 and env.restart_count == 2
+    assert env.master_addr == "gpu07" and env.master_port == 20000 + 123456 % 6000 and env.restart_count == 2
     assert detect({**base, "SLURM_PROCID": "0"}).master_port == env.master_port     # every task agrees
 
 
@@ -37,5 +37,5 @@ def test_submitit_local_tasks_form_one_job_and_win_over_an_enclosing_slurm_alloc
             "SUBMITIT_LOCAL_JOB_ID": "4321"}
     env = detect({**base, "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_ID": "9"})
     assert (env.launcher, env.rank, env.local_rank, env.world_size, env.master_addr) == ("submitit-local", 1, 1, 2, "127.0.0.1")
-    assert env.master_port == 15000 + 4321 % 20000 == detect({**base, "SUBMITIT_LOCAL_GLOBALID": "0"}).master_port
+    assert env.master_port == 20000 + 4321 % 6000 == detect({**base, "SUBMITIT_LOCAL_GLOBALID": "0"}).master_port
     assert not detect({**base, "SUBMITIT_LOCAL_NTASKS": "1", "SUBMITIT_LOCAL_GLOBALID": "0"}).distributed

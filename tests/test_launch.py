@@ -26,7 +26,7 @@ def shards(small_shards: Path) -> Path:
 
 def launch(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "jobs" / "launch.py"), *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+                          timeout=timeout, cwd=ROOT, stdin=subprocess.DEVNULL)
 
 
 def _cpu_job(shards: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -46,7 +46,9 @@ def test_two_task_ddp_job_trains_and_evaluates(slurm, shards, tmp_path):
         assert f"init gloo process group: rank {rank}/2" in log and "(slurm)" in log
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["subjects"] > 0 and "pearson_r" in metrics          # replicas were compared before evaluating
-    status = launch("--status", str(run_dir))
+    deadline = time.time() + 60                   # the result files come a moment before SLURM calls the job ended
+    while "state COMPLETED" not in (status := launch("--status", str(run_dir))).stdout and time.time() < deadline:
+        time.sleep(1)
     assert status.returncode == 0 and "state COMPLETED, requeues 0" in status.stdout and "test: mse" in status.stdout
 
 

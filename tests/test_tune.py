@@ -43,7 +43,7 @@ def sweep_file(tmp_path: Path, shards: Path, **sweep) -> Path:
 
 def tune_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "sweeps" / "tune.py"), *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=env())
+                          timeout=timeout, cwd=ROOT, env=env(), stdin=subprocess.DEVNULL)
 
 
 def results(sweep_dir: Path) -> list[dict]:
@@ -88,26 +88,39 @@ def _digest(paths: list[Path]) -> dict[str, str]:
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
 
 
+def ended_trials(sweep_dir: Path) -> list[Path]:
+    """The run directories of the trials that the experiment state Tune saved (what a restore reads) calls ended."""
+    from ray import tune
+
+    from brainmt.tune.trainable import trial_run_dir
+
+    try:
+        trials = tune.ExperimentAnalysis(str(sweep_dir / "tune" / "experiment")).trials
+    except Exception:                                                   # not saved yet, or being rewritten
+        return []
+    return [trial_run_dir(sweep_dir, t.trial_id) for t in trials if t.status == "TERMINATED"]
+
+
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(small_shards, tmp_path):
     sweep_dir = tmp_path / "sweep"
     cmd = [sys.executable, str(ROOT / "sweeps" / "tune.py"), "--cluster", "debug", "--run-dir", str(sweep_dir),
            "--sweep", str(sweep_file(tmp_path, small_shards, max_concurrent_trials=1))]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env())
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+                            cwd=ROOT, env=env())
     deadline = time.time() + 300
 
-    def finished_trials() -> list[Path]:
-        return [p.parent for p in sweep_dir.glob("trials/*/metrics.jsonl") if '"epoch": 4, "val_loss"' in p.read_text()]
-
-    while not finished_trials():
+    while not ended_trials(sweep_dir):
         assert proc.poll() is None and time.time() < deadline, "no trial finished"
-        time.sleep(0.1)
+        time.sleep(0.2)
     proc.send_signal(signal.SIGINT)                                       # Ctrl-C: Tune saves its state and returns
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 3, out[-3000:]                              # interrupted, not finished
     assert "unfinished" in out and f"--resume {sweep_dir}" in out
-    done = finished_trials()
-    frozen = _digest([p / "metrics.jsonl" for p in done] +
-                     [sweep_dir / "tune" / "experiment" / p.name / "result.json" for p in done])
+    # the trials Tune saved as ended
+    ended = [Path(r["run_dir"]) for r in results(sweep_dir) if r["status"] in ("finished", "stopped by ASHA")]
+    assert ended, results(sweep_dir)
+    frozen = _digest([p / "metrics.jsonl" for p in ended] +
+                     [sweep_dir / "tune" / "experiment" / p.name / "result.json" for p in ended])
 
     resumed = tune_cli("--cluster", "debug", "--resume", str(sweep_dir))
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
@@ -163,8 +176,7 @@ def test_sweep_job_on_slurm_is_requeued_and_completes(slurm, small_shards, tmp_p
     assert job_id.isdigit()                                              # a real SLURM job
     job = submitit.SlurmJob(folder=sweep_dir / "slurm" / "%j", job_id=job_id)
     deadline = time.time() + 300
-    while not (done := [p.parent for p in sweep_dir.glob("trials/*/metrics.jsonl") if '"epoch": 2, "val_loss"' in
-                        p.read_text()]):
+    while not (done := ended_trials(sweep_dir)):
         assert time.time() < deadline and not job.done(), "no trial finished"
         time.sleep(0.2)
     frozen = _digest([p / "metrics.jsonl" for p in done])
@@ -274,3 +286,57 @@ def test_head_stops_waiting_when_a_worker_task_failed(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="task 1: OSError: no space left"):
         wait_for_nodes(node, tmp_path, timeout_s=600)
     assert time.time() - start < 5
+
+
+GUARD_SCRIPT = """
+import os, signal, sys, time
+from brainmt.tune.preemption import PreemptionGuard
+signal.signal(signal.SIGUSR1, lambda *a: print("tune asked to stop", flush=True))   # stands in for Tune's handler
+signal.signal(signal.SIGUSR2, lambda *a: print("submitit requeues", flush=True))    # stands in for submitit's
+guard = PreemptionGuard(lambda forced: print("requeue forced" if forced else "requeue", flush=True),
+                        grace_s=float(sys.argv[1]))
+guard.before_ray()
+guard.after_ray()
+os.kill(os.getpid(), signal.SIGUSR2)                  # the time limit
+time.sleep(float(sys.argv[2]))                        # Tune stops its trials and saves
+guard.fit_returned()
+time.sleep(float(sys.argv[3]))                        # results and figures: not under the grace
+guard.finished()
+if guard.preempted:
+    guard.requeue()
+    guard.requeue()
+print("driver returned", flush=True)
+"""
+
+
+@pytest.mark.parametrize(("grace", "fit_s", "expected", "code"), [
+    (1.0, 0.2, ["tune asked to stop", "requeue", "submitit requeues", "driver returned"], 0),
+    (0.3, 3.0, ["tune asked to stop", "requeue forced", "submitit requeues"], 1),
+], ids=["tune-returns-in-time", "tune-does-not-return"])
+def test_time_limit_grace_ends_when_tune_returns_and_the_job_is_requeued_once(grace, fit_s, expected, code):
+    """The driver's work after fit() (here 2 s, longer than the grace) does not count against the grace."""
+    proc = subprocess.run([sys.executable, "-c", GUARD_SCRIPT, str(grace), str(fit_s), "2.0"], capture_output=True,
+                          text=True, timeout=60, cwd=ROOT, env=env())
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines() == expected, proc.stdout + proc.stderr
+
+
+def test_waiting_for_the_ray_head_returns_once_it_listens_and_fails_if_it_exits():
+    import socket
+
+    from brainmt.tune.ray_cluster import wait_for_port
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        try:
+            wait_for_port("127.0.0.1", port, alive, timeout_s=10)
+        finally:
+            alive.kill()
+            alive.wait()
+    dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(7)"])
+    dead.wait()
+    with pytest.raises(RuntimeError, match="exited with code 7"):
+        wait_for_port("127.0.0.1", port, dead, timeout_s=10)

@@ -85,7 +85,7 @@ def merge(run_dir: str | Path, out: str | Path | None, settings: AnalysisConfig,
     from brainmt.analysis.figures import orthogonal_slices, top_regions_chart
     from brainmt.analysis.regions import builtin_lobes, load_atlas, region_table, write_region_table
 
-    start = time.time()
+    start = time.perf_counter()
     run = open_run(run_dir, settings.checkpoint, shards_dir)
     out = Path(out) if out else run.run_dir / "ig"
     shards = run.shards
@@ -142,7 +142,7 @@ def merge(run_dir: str | Path, out: str | Path | None, settings: AnalysisConfig,
                "groups": {g: acc.n for g, acc in groups.items()}, "completeness": completeness, "atlas": atlas,
                "regions": len(rows), "top_regions": rows[:settings.top_regions], "maps": files,
                "figures": [str(f) for f in figures], "grid": {"shape": list(grid.shape), "affine": grid.affine.tolist()},
-               "seconds": time.time() - start}
+               "seconds": time.perf_counter() - start}
     atomic_write_json(out / "summary.json", summary)
     return summary
 

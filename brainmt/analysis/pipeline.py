@@ -157,7 +157,7 @@ class SubjectAnalyzer:
         """Attribute every window of a subject's scans; write its maps and record; return the record."""
         from brainmt.analysis.attribution import attribute_windows, choose_internal_batch_size, make_baseline
 
-        start_time = time.time()
+        start_time = time.perf_counter()
         windows, packed, background = self._windows(scans)
         baseline = make_baseline(self.settings.baseline, packed, background, self.mean_brain)
         if self.internal_batch_size is None:
@@ -182,7 +182,7 @@ class SubjectAnalyzer:
         grid.save(absolute, subject_dir / f"{subject}_abs_ig.nii.gz")
         record = {"subject": subject, "scans": scans, **self._prediction(scans, rows), "windows": rows,
                   **self._completeness(rows), "internal_batch_size": self.internal_batch_size,
-                  "device": str(self.device), "seconds": time.time() - start_time, "settings": self.fingerprint}
+                  "device": str(self.device), "seconds": time.perf_counter() - start_time, "settings": self.fingerprint}
         atomic_write_json(subject_dir / f"{subject}_ig.json", record)
         (subject_dir / f"{subject}_error.json").unlink(missing_ok=True)
         return record
@@ -220,7 +220,7 @@ def analyze_subjects(run_dir: str | Path, out: str | Path | None, settings: Anal
     Subjects whose maps exist with the same settings are skipped (a re-run or requeued task resumes). A subject
     that fails is logged, recorded in ``<subject>_error.json``, and the next one starts.
     """
-    start = time.time()
+    start = time.perf_counter()
     run = open_run(run_dir, settings.checkpoint, shards_dir)
     out = Path(out) if out else run.run_dir / "ig"
     (out / "subjects").mkdir(parents=True, exist_ok=True)
@@ -246,7 +246,7 @@ def analyze_subjects(run_dir: str | Path, out: str | Path | None, settings: Anal
                      record["gap"], record["seconds"])
         summary.update(internal_batch_size=analyzer.internal_batch_size, bytes_per_sample=analyzer.bytes_per_sample,
                        device=str(analyzer.device))
-    summary["seconds"] = time.time() - start
+    summary["seconds"] = time.perf_counter() - start
     return summary
 
 

@@ -64,10 +64,10 @@ def run_baseline(shards_dir: str | Path, method: str, out: str | Path, target: s
         if not ids:
             raise ConfigError(f"{shards.root / 'splits.json'}: split '{name}' has no scans")
     stats = target_stats(shards, scans["train"], target, task)
-    started = time.time()
+    started = time.perf_counter()
     labels, names, description = parcellation(shards, atlas, atlas_labels, parcel_mm)
     feats = {name: extract(shards, ids, labels, kind, out / f"features-{kind}.npz") for name, ids in scans.items()}
-    feature_s = time.time() - started
+    feature_s = time.perf_counter() - started
 
     def y_of(ids: list[str]) -> np.ndarray:
         y = np.array([shards.target(s, target) for s in ids], dtype=np.float64)
@@ -87,7 +87,7 @@ def run_baseline(shards_dir: str | Path, method: str, out: str | Path, target: s
     subjects = [shards.scans[s]["subject"] for s in scans[split]]
     metrics, rows = subject_metrics(subjects, targets, outputs, stats, n_boot=n_boot)
     result = {**metrics, "split": split, "method": method, "subjects": len(rows), "windows": len(subjects),
-              "task": task, "target": target, "penalty": penalty, "seconds": time.time() - started}
+              "task": task, "target": target, "penalty": penalty, "seconds": time.perf_counter() - started}
     write_evaluation(out, split, rows, result)
     (out / "baseline.json").write_text(json.dumps({
         "method": method, "features": kind, "parcellation": description, "parcels": int(labels.max()),

@@ -131,9 +131,9 @@ def measure_count(args: argparse.Namespace, shards: Path, work: Path, count: int
     if run_dir.exists():                                  # a reused --workdir: measure from step 0, not a resume
         shutil.rmtree(run_dir)
     stop_at = args.warmup + args.steps
-    t0 = time.time()
+    t0 = time.perf_counter()
     results = run_job(cfg_dict, shards, run_dir, count, stop_at)
-    wall = time.time() - t0
+    wall = time.perf_counter() - t0
     records = _records(run_dir, args.warmup, stop_at)
     if len(records) < args.steps:
         raise RuntimeError(f"{run_dir / 'metrics.jsonl'}: {len(records)} step records after the warm-up, wanted {args.steps}")

@@ -68,9 +68,9 @@ def run_bench(work: Path, subjects: int, frames: int, shape: list[int], device: 
     from brainmt.baseline.fit import run_baseline
     from brainmt.demo import prepare_data
 
-    started = time.time()
+    started = time.perf_counter()
     real = prepare_data(work / "data", subjects, frames, shape, seed=seed)
-    data_s = time.time() - started
+    data_s = time.perf_counter() - started
     views = {"true": real, "shuffled": shuffled_view(real, work / "data" / "shuffled", seed + 1)}
     rows = []
     for task_name in tasks:
@@ -78,13 +78,13 @@ def run_bench(work: Path, subjects: int, frames: int, shape: list[int], device: 
         for labels, shards in views.items():
             methods = ["brainmt", *BASELINES[task]] if labels == "true" else ["brainmt", BASELINES[task][0]]
             for method in methods:
-                t0 = time.time()
+                t0 = time.perf_counter()
                 out = work / f"{task_name}-{labels}-{method}"
                 if method == "brainmt":
                     ev = train_brainmt(shards, out, task, target, device, [*TASK_OVERRIDES[task_name], *overrides])
                 else:
                     ev = run_baseline(shards, method, out, target=target, n_boot=n_boot)
-                rows.append({"task": task_name, "labels": labels, "method": method, "seconds": time.time() - t0,
+                rows.append({"task": task_name, "labels": labels, "method": method, "seconds": time.perf_counter() - t0,
                              "metrics": {k: ev[k] for k in SHOWN[task]}, "subjects": ev["subjects"]})
                 print(format_row(rows[-1]), flush=True)
     rows.append({"task": "data", "labels": "-", "method": "synth + shard", "seconds": data_s, "metrics": {},
@@ -122,10 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for BrainMT (e.g. train.epochs=4)")
     args = p.parse_args(argv)
     work = Path(args.work_dir).resolve()
-    started = time.time()
+    started = time.perf_counter()
     rows = run_bench(work, args.subjects, args.frames, args.shape, args.device, args.seed, args.n_boot, args.overrides,
                      args.tasks)
-    total = time.time() - started
+    total = time.perf_counter() - started
     print(f"\n{args.subjects} synthetic subjects ({'x'.join(map(str, args.shape))} voxels, {args.frames} frames), "
           f"device {args.device}, {total:.0f} s in all\n{markdown(rows)}")
     (work / "learning.json").write_text(json.dumps({"rows": rows, "seconds": total, "args": vars(args)}, indent=1) + "\n")

@@ -39,16 +39,16 @@ def run(args: argparse.Namespace) -> dict:
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="brainmt-bench-"))
     raw, out = work / "raw", work / "shards"
-    t0 = time.time()
+    t0 = time.perf_counter()
     if not (raw / "participants.tsv").exists():
         write_synthetic_bids(raw, args.subjects, args.frames, args.shape, seed=0, workers=1, compress=False)
-    t_synth = time.time() - t0
+    t_synth = time.perf_counter() - t0
     if out.exists():
         shutil.rmtree(out)
-    t0 = time.time()
+    t0 = time.perf_counter()
     shard_dataset(raw, raw / "participants.tsv", out, options=ShardOptions(min_frames=args.num_frames,
                   chunk_frames=args.chunk_frames), progress=False)
-    t_shard = time.time() - t0
+    t_shard = time.perf_counter() - t0
     shards = ShardSet(out)
     scans = sorted(shards.scans)
     dense_bytes = len(scans) * args.frames * int(np.prod(args.shape)) * 2
@@ -69,12 +69,12 @@ def run(args: argparse.Namespace) -> dict:
             for _ in range(args.warmup):
                 next(it)
             used = read = 0
-            t0 = time.time()
+            t0 = time.perf_counter()
             for _ in range(args.samples):
                 s = next(it)
                 read += int(s["bytes_read"])
                 used += args.num_frames * shards.n_brain * 2
-            dt = time.time() - t0
+            dt = time.perf_counter() - t0
             del it, loader
             results["runs"].append({
                 "align": align, "output": "dense (T,1,D,H,W)" if dense else "packed (T,n_brain)",

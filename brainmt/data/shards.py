@@ -244,7 +244,7 @@ def shard_dataset(input_dir: str | Path, phenotypes: str | Path, output: str | P
                   progress: bool | None = None) -> ShardSummary:
     """Shard the scans under ``input_dir``; with one part (the default) also write the manifest and splits."""
     opts = options or ShardOptions()
-    t0 = time.time()
+    t0 = time.perf_counter()
     out = Path(output)
     shard_dir = out / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
@@ -278,7 +278,7 @@ def shard_dataset(input_dir: str | Path, phenotypes: str | Path, output: str | P
         raise ShardError(f"--part {index}/{n_parts}: the part index must be in 0..{n_parts - 1}")
     mask_info = _prepare_mask(out, usable, mask, opts, n_parts, skip)
     if mask_only:
-        summary.seconds = time.time() - t0
+        summary.seconds = time.perf_counter() - t0
         return summary
     full_mask, _ = load_mask(out / mask_info["file"])
     voxel_size = tuple(mask_info["voxel_size"])
@@ -331,7 +331,7 @@ def shard_dataset(input_dir: str | Path, phenotypes: str | Path, output: str | P
                            "rows_without_scan": sorted(set(phen.values) - {s.subject for s in scans})})
     if n_parts == 1:
         summary.manifest = str(merge_manifest(out, opts))
-    summary.seconds = time.time() - t0
+    summary.seconds = time.perf_counter() - t0
     return summary
 
 

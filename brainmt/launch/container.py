@@ -44,16 +44,23 @@ def container_command(c: ClusterConfig, config_path: Path, shards: str | None, r
 
 def run_in_container(cmd: list[str], run_dir: Path) -> dict:
     """Run ``cmd``, forwarding SIGTERM and SIGUSR2 to it; return a result like ``brainmt.train.loop.run``'s."""
-    child = subprocess.Popen(cmd)
+    child: subprocess.Popen | None = None
+    pending: list[int] = []                       # signals that came before the child existed
     previous = {}
 
     def forward(signum: int, frame: object) -> None:
+        if child is None:
+            pending.append(signum)
+            return
         log.info("forwarding %s to the container (pid %d)", signal.Signals(signum).name, child.pid)
         child.send_signal(signum)
 
-    for sig in (signal.SIGTERM, signal.SIGUSR2):
+    for sig in (signal.SIGTERM, signal.SIGUSR2):  # before the child starts: no signal falls through to the default
         previous[sig] = signal.signal(sig, forward)
     try:
+        child = subprocess.Popen(cmd)
+        for signum in pending:
+            forward(signum, None)
         code = child.wait()
     finally:
         for sig, handler in previous.items():

@@ -371,7 +371,7 @@ def train(cfg: Config, shards_dir: str | Path | None, run_dir: str | Path, sink:
              cfg.name, total_steps, steps_per_epoch, b * w * acc, stats["task"], stats["target"],
              len(train_scans), len(val_scans))
     model.train()
-    t_log, samples_since, steps_since = time.time(), 0, 0
+    t_log, samples_since, steps_since = time.perf_counter(), 0, 0
     wait_since, wait_total, steps_run = 0.0, 0.0, 0          # loader wait: time blocked on the next batch
     try:
         while state["step"] < total_steps:
@@ -417,7 +417,7 @@ def train(cfg: Config, shards_dir: str | Path | None, run_dir: str | Path, sink:
                 bar.update(1)
             if state["step"] % cfg.train.log_every == 0:
                 if env.is_main:
-                    now = time.time()
+                    now = time.perf_counter()
                     record = {"step": state["step"], "epoch": state["epoch"],
                               "train_loss": state["loss_sum"] / max(1, state["loss_count"]),
                               "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
@@ -431,7 +431,7 @@ def train(cfg: Config, shards_dir: str | Path | None, run_dir: str | Path, sink:
                                  total_steps, record["train_loss"], record["lr"], record["samples_per_s"],
                                  record["loader_wait_s"])
                 state["loss_sum"], state["loss_count"] = 0.0, 0
-                t_log, samples_since, steps_since, wait_since = time.time(), 0, 0, 0.0
+                t_log, samples_since, steps_since, wait_since = time.perf_counter(), 0, 0, 0.0
             saved_now = False
             if state["step"] % steps_per_epoch == 0:
                 state["epoch"] += 1
@@ -460,7 +460,7 @@ def train(cfg: Config, shards_dir: str | Path | None, run_dir: str | Path, sink:
                 save("periodic")
                 saved_now = True
             if saved_now:                                 # throughput windows leave evaluation and saving out
-                t_log, samples_since, steps_since, wait_since = time.time(), 0, 0, 0.0
+                t_log, samples_since, steps_since, wait_since = time.perf_counter(), 0, 0, 0.0
             if flags[1] > 0:
                 if not saved_now:
                     save(f"stop requested ({stop.reason or 'test hook'})")

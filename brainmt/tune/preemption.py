@@ -20,14 +20,17 @@ class PreemptionGuard:
     A preemption sends SIGTERM, which stops Ray's own processes: Tune then cannot return, and Ray's core worker may
     end the driver process soon after, so a watcher thread (woken through ``signal.set_wakeup_fd`` even while the
     main thread waits inside Ray) requeues the job at once from the state Tune saved last (trial checkpoints of every
-    finished epoch included); it does the same when Tune has not returned ``grace_s`` after SIGUSR2.
+    finished epoch included); it does the same when Tune's ``fit`` has not returned ``grace_s`` after SIGUSR2
+    (SLURM sends it 120 s before the time limit). The job is requeued once, whoever asks first.
     """
 
-    def __init__(self, on_requeue: Callable[[bool], None], grace_s: float = 30.0) -> None:
+    def __init__(self, on_requeue: Callable[[bool], None], grace_s: float = 60.0) -> None:
         self.on_requeue = on_requeue              # called with forced=True|False just before submitit requeues
         self.grace_s = grace_s
         self.preempted = False
-        self.driver_done = threading.Event()
+        self.tune_returned = threading.Event()   # Tune's fit() has returned: its state is saved
+        self._requeue_lock = threading.Lock()
+        self._requeued = False
         self._active = threading.current_thread() is threading.main_thread()
         self._submitit_usr2 = signal.getsignal(signal.SIGUSR2)
         self._submitit_term = signal.getsignal(signal.SIGTERM)
@@ -65,24 +68,32 @@ class PreemptionGuard:
                 return
             if not data:
                 return
-            if signal.SIGTERM in data and not self.driver_done.is_set():
+            if signal.SIGTERM in data and not self.tune_returned.is_set():
                 # a preemption: SLURM sent SIGTERM to every process of the step, Ray's too. Its driver may end this
                 # process at any moment once the raylet is gone, and Tune cannot save again: requeue now
                 log.warning("SIGTERM (preemption): Ray's processes are stopping; requeueing from the state Tune "
                             "saved last")
-                self.preempted = True
-                self.requeue(forced=True)
-                os._exit(1)
-            if signal.SIGUSR2 in data and not self.driver_done.wait(self.grace_s):
+                self._requeue_and_exit()
+            if signal.SIGUSR2 in data and not self.tune_returned.wait(self.grace_s):
                 log.warning("Tune did not return within %.0f s of SIGUSR2 (Ray's processes were stopped by the "
                             "preemption): requeueing from the state it saved last", self.grace_s)
-                self.preempted = True
-                self.requeue(forced=True)
-                os._exit(1)                        # requeued: the scheduler ends this run anyway
+                self._requeue_and_exit()
+
+    def _requeue_and_exit(self) -> None:
+        """Requeue from the watcher thread, then end the process (submitit's own exit would end only this thread)."""
+        self.preempted = True
+        try:
+            self.requeue(forced=True)
+        finally:
+            os._exit(1)                            # requeued (or failing to): the scheduler ends this run anyway
+
+    def fit_returned(self) -> None:
+        """Tune's fit() has returned (its state is saved): the grace after SIGUSR2 ends, SIGTERM no longer requeues."""
+        self.tune_returned.set()
 
     def finished(self) -> None:
         """The driver has returned: stand down, put submitit's handlers back."""
-        self.driver_done.set()
+        self.tune_returned.set()
         if not self._active:
             return
         signal.signal(signal.SIGUSR2, self._submitit_usr2)
@@ -93,7 +104,11 @@ class PreemptionGuard:
             self._wakeup = None
 
     def requeue(self, forced: bool = False) -> None:
-        """Hand the preemption to submitit (checkpoint() + scontrol requeue)."""
+        """Hand the preemption to submitit (checkpoint() + scontrol requeue); only the first call does anything."""
+        with self._requeue_lock:
+            if self._requeued:
+                return
+            self._requeued = True
         self.on_requeue(forced)
         if callable(self._submitit_usr2):
             self._submitit_usr2(signal.SIGUSR2, None)

@@ -47,7 +47,7 @@ class RayNode:
     @property
     def port(self) -> int:
         """The head's GCS port, derived from the job id (every task agrees without talking)."""
-        return 36000 + int(re.sub(r"\D", "", self.job_id) or 0) % 4000
+        return 26000 + int(re.sub(r"\D", "", self.job_id) or 0) % 6000
 
 
 def auth_environment(sweep_dir: Path, mode: str) -> dict[str, str]:
@@ -102,7 +102,27 @@ def start_head(node: RayNode, dashboard: bool) -> tuple[str, subprocess.Popen]:
     if dashboard:
         cmd.append("--dashboard-host=127.0.0.1")
     log.info("starting the Ray head: %s", " ".join(cmd))
-    return f"{ip}:{node.port}", subprocess.Popen(cmd)
+    head = subprocess.Popen(cmd)
+    wait_for_port(ip, node.port, head)
+    return f"{ip}:{node.port}", head
+
+
+def wait_for_port(host: str, port: int, proc: subprocess.Popen, timeout_s: float = 180) -> None:
+    """Wait until ``proc`` (Ray's head) accepts connections on ``host:port``; fail if it exits or takes too long."""
+    deadline = time.perf_counter() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=2):
+                return
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"the Ray head exited with code {proc.returncode} before listening on {host}:{port} "
+                               "(see the job's log above; another process may hold the port)")
+        if time.perf_counter() > deadline:
+            proc.terminate()
+            raise RuntimeError(f"the Ray head did not listen on {host}:{port} within {timeout_s:.0f} s")
+        time.sleep(0.5)
 
 
 def failure_file(sweep_dir: Path, node: RayNode) -> Path:
@@ -116,7 +136,7 @@ def wait_for_nodes(node: RayNode, sweep_dir: Path, timeout_s: float = 600) -> No
     import ray
 
     expected = node.nodes
-    deadline = time.time() + timeout_s
+    deadline = time.perf_counter() + timeout_s
     while True:
         alive = sum(1 for n in ray.nodes() if n.get("Alive"))
         if alive >= expected:
@@ -126,7 +146,7 @@ def wait_for_nodes(node: RayNode, sweep_dir: Path, timeout_s: float = 600) -> No
         if failed:
             reasons = "; ".join(f"task {p.name.rsplit('-', 1)[1]}: {p.read_text().strip()}" for p in failed)
             raise RuntimeError(f"a Ray worker task failed before joining the head ({reasons})")
-        if time.time() > deadline:
+        if time.perf_counter() > deadline:
             raise RuntimeError(f"only {alive} of {expected} Ray nodes joined within {timeout_s:.0f} s; see the job's "
                                "task logs for the workers' errors")
         time.sleep(2)
@@ -138,7 +158,7 @@ def run_worker(node: RayNode, done_file: Path, timeout_s: float = 600) -> int:
     address = f"{socket.gethostbyname(node.head_host)}:{node.port}"
     cmd = [*_ray_command(), "start", "--block", f"--address={address}", f"--num-cpus={cpus}", f"--num-gpus={gpus}",
            "--disable-usage-stats"]
-    deadline = time.time() + timeout_s
+    deadline = time.perf_counter() + timeout_s
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)   # SLURM's time-limit signal is the driver's to handle
     while not done_file.exists():
@@ -150,7 +170,7 @@ def run_worker(node: RayNode, done_file: Path, timeout_s: float = 600) -> int:
             proc.terminate()
             proc.wait(timeout=60)
             return 0
-        if time.time() > deadline:
+        if time.perf_counter() > deadline:
             log.error("could not join the Ray head at %s (ray start exited %s)", address, proc.returncode)
             return 1
         time.sleep(5)   # the head was not up yet, or went away: try again while the sweep runs

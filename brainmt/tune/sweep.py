@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import submitit
@@ -39,8 +40,10 @@ def experiment_dir(sweep_dir: Path) -> Path:
     return Path(sweep_dir).resolve() / "tune" / EXPERIMENT
 
 
-def run_driver(cfg_dict: dict, sweep_dir: str | Path) -> dict:
+def run_driver(cfg_dict: dict, sweep_dir: str | Path, on_fit_returned: Callable[[], None] | None = None) -> dict:
     """Run (or continue) the sweep on the connected Ray cluster; write results.csv, best.yaml and figures.
+
+    ``on_fit_returned`` is called as soon as Tune's fit() returns (its state saved), before the results are written.
 
     Returns {"status": "finished" | "interrupted", "trials", "best": row or None, "results", "best_config"}.
     """
@@ -79,6 +82,8 @@ def run_driver(cfg_dict: dict, sweep_dir: str | Path) -> dict:
                 failure_config=tune.FailureConfig(max_failures=s.max_failures), verbose=1),
         )
     grid = tuner.fit()
+    if on_fit_returned is not None:
+        on_fit_returned()
     # the statuses Tune saved (those of the returned grid read "terminated" for trials an interruption left pending);
     # an interruption can also come before the searcher has created every trial, so the count is checked too
     statuses = {t.trial_id: t.status for t in tune.ExperimentAnalysis(str(exp)).trials}
@@ -170,7 +175,7 @@ class SweepJob(submitit.helpers.Checkpointable):
                 ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=cfg.sweep.dashboard,
                          dashboard_host="127.0.0.1", _temp_dir=temp_dir(node.job_id), configure_logging=False)
             guard.after_ray()
-            summary = run_driver(cfg_dict, sweep_dir)
+            summary = run_driver(cfg_dict, sweep_dir, on_fit_returned=guard.fit_returned)
         finally:
             guard.finished()
             ray.shutdown()

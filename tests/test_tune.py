@@ -106,13 +106,13 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(small_shard
     cmd = [sys.executable, str(ROOT / "sweeps" / "tune.py"), "--cluster", "debug", "--run-dir", str(sweep_dir),
            "--sweep", str(sweep_file(tmp_path, small_shards, max_concurrent_trials=1))]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
-                            cwd=ROOT, env=env())
+                            cwd=ROOT, env=env(), start_new_session=True)
     deadline = time.time() + 300
 
     while not ended_trials(sweep_dir):
         assert proc.poll() is None and time.time() < deadline, "no trial finished"
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)                                       # Ctrl-C: Tune saves its state and returns
+    os.killpg(proc.pid, signal.SIGINT)          # Ctrl-C at a terminal (the whole group): Tune saves its state, returns
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 3, out[-3000:]                              # interrupted, not finished
     assert "unfinished" in out and f"--resume {sweep_dir}" in out
@@ -288,37 +288,61 @@ def test_head_stops_waiting_when_a_worker_task_failed(tmp_path, monkeypatch):
     assert time.time() - start < 5
 
 
-GUARD_SCRIPT = """
-import os, signal, sys, time
-from brainmt.tune.preemption import PreemptionGuard
-signal.signal(signal.SIGUSR1, lambda *a: print("tune asked to stop", flush=True))   # stands in for Tune's handler
-signal.signal(signal.SIGUSR2, lambda *a: print("submitit requeues", flush=True))    # stands in for submitit's
-guard = PreemptionGuard(lambda forced: print("requeue forced" if forced else "requeue", flush=True),
-                        grace_s=float(sys.argv[1]))
-guard.before_ray()
-guard.after_ray()
-os.kill(os.getpid(), signal.SIGUSR2)                  # the time limit
-time.sleep(float(sys.argv[2]))                        # Tune stops its trials and saves
-guard.fit_returned()
-time.sleep(float(sys.argv[3]))                        # results and figures: not under the grace
-guard.finished()
-if guard.preempted:
-    guard.requeue()
-    guard.requeue()
-print("driver returned", flush=True)
+FAKE_DRIVER = """
+import json, signal, sys, time
+stop_s, run_s, summary = float(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+asked = []
+signal.signal(signal.SIGUSR2, lambda *a: asked.append(time.monotonic()))
+start = time.monotonic()
+while time.monotonic() - start < run_s and not (asked and time.monotonic() - asked[0] > stop_s):
+    time.sleep(0.02)
+if run_s < 0:
+    sys.exit(1)                                        # a driver that fails
+status = "interrupted" if asked else "finished"
+open(summary, "w").write(json.dumps({"status": status}))
+sys.exit(3 if asked else 0)
+"""
+
+SUPERVISOR_SCRIPT = """
+import os, signal, sys, threading, time
+from brainmt.tune.preemption import DriverSupervisor
+def submitit_usr2(*a):                                 # stands in for submitit's handler: requeue, then exit
+    print("submitit requeues", flush=True)
+    sys.exit(-1)
+signal.signal(signal.SIGUSR2, submitit_usr2)
+sig, grace, stop_s, run_s, fake, summary = sys.argv[1:]
+sup = DriverSupervisor([sys.executable, "-c", fake, stop_s, run_s, summary], summary,
+                       lambda event, **extra: print("event", event, *extra.values(), flush=True), grace_s=float(grace))
+if sig != "none":
+    threading.Timer(0.5, os.kill, (os.getpid(), getattr(signal, sig))).start()
+started = time.monotonic()
+try:
+    print("returned", sup.run()["status"], flush=True)
+except RuntimeError as e:
+    print("error", e, flush=True)
+finally:
+    print("seconds", round(time.monotonic() - started), flush=True)
 """
 
 
-@pytest.mark.parametrize(("grace", "fit_s", "expected", "code"), [
-    (1.0, 0.2, ["tune asked to stop", "requeue", "submitit requeues", "driver returned"], 0),
-    (0.3, 3.0, ["tune asked to stop", "requeue forced", "submitit requeues"], 1),
-], ids=["tune-returns-in-time", "tune-does-not-return"])
-def test_time_limit_grace_ends_when_tune_returns_and_the_job_is_requeued_once(grace, fit_s, expected, code):
-    """The driver's work after fit() (here 2 s, longer than the grace) does not count against the grace."""
-    proc = subprocess.run([sys.executable, "-c", GUARD_SCRIPT, str(grace), str(fit_s), "2.0"], capture_output=True,
-                          text=True, timeout=60, cwd=ROOT, env=env())
-    assert proc.returncode == code, proc.stdout + proc.stderr
-    assert proc.stdout.splitlines() == expected, proc.stdout + proc.stderr
+@pytest.mark.parametrize(("sig", "grace", "stop_s", "run_s", "expected"), [
+    ("SIGUSR2", 5, 0.3, 30, ["event preempted False", "submitit requeues"]),        # the time limit: Tune saved
+    ("SIGUSR2", 0.5, 30, 30, ["event preempted True", "submitit requeues"]),        # Tune never returned
+    ("SIGTERM", 30, 30, 30, ["event preempted True", "submitit requeues"]),         # a preemption: at once
+    ("SIGINT", 5, 0.3, 30, ["event interrupted", "returned interrupted"]),          # Ctrl-C: saved, no requeue
+    ("none", 5, 0, 1, ["event finished", "returned finished"]),
+    ("none", 5, 0, -1, ["error the sweep driver exited with code 1; its error is in the job's log above"]),
+], ids=["time-limit", "tune-does-not-return", "preemption", "ctrl-c", "finished", "driver-fails"])
+def test_the_job_process_requeues_whatever_the_driver_process_does(tmp_path, sig, grace, stop_s, run_s, expected):
+    """The sweep driver runs in a child process (Ray's core worker ends its own process when a preemption stops the
+    raylet): the job's process forwards the stop signal, then requeues once, at once on SIGTERM."""
+    proc = subprocess.run([sys.executable, "-c", SUPERVISOR_SCRIPT, sig, str(grace), str(stop_s), str(run_s),
+                           FAKE_DRIVER, str(tmp_path / "summary.json")], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT, env=env())
+    lines = [line for line in proc.stdout.splitlines() if not line.startswith("seconds")]
+    assert lines == expected, proc.stdout + proc.stderr
+    seconds = int(proc.stdout.splitlines()[-1].split()[1])
+    assert seconds < 10, proc.stdout                                      # never waits for the 30 s driver
 
 
 def test_waiting_for_the_ray_head_returns_once_it_listens_and_fails_if_it_exits():

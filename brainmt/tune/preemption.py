@@ -1,114 +1,176 @@
-"""Preemption and time limits in the sweep driver: Tune stops and saves, then submitit requeues the job."""
+"""Preemption and time limits of a sweep job.
+
+The sweep driver (Ray and Tune) runs in a child process of the job's task 0; the job's own process holds no Ray
+connection and turns signals into requeues. Ray's core worker ends its process as soon as Ray's raylet goes away,
+which a preemption's SIGTERM does to every process of the job step: a requeue from inside the driver's process raced
+with that exit (and lost, in CI). The job's process survives it.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
+import subprocess
 import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 log = logging.getLogger("brainmt.tune")
 
+INTERRUPTED_EXIT = 3            # the driver's exit status when Tune stopped before every trial had finished
 
-class PreemptionGuard:
-    """SIGUSR2 (SLURM's time-limit signal, or a preemption) reaches every process of the job step.
 
-    Ray's processes are started with SIGUSR2 ignored (the disposition is inherited), so the signal only reaches the
-    driver, which asks Tune to stop (SIGUSR1: Tune saves its experiment state and returns from ``fit``); the
-    job then hands the signal to submitit, which requeues it, and the next run continues with ``Tuner.restore``.
-    A preemption sends SIGTERM, which stops Ray's own processes: Tune then cannot return, and Ray's core worker may
-    end the driver process soon after, so a watcher thread (woken through ``signal.set_wakeup_fd`` even while the
-    main thread waits inside Ray) requeues the job at once from the state Tune saved last (trial checkpoints of every
-    finished epoch included); it does the same when Tune's ``fit`` has not returned ``grace_s`` after SIGUSR2
-    (SLURM sends it 120 s before the time limit). The job is requeued once, whoever asks first.
+class DriverSupervisor:
+    """Runs the driver command and decides, when it ends or a signal comes, whether the job is requeued.
+
+    - SIGUSR2 (SLURM's time-limit signal, or a preemption): forwarded to the driver, which asks Tune to stop and save
+      its state; once the driver has returned, the job is requeued. If it has not returned within ``grace_s``
+      (SLURM sends the signal 120 s before the limit), the job is requeued anyway from the state Tune saved last.
+    - SIGTERM (a preemption): Ray's processes are stopping and Tune cannot save again: the job is requeued at once.
+    - SIGINT (Ctrl-C; the debug executor runs the job in the foreground): forwarded to the driver as SIGUSR2, which
+      saves and returns "interrupted"; no requeue. The driver ignores SIGINT itself (Tune's own handler is off:
+      a Ctrl-C at the terminal reaches every process of the group, and a second SIGINT makes Tune skip its save);
+      it stays in the job's process group, so that a scheduler that tracks jobs by group still sees it.
     """
 
-    def __init__(self, on_requeue: Callable[[bool], None], grace_s: float = 60.0) -> None:
-        self.on_requeue = on_requeue              # called with forced=True|False just before submitit requeues
+    def __init__(self, cmd: list[str], summary_path: Path, on_event: Callable[..., None], grace_s: float = 60.0,
+                 poll_s: float = 0.2, env: dict[str, str] | None = None) -> None:
+        self.cmd = cmd
+        self.env = env
+        self.summary_path = Path(summary_path)
+        self.on_event = on_event                 # on_event(name, **fields): the sweep's events.jsonl
         self.grace_s = grace_s
-        self.preempted = False
-        self.tune_returned = threading.Event()   # Tune's fit() has returned: its state is saved
-        self._requeue_lock = threading.Lock()
-        self._requeued = False
-        self._active = threading.current_thread() is threading.main_thread()
+        self.poll_s = poll_s
+        self.child: subprocess.Popen | None = None
+        self.usr2_at: float | None = None
+        self.terminated = False
+        self.interrupted = False
+        self._pending: list[int] = []
         self._submitit_usr2 = signal.getsignal(signal.SIGUSR2)
-        self._submitit_term = signal.getsignal(signal.SIGTERM)
-        self._wakeup: tuple[int, int] | None = None
-        self._old_wakeup_fd = -1
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGTERM:
+            self.terminated = True
+            return
+        if signum == signal.SIGUSR2 and self.usr2_at is None:
+            self.usr2_at = time.monotonic()
+        if signum == signal.SIGINT:
+            if self.interrupted and self.child is not None and self.child.poll() is None:
+                log.warning("SIGINT again: ending the sweep driver without waiting for Tune")
+                self.child.terminate()
+                return
+            self.interrupted = True
+        log.info("%s: asking the sweep driver to stop (Tune saves its state)", signal.Signals(signum).name)
+        self._forward()
+
+    def _forward(self) -> None:
+        if self.child is None:
+            self._pending.append(signal.SIGUSR2)
+        elif self.child.poll() is None:
+            self.child.send_signal(signal.SIGUSR2)
+
+    def _wait(self) -> int | None:
+        """Start the driver and wait for it; None when it was given up (SIGTERM, or no return within the grace)."""
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):   # before the child starts
+                previous[sig] = signal.signal(sig, self._on_signal)
+        try:
+            env = {**(os.environ if self.env is None else self.env), "TUNE_DISABLE_SIGINT_HANDLER": "1"}
+            self.child = subprocess.Popen(self.cmd, env=env)
+            if self._pending:
+                self._forward()
+            while self.child.poll() is None:
+                late = self.usr2_at is not None and time.monotonic() - self.usr2_at > self.grace_s
+                if self.terminated or late:
+                    log.warning("%s: requeueing from the state Tune saved last",
+                                "SIGTERM (preemption): Ray's processes are stopping" if self.terminated else
+                                f"the sweep driver did not return within {self.grace_s:.0f} s of SIGUSR2")
+                    return None
+                time.sleep(self.poll_s)
+            return self.child.returncode
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def run(self) -> dict:
+        """Run the driver; return its summary, or requeue the job (submitit ends the process then)."""
+        code = self._wait()
+        summary = None
+        if code in (0, INTERRUPTED_EXIT) and self.summary_path.exists():
+            summary = json.loads(self.summary_path.read_text())
+            if summary["status"] == "finished":
+                self.on_event("finished")
+                return summary
+        if code is None or self.terminated or self.usr2_at is not None:
+            self._requeue(forced=summary is None)
+        self._stop_child()
+        if summary is None:
+            if code is None:
+                raise RuntimeError("the sweep driver was stopped by a preemption before Tune returned; continue the "
+                                   "sweep with --resume")
+            raise RuntimeError(f"the sweep driver exited with code {code}; its error is in the job's log above")
+        self.on_event(summary["status"])
+        return summary
+
+    def _requeue(self, forced: bool) -> None:
+        """Record the preemption, stop the driver if it still runs, and hand over to submitit (checkpoint + scontrol
+        requeue + exit). Without submitit's handler (the debug executor) the sweep ends as interrupted."""
+        self.on_event("preempted", forced=forced)
+        if self.child is not None and self.child.poll() is None:
+            self.child.terminate()                       # no wait: requeueing comes first
+        if callable(self._submitit_usr2):
+            log.info("handing the preemption to submitit to requeue the job")
+            self._submitit_usr2(signal.SIGUSR2, None)
+
+    def _stop_child(self) -> None:
+        if self.child is not None and self.child.poll() is None:
+            self.child.terminate()
+            try:
+                self.child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.child.kill()
+                self.child.wait()
+
+
+class TuneStopper:
+    """In the driver process: SIGUSR2 asks Tune to stop and save (SIGUSR1, Tune's own handler), once.
+
+    Ray's processes are started with SIGUSR2 ignored (the disposition is inherited), so that the signal stops the
+    sweep through the driver instead of killing the raylet. If the job's process goes away, the driver stops too.
+    """
+
+    def __init__(self) -> None:
+        self._active = threading.current_thread() is threading.main_thread()
+        self._asked = False
+        self._parent = os.getppid()
 
     def before_ray(self) -> None:
-        """Ignore SIGUSR2 while Ray's processes are started (they inherit it)."""
+        """Ignore SIGUSR2 while Ray's processes are started (they inherit it), and SIGINT for good (the job's process
+        forwards a Ctrl-C as SIGUSR2)."""
         if self._active:
             signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def after_ray(self) -> None:
-        """Catch SIGUSR2 in the driver; keep submitit's SIGTERM handler (ray.init replaces it with one that exits)."""
-        if not self._active:
-            return
-        signal.signal(signal.SIGUSR2, self._on_usr2)
-        if callable(self._submitit_term):
-            signal.signal(signal.SIGTERM, self._submitit_term)
-        read_fd, write_fd = os.pipe()
-        os.set_blocking(write_fd, False)
-        self._old_wakeup_fd = signal.set_wakeup_fd(write_fd)
-        self._wakeup = (read_fd, write_fd)
-        threading.Thread(target=self._watch, args=(read_fd,), daemon=True, name="preemption-watch").start()
+        """Catch SIGUSR2 in the driver; watch the job's process."""
+        if self._active:
+            signal.signal(signal.SIGUSR2, self._on_usr2)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            threading.Thread(target=self._watch_parent, daemon=True, name="watch-job-process").start()
 
     def _on_usr2(self, signum: int, frame: object) -> None:
-        self.preempted = True
-        log.info("SIGUSR2: stopping the sweep (Tune saves its state), then the job is requeued")
-        os.kill(os.getpid(), signal.SIGUSR1)      # Tune's own handler: stop trials, save, return from fit()
-
-    def _watch(self, read_fd: int) -> None:
-        while True:
-            try:
-                data = os.read(read_fd, 64)
-            except OSError:
-                return
-            if not data:
-                return
-            if signal.SIGTERM in data and not self.tune_returned.is_set():
-                # a preemption: SLURM sent SIGTERM to every process of the step, Ray's too. Its driver may end this
-                # process at any moment once the raylet is gone, and Tune cannot save again: requeue now
-                log.warning("SIGTERM (preemption): Ray's processes are stopping; requeueing from the state Tune "
-                            "saved last")
-                self._requeue_and_exit()
-            if signal.SIGUSR2 in data and not self.tune_returned.wait(self.grace_s):
-                log.warning("Tune did not return within %.0f s of SIGUSR2 (Ray's processes were stopped by the "
-                            "preemption): requeueing from the state it saved last", self.grace_s)
-                self._requeue_and_exit()
-
-    def _requeue_and_exit(self) -> None:
-        """Requeue from the watcher thread, then end the process (submitit's own exit would end only this thread)."""
-        self.preempted = True
-        try:
-            self.requeue(forced=True)
-        finally:
-            os._exit(1)                            # requeued (or failing to): the scheduler ends this run anyway
-
-    def fit_returned(self) -> None:
-        """Tune's fit() has returned (its state is saved): the grace after SIGUSR2 ends, SIGTERM no longer requeues."""
-        self.tune_returned.set()
-
-    def finished(self) -> None:
-        """The driver has returned: stand down, put submitit's handlers back."""
-        self.tune_returned.set()
-        if not self._active:
+        if self._asked:                          # SLURM signals every process of the step, and the job forwards it
             return
-        signal.signal(signal.SIGUSR2, self._submitit_usr2)
-        if self._wakeup is not None:
-            signal.set_wakeup_fd(self._old_wakeup_fd)
-            for fd in self._wakeup:
-                os.close(fd)
-            self._wakeup = None
+        self._asked = True
+        log.info("SIGUSR2: stopping the sweep (Tune saves its state)")
+        os.kill(os.getpid(), signal.SIGUSR1)
 
-    def requeue(self, forced: bool = False) -> None:
-        """Hand the preemption to submitit (checkpoint() + scontrol requeue); only the first call does anything."""
-        with self._requeue_lock:
-            if self._requeued:
-                return
-            self._requeued = True
-        self.on_requeue(forced)
-        if callable(self._submitit_usr2):
-            self._submitit_usr2(signal.SIGUSR2, None)
+    def _watch_parent(self) -> None:
+        while os.getppid() == self._parent:
+            time.sleep(2)
+        log.warning("the job's process has gone: stopping the sweep")
+        os.kill(os.getpid(), signal.SIGUSR2)

@@ -2,28 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import submitit
 
-from brainmt.config import Config, config_from_dict
+from brainmt.config import config_from_dict
 from brainmt.distributed import detect
 from brainmt.fileio import atomic_write_json
 from brainmt.train.logging import JsonlSink
-from brainmt.tune.preemption import PreemptionGuard
+from brainmt.tune.preemption import DriverSupervisor
 from brainmt.tune.ray_cluster import (
     RayNode,
     auth_environment,
     failure_file,
-    node_resources,
     run_worker,
-    start_head,
-    temp_dir,
-    wait_for_nodes,
 )
 
 log = logging.getLogger("brainmt.tune")
@@ -40,10 +37,8 @@ def experiment_dir(sweep_dir: Path) -> Path:
     return Path(sweep_dir).resolve() / "tune" / EXPERIMENT
 
 
-def run_driver(cfg_dict: dict, sweep_dir: str | Path, on_fit_returned: Callable[[], None] | None = None) -> dict:
+def run_driver(cfg_dict: dict, sweep_dir: str | Path) -> dict:
     """Run (or continue) the sweep on the connected Ray cluster; write results.csv, best.yaml and figures.
-
-    ``on_fit_returned`` is called as soon as Tune's fit() returns (its state saved), before the results are written.
 
     Returns {"status": "finished" | "interrupted", "trials", "best": row or None, "results", "best_config"}.
     """
@@ -82,8 +77,6 @@ def run_driver(cfg_dict: dict, sweep_dir: str | Path, on_fit_returned: Callable[
                 failure_config=tune.FailureConfig(max_failures=s.max_failures), verbose=1),
         )
     grid = tuner.fit()
-    if on_fit_returned is not None:
-        on_fit_returned()
     # the statuses Tune saved (those of the returned grid read "terminated" for trials an interruption left pending);
     # an interruption can also come before the searcher has created every trial, so the count is checked too
     statuses = {t.trial_id: t.status for t in tune.ExperimentAnalysis(str(exp)).trials}
@@ -151,44 +144,24 @@ class SweepJob(submitit.helpers.Checkpointable):
                 raise
             return {"status": "worker", "rank": node.rank}
         try:
-            return self._driver(cfg, cfg_dict, sweep_dir, node)
+            return self._driver(cfg_dict, sweep_dir, node)
         finally:                                          # whatever happened, the workers leave
             done_file.parent.mkdir(parents=True, exist_ok=True)
             done_file.touch()
 
-    def _driver(self, cfg: Config, cfg_dict: dict, sweep_dir: str, node: RayNode) -> dict:
-        """Task 0: the Ray head (several nodes) or a local Ray, then the sweep driver."""
-        os.environ.update(auth_environment(Path(sweep_dir), cfg.sweep.ray_auth))
-        import ray  # after RAY_AUTH_* are set: Ray reads them when it is imported
-
+    def _driver(self, cfg_dict: dict, sweep_dir: str, node: RayNode) -> dict:
+        """Task 0: the driver (Ray's head or a local Ray, and Tune) in a child process, supervised for requeues
+        (Ray's core worker ends its own process when a preemption stops the raylet; this one has no Ray in it)."""
+        spec = Path(sweep_dir) / "ray" / f"driver-{node.tag}.json"
+        spec.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(spec, {"config": cfg_dict, "sweep_dir": str(sweep_dir), "node": dataclasses.asdict(node)})
         _event(sweep_dir, "started", node.job_id, restart=node.attempt, nodes=node.nodes)
-        guard = PreemptionGuard(lambda forced: _event(sweep_dir, "preempted", node.job_id, forced=forced))
-        guard.before_ray()
-        head = None
-        try:
-            if node.nodes > 1:
-                address, head = start_head(node, cfg.sweep.dashboard)
-                ray.init(address=address, log_to_driver=True)
-                wait_for_nodes(node, Path(sweep_dir))
-            else:
-                cpus, gpus = node_resources()
-                ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=cfg.sweep.dashboard,
-                         dashboard_host="127.0.0.1", _temp_dir=temp_dir(node.job_id), configure_logging=False)
-            guard.after_ray()
-            summary = run_driver(cfg_dict, sweep_dir, on_fit_returned=guard.fit_returned)
-        finally:
-            guard.finished()
-            ray.shutdown()
-            if head is not None:
-                head.terminate()
-                head.wait(timeout=120)
-        atomic_write_json(Path(sweep_dir) / "summary.json", summary)
-        if guard.preempted:
-            log.info("Tune saved its state; handing the preemption to submitit to requeue")
-            guard.requeue()
-        else:
-            _event(sweep_dir, summary["status"], node.job_id)
-        return summary
+        package_root = str(Path(__file__).resolve().parents[2])    # the driver imports this same brainmt
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
+        supervisor = DriverSupervisor([sys.executable, "-m", "brainmt.tune.driver", str(spec)],
+                                      Path(sweep_dir) / "summary.json",
+                                      lambda event, **extra: _event(sweep_dir, event, node.job_id, **extra), env=env)
+        return supervisor.run()
 
 
 def _event(sweep_dir: str | Path, event: str, job_id: str, **extra: object) -> None:

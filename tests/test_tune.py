@@ -289,13 +289,15 @@ def test_head_stops_waiting_when_a_worker_task_failed(tmp_path, monkeypatch):
 
 
 FAKE_DRIVER = """
-import json, signal, sys, time
-stop_s, run_s, summary = float(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+import json, pathlib, signal, sys, time
+stop_s, run_s, summary, fit_returned = float(sys.argv[1]), float(sys.argv[2]), sys.argv[3], sys.argv[4]
 asked = []
 signal.signal(signal.SIGUSR2, lambda *a: asked.append(time.monotonic()))
 start = time.monotonic()
 while time.monotonic() - start < run_s and not (asked and time.monotonic() - asked[0] > stop_s):
     time.sleep(0.02)
+pathlib.Path(fit_returned).touch()                     # Tune's fit() has returned: results and figures follow
+time.sleep(float(sys.argv[5]))
 if run_s < 0:
     sys.exit(1)                                        # a driver that fails
 status = "interrupted" if asked else "finished"
@@ -310,9 +312,11 @@ def submitit_usr2(*a):                                 # stands in for submitit'
     print("submitit requeues", flush=True)
     sys.exit(-1)
 signal.signal(signal.SIGUSR2, submitit_usr2)
-sig, grace, stop_s, run_s, fake, summary = sys.argv[1:]
-sup = DriverSupervisor([sys.executable, "-c", fake, stop_s, run_s, summary], summary,
-                       lambda event, **extra: print("event", event, *extra.values(), flush=True), grace_s=float(grace))
+sig, grace, stop_s, run_s, post_s, fake, summary = sys.argv[1:]
+fit_returned = summary + ".fit"
+sup = DriverSupervisor([sys.executable, "-c", fake, stop_s, run_s, summary, fit_returned, post_s], summary,
+                       lambda event, **extra: print("event", event, *extra.values(), flush=True), grace_s=float(grace),
+                       fit_returned_path=__import__("pathlib").Path(fit_returned))
 if sig != "none":
     threading.Timer(0.5, os.kill, (os.getpid(), getattr(signal, sig))).start()
 started = time.monotonic()
@@ -325,20 +329,22 @@ finally:
 """
 
 
-@pytest.mark.parametrize(("sig", "grace", "stop_s", "run_s", "expected"), [
-    ("SIGUSR2", 5, 0.3, 30, ["event preempted False", "submitit requeues"]),        # the time limit: Tune saved
-    ("SIGUSR2", 0.5, 30, 30, ["event preempted True", "submitit requeues"]),        # Tune never returned
-    ("SIGTERM", 30, 30, 30, ["event preempted True", "submitit requeues"]),         # a preemption: at once
-    ("SIGINT", 5, 0.3, 30, ["event interrupted", "returned interrupted"]),          # Ctrl-C: saved, no requeue
-    ("none", 5, 0, 1, ["event finished", "returned finished"]),
-    ("none", 5, 0, -1, ["error the sweep driver exited with code 1; its error is in the job's log above"]),
-], ids=["time-limit", "tune-does-not-return", "preemption", "ctrl-c", "finished", "driver-fails"])
-def test_the_job_process_requeues_whatever_the_driver_process_does(tmp_path, sig, grace, stop_s, run_s, expected):
+@pytest.mark.parametrize(("sig", "grace", "stop_s", "run_s", "post_s", "expected"), [
+    ("SIGUSR2", 5, 0.3, 30, 0, ["event preempted False", "submitit requeues"]),     # the time limit: Tune saved
+    ("SIGUSR2", 3, 0.3, 30, 4, ["event preempted False", "submitit requeues"]),     # results after fit(): no grace
+    ("SIGUSR2", 0.5, 30, 30, 0, ["event preempted True", "submitit requeues"]),     # Tune never returned
+    ("SIGTERM", 30, 30, 30, 0, ["event preempted True", "submitit requeues"]),      # a preemption: at once
+    ("SIGINT", 5, 0.3, 30, 0, ["event interrupted", "returned interrupted"]),       # Ctrl-C: saved, no requeue
+    ("none", 5, 0, 1, 0, ["event finished", "returned finished"]),
+    ("none", 5, 0, -1, 0, ["error the sweep driver exited with code 1; its error is in the job's log above"]),
+], ids=["time-limit", "slow-results", "tune-does-not-return", "preemption", "ctrl-c", "finished", "driver-fails"])
+def test_the_job_process_requeues_whatever_the_driver_process_does(tmp_path, sig, grace, stop_s, run_s, post_s,
+                                                                   expected):
     """The sweep driver runs in a child process (Ray's core worker ends its own process when a preemption stops the
     raylet): the job's process forwards the stop signal, then requeues once, at once on SIGTERM."""
     proc = subprocess.run([sys.executable, "-c", SUPERVISOR_SCRIPT, sig, str(grace), str(stop_s), str(run_s),
-                           FAKE_DRIVER, str(tmp_path / "summary.json")], capture_output=True, text=True, timeout=120,
-                          cwd=ROOT, env=env())
+                           str(post_s), FAKE_DRIVER, str(tmp_path / "summary.json")], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, env=env())
     lines = [line for line in proc.stdout.splitlines() if not line.startswith("seconds")]
     assert lines == expected, proc.stdout + proc.stderr
     seconds = int(proc.stdout.splitlines()[-1].split()[1])

@@ -117,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, submitit.core.utils.UncompletedJobError) as exc:   # FailedJobError is a RuntimeError
         print(f"sweeps/tune.py: the sweep job {job.job_id} failed: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as exc:                      # a second Ctrl-C: the driver was ended without waiting
+        print(f"sweeps/tune.py: interrupted ({exc}); continue with: python sweeps/tune.py --resume {sweep_dir}",
+              file=sys.stderr)
+        return 3
     print(f"sweep job {job.job_id}: {summary['status']}, {summary['trials']} trials; results {summary['results']}; "
           f"best config {summary['best_config']}", flush=True)
     return 0 if summary["status"] == "finished" else 3

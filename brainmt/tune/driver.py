@@ -9,16 +9,26 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
 from brainmt.fileio import atomic_write_json
 from brainmt.tune.preemption import INTERRUPTED_EXIT, TuneStopper
-from brainmt.tune.ray_cluster import RayNode, auth_environment, node_resources, start_head, temp_dir, wait_for_nodes
+from brainmt.tune.ray_cluster import (
+    RayNode,
+    auth_environment,
+    node_resources,
+    release_workers,
+    start_head,
+    temp_dir,
+    wait_for_nodes,
+)
 
 
-def drive(cfg_dict: dict, sweep_dir: str, node: RayNode) -> dict:
-    """Start this job's Ray, run (or continue) the sweep, write summary.json; returns the summary."""
+def drive(cfg_dict: dict, sweep_dir: str, node: RayNode, fit_returned: Path | None = None) -> dict:
+    """Start this job's Ray, run (or continue) the sweep, write summary.json; returns the summary. ``fit_returned``
+    is touched when Tune's fit() returns (the job's process stops counting the time-limit grace then)."""
     from brainmt.config import config_from_dict
     from brainmt.tune.sweep import run_driver
 
@@ -39,8 +49,10 @@ def drive(cfg_dict: dict, sweep_dir: str, node: RayNode) -> dict:
             ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=cfg.sweep.dashboard,
                      dashboard_host="127.0.0.1", _temp_dir=temp_dir(node.job_id), configure_logging=False)
         stopper.after_ray()
-        summary = run_driver(cfg_dict, sweep_dir)
+        summary = run_driver(cfg_dict, sweep_dir, on_fit_returned=fit_returned.touch if fit_returned else None)
     finally:
+        if node.nodes > 1 and ray.is_initialized():
+            release_workers(Path(sweep_dir), node)
         ray.shutdown()
         if head is not None:
             head.terminate()
@@ -51,13 +63,15 @@ def drive(cfg_dict: dict, sweep_dir: str, node: RayNode) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the driver described by a spec file ({config, sweep_dir, node}); exit status 0 finished, 3 interrupted."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)    # until Ray is up; the job's process sends it again
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: python -m brainmt.tune.driver SPEC.json (started by the sweep job)", file=sys.stderr)
         return 2
     spec = json.loads(Path(args[0]).read_text())
-    summary = drive(spec["config"], spec["sweep_dir"], RayNode(**spec["node"]))
+    fit_returned = Path(spec["fit_returned"]) if spec.get("fit_returned") else None
+    summary = drive(spec["config"], spec["sweep_dir"], RayNode(**spec["node"]), fit_returned)
     return 0 if summary["status"] == "finished" else INTERRUPTED_EXIT
 
 

@@ -26,9 +26,11 @@ INTERRUPTED_EXIT = 3            # the driver's exit status when Tune stopped bef
 class DriverSupervisor:
     """Runs the driver command and decides, when it ends or a signal comes, whether the job is requeued.
 
-    - SIGUSR2 (SLURM's time-limit signal, or a preemption): forwarded to the driver, which asks Tune to stop and save
-      its state; once the driver has returned, the job is requeued. If it has not returned within ``grace_s``
-      (SLURM sends the signal 120 s before the limit), the job is requeued anyway from the state Tune saved last.
+    - SIGUSR2 (SLURM's time-limit signal, or a preemption): forwarded to the driver (again every few seconds until
+      it ends: a driver still starting Ray cannot take it yet), which asks Tune to stop and save its state; once the
+      driver has returned, the job is requeued. If Tune's ``fit`` has not returned within ``grace_s`` (the driver
+      touches ``fit_returned_path`` when it has; SLURM sends the signal 120 s before the limit), the job is
+      requeued anyway from the state Tune saved last.
     - SIGTERM (a preemption): Ray's processes are stopping and Tune cannot save again: the job is requeued at once.
     - SIGINT (Ctrl-C; the debug executor runs the job in the foreground): forwarded to the driver as SIGUSR2, which
       saves and returns "interrupted"; no requeue. The driver ignores SIGINT itself (Tune's own handler is off:
@@ -37,10 +39,15 @@ class DriverSupervisor:
     """
 
     def __init__(self, cmd: list[str], summary_path: Path, on_event: Callable[..., None], grace_s: float = 60.0,
-                 poll_s: float = 0.2, env: dict[str, str] | None = None) -> None:
+                 poll_s: float = 0.2, env: dict[str, str] | None = None, fit_returned_path: Path | None = None,
+                 resend_s: float = 5.0) -> None:
         self.cmd = cmd
         self.env = env
         self.summary_path = Path(summary_path)
+        self.fit_returned_path = fit_returned_path
+        self.resend_s = resend_s
+        self._sent_at = 0.0
+        self._started_at = 0.0
         self.on_event = on_event                 # on_event(name, **fields): the sweep's events.jsonl
         self.grace_s = grace_s
         self.poll_s = poll_s
@@ -69,8 +76,20 @@ class DriverSupervisor:
     def _forward(self) -> None:
         if self.child is None:
             self._pending.append(signal.SIGUSR2)
+        elif time.monotonic() - self._started_at < 2.0:
+            return                                 # the interpreter is starting (SIGUSR2 would kill it): sent later
         elif self.child.poll() is None:
+            self._sent_at = time.monotonic()
             self.child.send_signal(signal.SIGUSR2)
+
+    def _stop_requested(self) -> bool:
+        return self.usr2_at is not None or self.interrupted
+
+    def _late(self) -> bool:
+        """SIGUSR2 came more than grace_s ago and Tune's fit() has not returned."""
+        if self.usr2_at is None or time.monotonic() - self.usr2_at <= self.grace_s:
+            return False
+        return self.fit_returned_path is None or not self.fit_returned_path.exists()
 
     def _wait(self) -> int | None:
         """Start the driver and wait for it; None when it was given up (SIGTERM, or no return within the grace)."""
@@ -79,18 +98,25 @@ class DriverSupervisor:
             for sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):   # before the child starts
                 previous[sig] = signal.signal(sig, self._on_signal)
         try:
-            env = {**(os.environ if self.env is None else self.env), "TUNE_DISABLE_SIGINT_HANDLER": "1"}
+            if self.fit_returned_path is not None:
+                self.fit_returned_path.unlink(missing_ok=True)
+            env = {**(os.environ if self.env is None else self.env), "TUNE_DISABLE_SIGINT_HANDLER": "1",
+                   "PYTHONUNBUFFERED": "1"}
             self.child = subprocess.Popen(self.cmd, env=env)
+            self._started_at = time.monotonic()
             if self._pending:
                 self._forward()
             while self.child.poll() is None:
-                late = self.usr2_at is not None and time.monotonic() - self.usr2_at > self.grace_s
-                if self.terminated or late:
+                if self.terminated or self._late():
                     log.warning("%s: requeueing from the state Tune saved last",
                                 "SIGTERM (preemption): Ray's processes are stopping" if self.terminated else
-                                f"the sweep driver did not return within {self.grace_s:.0f} s of SIGUSR2")
+                                f"Tune did not return within {self.grace_s:.0f} s of SIGUSR2")
                     return None
+                if self._stop_requested() and time.monotonic() - self._sent_at > self.resend_s:
+                    self._forward()                        # the driver may have been starting Ray the first time
                 time.sleep(self.poll_s)
+            if self.child.returncode not in (0, INTERRUPTED_EXIT):
+                time.sleep(1.0)                            # the driver died of a signal this process gets too?
             return self.child.returncode
         finally:
             for sig, handler in previous.items():
@@ -108,6 +134,9 @@ class DriverSupervisor:
         if code is None or self.terminated or self.usr2_at is not None:
             self._requeue(forced=summary is None)
         self._stop_child()
+        if summary is None and self.interrupted:
+            raise KeyboardInterrupt(f"the sweep driver ended (code {code}) before Tune had saved; continue the sweep "
+                                    "with --resume")
         if summary is None:
             if code is None:
                 raise RuntimeError("the sweep driver was stopped by a preemption before Tune returned; continue the "
@@ -119,9 +148,14 @@ class DriverSupervisor:
     def _requeue(self, forced: bool) -> None:
         """Record the preemption, stop the driver if it still runs, and hand over to submitit (checkpoint + scontrol
         requeue + exit). Without submitit's handler (the debug executor) the sweep ends as interrupted."""
-        self.on_event("preempted", forced=forced)
-        if self.child is not None and self.child.poll() is None:
-            self.child.terminate()                       # no wait: requeueing comes first
+        try:
+            self.on_event("preempted", forced=forced)
+        except OSError:
+            log.exception("could not record the preemption")
+        if "SLURM_JOB_ID" not in os.environ:
+            self._stop_child()                           # a local job restarts at once: its driver must be gone
+        elif self.child is not None and self.child.poll() is None:
+            self.child.terminate()                       # no wait: requeueing comes first (SLURM ends the step)
         if callable(self._submitit_usr2):
             log.info("handing the preemption to submitit to requeue the job")
             self._submitit_usr2(signal.SIGUSR2, None)
@@ -165,6 +199,8 @@ class TuneStopper:
     def _on_usr2(self, signum: int, frame: object) -> None:
         if self._asked:                          # SLURM signals every process of the step, and the job forwards it
             return
+        if not callable(signal.getsignal(signal.SIGUSR1)):
+            return                               # Tune's fit() has not started: the job's process sends it again
         self._asked = True
         log.info("SIGUSR2: stopping the sweep (Tune saves its state)")
         os.kill(os.getpid(), signal.SIGUSR1)

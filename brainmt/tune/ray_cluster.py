@@ -130,6 +130,27 @@ def failure_file(sweep_dir: Path, node: RayNode) -> Path:
     return Path(sweep_dir) / "ray" / f"failed-{node.tag}-{node.rank}"
 
 
+def done_file(sweep_dir: Path, node: RayNode) -> Path:
+    """The file the driver writes when the sweep is over: the worker tasks of this attempt then leave."""
+    return Path(sweep_dir) / "ray" / f"done-{node.tag}"
+
+
+def release_workers(sweep_dir: Path, node: RayNode, timeout_s: float = 30) -> None:
+    """Tell the worker tasks to leave and wait until their Ray nodes are gone while the head is still up (a worker
+    whose head has gone first waits 30 s for it before stopping)."""
+    import ray
+
+    path = done_file(sweep_dir, node)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()
+    deadline = time.perf_counter() + timeout_s
+    try:
+        while sum(1 for n in ray.nodes() if n.get("Alive")) > 1 and time.perf_counter() < deadline:
+            time.sleep(0.5)
+    except Exception:  # Ray itself failing here only costs the workers their wait
+        log.warning("could not watch the Ray workers leave", exc_info=True)
+
+
 def wait_for_nodes(node: RayNode, sweep_dir: Path, timeout_s: float = 600) -> None:
     """Wait until ``expected`` Ray nodes (head + workers) are alive in the connected cluster; fail at once when a
     worker task reports that it failed."""

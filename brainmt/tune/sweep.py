@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import submitit
@@ -19,6 +20,7 @@ from brainmt.tune.preemption import DriverSupervisor
 from brainmt.tune.ray_cluster import (
     RayNode,
     auth_environment,
+    done_file,
     failure_file,
     run_worker,
 )
@@ -37,8 +39,10 @@ def experiment_dir(sweep_dir: Path) -> Path:
     return Path(sweep_dir).resolve() / "tune" / EXPERIMENT
 
 
-def run_driver(cfg_dict: dict, sweep_dir: str | Path) -> dict:
+def run_driver(cfg_dict: dict, sweep_dir: str | Path, on_fit_returned: Callable[[], None] | None = None) -> dict:
     """Run (or continue) the sweep on the connected Ray cluster; write results.csv, best.yaml and figures.
+
+    ``on_fit_returned`` is called as soon as Tune's fit() returns (its state is saved), before the results.
 
     Returns {"status": "finished" | "interrupted", "trials", "best": row or None, "results", "best_config"}.
     """
@@ -77,6 +81,8 @@ def run_driver(cfg_dict: dict, sweep_dir: str | Path) -> dict:
                 failure_config=tune.FailureConfig(max_failures=s.max_failures), verbose=1),
         )
     grid = tuner.fit()
+    if on_fit_returned is not None:
+        on_fit_returned()
     # the statuses Tune saved (those of the returned grid read "terminated" for trials an interruption left pending);
     # an interruption can also come before the searcher has created every trial, so the count is checked too
     statuses = {t.trial_id: t.status for t in tune.ExperimentAnalysis(str(exp)).trials}
@@ -133,11 +139,11 @@ class SweepJob(submitit.helpers.Checkpointable):
         cfg = config_from_dict(cfg_dict, "sweep job config")
         node = _this_node()
         os.environ.pop("RAY_ADDRESS", None)               # never connect to a Ray this job did not start
-        done_file = Path(sweep_dir) / "ray" / f"done-{node.tag}"
+        done = done_file(Path(sweep_dir), node)
         if node.rank > 0:
             try:
                 os.environ.update(auth_environment(Path(sweep_dir), cfg.sweep.ray_auth))
-                if run_worker(node, done_file):
+                if run_worker(node, done):
                     raise RuntimeError(f"Ray worker on task {node.rank} could not join the head {node.head_host}")
             except BaseException as e:                    # tell the head, which would otherwise wait for this node
                 failure_file(Path(sweep_dir), node).write_text(f"{type(e).__name__}: {e}\n")
@@ -146,22 +152,35 @@ class SweepJob(submitit.helpers.Checkpointable):
         try:
             return self._driver(cfg_dict, sweep_dir, node)
         finally:                                          # whatever happened, the workers leave
-            done_file.parent.mkdir(parents=True, exist_ok=True)
-            done_file.touch()
+            done.parent.mkdir(parents=True, exist_ok=True)
+            done.touch()
 
     def _driver(self, cfg_dict: dict, sweep_dir: str, node: RayNode) -> dict:
         """Task 0: the driver (Ray's head or a local Ray, and Tune) in a child process, supervised for requeues
         (Ray's core worker ends its own process when a preemption stops the raylet; this one has no Ray in it)."""
         spec = Path(sweep_dir) / "ray" / f"driver-{node.tag}.json"
         spec.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(spec, {"config": cfg_dict, "sweep_dir": str(sweep_dir), "node": dataclasses.asdict(node)})
+        fit_returned = spec.with_name(f"fit-returned-{node.tag}")
+        atomic_write_json(spec, {"config": cfg_dict, "sweep_dir": str(sweep_dir), "node": dataclasses.asdict(node),
+                                 "fit_returned": str(fit_returned)})
         _event(sweep_dir, "started", node.job_id, restart=node.attempt, nodes=node.nodes)
-        package_root = str(Path(__file__).resolve().parents[2])    # the driver imports this same brainmt
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
-        supervisor = DriverSupervisor([sys.executable, "-m", "brainmt.tune.driver", str(spec)],
+        supervisor = DriverSupervisor([sys.executable, "-u", "-m", "brainmt.tune.driver", str(spec)],
                                       Path(sweep_dir) / "summary.json",
-                                      lambda event, **extra: _event(sweep_dir, event, node.job_id, **extra), env=env)
+                                      lambda event, **extra: _event(sweep_dir, event, node.job_id, **extra),
+                                      env=_child_environment(), fit_returned_path=fit_returned)
         return supervisor.run()
+
+
+def _child_environment() -> dict[str, str]:
+    """The driver's environment: this one, with this brainmt importable (a source checkout is not on sys.path of a
+    new interpreter unless PYTHONPATH says so; an installed package is, and its site directory is not added)."""
+    import site
+
+    package_root = Path(__file__).resolve().parents[2]
+    sites = {Path(p).resolve() for p in [*site.getsitepackages(), site.getusersitepackages()]}
+    if package_root in sites:
+        return dict(os.environ)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(package_root), os.environ.get("PYTHONPATH")) if p)}
 
 
 def _event(sweep_dir: str | Path, event: str, job_id: str, **extra: object) -> None:

@@ -111,11 +111,8 @@ def wait_for_port(host: str, port: int, proc: subprocess.Popen, timeout_s: float
     """Wait until ``proc`` (Ray's head) accepts connections on ``host:port``; fail if it exits or takes too long."""
     deadline = time.perf_counter() + timeout_s
     while True:
-        try:
-            with socket.create_connection((host, port), timeout=2):
-                return
-        except OSError:
-            pass
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=2):
+            return
         if proc.poll() is not None:
             raise RuntimeError(f"the Ray head exited with code {proc.returncode} before listening on {host}:{port} "
                                "(see the job's log above; another process may hold the port)")

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from brainmt import signals
 from brainmt.config import ClusterConfig, ConfigError, load_config
 
 log = logging.getLogger("brainmt.launch")
@@ -46,7 +47,6 @@ def run_in_container(cmd: list[str], run_dir: Path) -> dict:
     """Run ``cmd``, forwarding SIGTERM and SIGUSR2 to it; return a result like ``brainmt.train.loop.run``'s."""
     child: subprocess.Popen | None = None
     pending: list[int] = []                       # signals that came before the child existed
-    previous = {}
 
     def forward(signum: int, frame: object) -> None:
         if child is None:
@@ -55,16 +55,12 @@ def run_in_container(cmd: list[str], run_dir: Path) -> dict:
         log.info("forwarding %s to the container (pid %d)", signal.Signals(signum).name, child.pid)
         child.send_signal(signum)
 
-    for sig in (signal.SIGTERM, signal.SIGUSR2):  # before the child starts: no signal falls through to the default
-        previous[sig] = signal.signal(sig, forward)
-    try:
+    # handled before the child starts: no signal falls through to the default action
+    with signals.handled((signal.SIGTERM, signal.SIGUSR2), forward):
         child = subprocess.Popen(cmd)
         for signum in pending:
             forward(signum, None)
         code = child.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     if code == INTERRUPTED_EXIT:
         return {"status": "interrupted", "returncode": code}
     if code != 0:

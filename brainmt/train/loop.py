@@ -9,7 +9,6 @@ import logging
 import math
 import signal
 import sys
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from brainmt import signals
 from brainmt.config import Config, ConfigError, config_from_dict, config_to_dict, load_config, save_config
 from brainmt.data.loader import EvalWindows, ShardSet, TrainStream
 from brainmt.data.shards import ShardError
@@ -55,19 +55,15 @@ class StopFlag:
 
     def install(self) -> None:
         """Catch SIGTERM and SIGUSR2 (main thread only)."""
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig in (signal.SIGTERM, signal.SIGUSR2):
-            self._previous[sig] = signal.signal(sig, self._handle)
+        self._previous = signals.install((signal.SIGTERM, signal.SIGUSR2), self._handle)
 
     def _handle(self, signum: int, frame: object) -> None:
         self.reason = signal.Signals(signum).name
 
     def restore(self) -> None:
         """Put the previous handlers back."""
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)  # type: ignore[arg-type]
-        self._previous.clear()
+        signals.restore(self._previous)
+        self._previous = {}
 
 
 def check_resume_config(run_dir: Path, cfg: Config) -> None:

@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from brainmt import signals
+
 log = logging.getLogger("brainmt.tune")
 
 INTERRUPTED_EXIT = 3            # the driver's exit status when Tune stopped before every trial had finished
@@ -55,7 +57,6 @@ class DriverSupervisor:
         self.usr2_at: float | None = None
         self.terminated = False
         self.interrupted = False
-        self._pending: list[int] = []
         self._submitit_usr2 = signal.getsignal(signal.SIGUSR2)
 
     def _on_signal(self, signum: int, frame: object) -> None:
@@ -74,13 +75,13 @@ class DriverSupervisor:
         self._forward()
 
     def _forward(self) -> None:
-        if self.child is None:
-            self._pending.append(signal.SIGUSR2)
-        elif time.monotonic() - self._started_at < 2.0:
-            return                                 # the interpreter is starting (SIGUSR2 would kill it): sent later
-        elif self.child.poll() is None:
-            self._sent_at = time.monotonic()
-            self.child.send_signal(signal.SIGUSR2)
+        """Send the driver SIGUSR2, unless it is not started or its interpreter is starting (SIGUSR2 would kill it):
+        the wait loop sends it then."""
+        child = self.child
+        if child is None or time.monotonic() - self._started_at < 2.0 or child.poll() is not None:
+            return
+        self._sent_at = time.monotonic()
+        child.send_signal(signal.SIGUSR2)
 
     def _stop_requested(self) -> bool:
         return self.usr2_at is not None or self.interrupted
@@ -93,19 +94,14 @@ class DriverSupervisor:
 
     def _wait(self) -> int | None:
         """Start the driver and wait for it; None when it was given up (SIGTERM, or no return within the grace)."""
-        previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):   # before the child starts
-                previous[sig] = signal.signal(sig, self._on_signal)
-        try:
+        # handled before the child starts; a stop asked for before it could take one is sent by the loop below
+        with signals.handled((signal.SIGUSR2, signal.SIGTERM, signal.SIGINT), self._on_signal):
             if self.fit_returned_path is not None:
                 self.fit_returned_path.unlink(missing_ok=True)
             env = {**(os.environ if self.env is None else self.env), "TUNE_DISABLE_SIGINT_HANDLER": "1",
                    "PYTHONUNBUFFERED": "1"}
             self.child = subprocess.Popen(self.cmd, env=env)
             self._started_at = time.monotonic()
-            if self._pending:
-                self._forward()
             while self.child.poll() is None:
                 if self.terminated or self._late():
                     log.warning("%s: requeueing from the state Tune saved last",
@@ -113,14 +109,11 @@ class DriverSupervisor:
                                 f"Tune did not return within {self.grace_s:.0f} s of SIGUSR2")
                     return None
                 if self._stop_requested() and time.monotonic() - self._sent_at > self.resend_s:
-                    self._forward()                        # the driver may have been starting Ray the first time
+                    self._forward()                        # the first one, or again: the driver may have been starting Ray
                 time.sleep(self.poll_s)
             if self.child.returncode not in (0, INTERRUPTED_EXIT):
                 time.sleep(1.0)                            # the driver died of a signal this process gets too?
             return self.child.returncode
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
 
     def run(self) -> dict:
         """Run the driver; return its summary, or requeue the job (submitit ends the process then)."""

@@ -132,17 +132,22 @@ def done_file(sweep_dir: Path, node: RayNode) -> Path:
     return Path(sweep_dir) / "ray" / f"done-{node.tag}"
 
 
+def alive_nodes() -> list[dict]:
+    """The connected Ray cluster's live nodes (``ray.nodes()`` entries)."""
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
 def release_workers(sweep_dir: Path, node: RayNode, timeout_s: float = 30) -> None:
     """Tell the worker tasks to leave and wait until their Ray nodes are gone while the head is still up (a worker
     whose head has gone first waits 30 s for it before stopping)."""
-    import ray
-
     path = done_file(sweep_dir, node)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.touch()
     deadline = time.perf_counter() + timeout_s
     try:
-        while sum(1 for n in ray.nodes() if n.get("Alive")) > 1 and time.perf_counter() < deadline:
+        while len(alive_nodes()) > 1 and time.perf_counter() < deadline:
             time.sleep(0.5)
     except Exception:  # Ray itself failing here only costs the workers their wait
         log.warning("could not watch the Ray workers leave", exc_info=True)
@@ -156,7 +161,7 @@ def wait_for_nodes(node: RayNode, sweep_dir: Path, timeout_s: float = 600) -> No
     expected = node.nodes
     deadline = time.perf_counter() + timeout_s
     while True:
-        alive = sum(1 for n in ray.nodes() if n.get("Alive"))
+        alive = len(alive_nodes())
         if alive >= expected:
             log.info("Ray cluster: %d nodes, resources %s", alive, ray.cluster_resources())
             return

@@ -19,6 +19,7 @@ from brainmt.train.logging import JsonlSink
 from brainmt.tune.preemption import DriverSupervisor
 from brainmt.tune.ray_cluster import (
     RayNode,
+    alive_nodes,
     auth_environment,
     done_file,
     failure_file,
@@ -117,9 +118,7 @@ def sweep_progress(statuses: dict[str, str], returned: int, expected: int) -> tu
 
 def _check_resources(resources: dict) -> None:
     """A trial that asks for more than a node has would wait forever: fail now, saying what there is."""
-    import ray
-
-    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    nodes = [n.get("Resources", {}) for n in alive_nodes()]
     for kind, need in resources.items():
         most = max((n.get(kind.upper(), 0.0) for n in nodes), default=0.0)
         if need > most:

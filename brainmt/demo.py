@@ -8,14 +8,15 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def prepare_data(work_dir: Path, subjects: int, frames: int, shape: list[int], seed: int = 0) -> Path:
+def prepare_data(work_dir: Path, subjects: int, frames: int, shape: list[int], seed: int = 0,
+                 effect: str = "mixed") -> Path:
     """``brainmt synth`` then ``brainmt shard`` into ``work_dir`` (both skip what already exists)."""
     from brainmt.data.shards import ShardOptions, shard_dataset
     from brainmt.data.synthetic import write_synthetic_bids
 
     raw, shards = work_dir / "raw", work_dir / "shards"
     if not (raw / "participants.tsv").exists():
-        write_synthetic_bids(raw, subjects, frames, shape, seed=seed, workers=2)
+        write_synthetic_bids(raw, subjects, frames, shape, seed=seed, workers=2, effect=effect)
         print(f"synthetic scans: {subjects} subjects, {'x'.join(map(str, shape))} x {frames} frames in {raw}", flush=True)
     summary = shard_dataset(raw, raw / "participants.tsv", shards, options=ShardOptions(min_frames=frames), progress=False)
     print(f"shards: {shards} ({len(summary.written)} scans written, {len(summary.already_done)} already there)", flush=True)

@@ -159,7 +159,7 @@ def test_rerun_skips_written_scans_and_restores_a_lost_shard(tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in sorted((out / "shards").glob("*.tar"))} == before
     lost = json.loads(tars[0].with_suffix(".json").read_text())["scans"]
     tars[0].unlink()
-    (out / "shards" / "interrupted.tar.tmp").write_bytes(b"partial")
+    (out / "shards" / "shard-000-00099.tar.tmp").write_bytes(b"partial")
     third = shard_dataset(raw, raw / "participants.tsv", out, options=OPTS, progress=False)
     assert sorted(third.written) == sorted(lost)
     assert not list((out / "shards").glob("*.tmp"))
@@ -378,16 +378,16 @@ def test_gzip_truncated_at_the_end_is_named(tmp_path):
 
 def test_synth_and_shard_commands(tmp_path):
     run = lambda *a: subprocess.run([sys.executable, "-m", "brainmt.cli", *a], capture_output=True, text=True)  # noqa: E731
-    p = run("synth", str(tmp_path / "syn"), "--subjects", "6", "--frames", "30", "--shape", "16", "18", "16",
+    p = run("synth", str(tmp_path / "syn"), "--subjects", "8", "--frames", "30", "--shape", "16", "18", "16",
             "--workers", "1")
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "syn" / "derivatives" / "planted" / "region-c_mask.nii.gz").exists()
     header = (tmp_path / "syn" / "participants.tsv").read_text().splitlines()[0]
     assert header.split("\t") == ["participant_id", "sex", "cognition", "family_id"]
     p = run("shard", "--input", str(tmp_path / "syn"), "--phenotypes", str(tmp_path / "syn" / "participants.tsv"),
-            "--output", str(tmp_path / "sh"), "--min-frames", "20")
+            "--output", str(tmp_path / "sh"), "--min-frames", "20", "--split", "0.5", "0.25", "0.25")
     assert p.returncode == 0, p.stderr
-    assert "scans written: 6" in p.stdout and (tmp_path / "sh" / "splits.json").exists()
+    assert "scans written: 8" in p.stdout and (tmp_path / "sh" / "splits.json").exists()
     p = run("shard", "--input", str(tmp_path / "syn"), "--phenotypes", str(tmp_path / "missing.tsv"),
             "--output", str(tmp_path / "sh2"))
     assert p.returncode == 1 and "missing.tsv: phenotype file not found" in p.stderr

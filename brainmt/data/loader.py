@@ -2,12 +2,27 @@
 
 A window of T frames is one ``os.pread`` of the contiguous chunks that cover it (offsets from the
 manifest), so a training sample reads about the bytes of the frames it uses, not the whole scan.
+
+Reads are checked (``check``; default from ``BRAINMT_SAMPLE_CHECK``, else "crc"):
+
+- "crc" (the default): the first time this process reads a chunk, its bytes are compared with the CRC32 the
+  sharder recorded (about 4 ms for 16 MB); later reads of the chunk are not checked again (its bytes do not change
+  while its shard file does not), so a training stream, which reads each chunk many times, pays almost nothing;
+- "crc-always": every read is compared (opt-in: 12-30% of the loader's CPU, far above the 2% budget; see
+  docs/checks.md and ``python -m brainmt.bench.loader --checks``);
+- "finite": the first read of a chunk looks for NaN or infinite values only (about 1 ms for 16 MB);
+- "none": nothing.
+
+A chunk without a CRC32 (shards of an older brainmt: one warning) gets the "finite" check instead. A failure
+raises ShardError naming the shard file, the scan and the sample key.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -15,17 +30,44 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from brainmt.data.nifti import load_mask
-from brainmt.data.shards import FORMAT_VERSION, ShardError, sha256_file
+from brainmt.data.shards import FORMAT_VERSION, ShardError, sample_key
+from brainmt.fileio import sha256_file
+
+log = logging.getLogger(__name__)
+CHECK_ENV = "BRAINMT_SAMPLE_CHECK"
+SAMPLE_CHECKS = ("crc", "crc-always", "finite", "none")
+DEFAULT_CHECK = "crc"   # once per chunk and process: < 1% of the loader's throughput ("crc-always": 12-30%)
+
+
+def sample_check(check: str | None = None) -> str:
+    """The per-read check: ``check``, else the BRAINMT_SAMPLE_CHECK environment variable, else "crc"."""
+    value = check if check is not None else (os.environ.get(CHECK_ENV, "").strip().lower() or DEFAULT_CHECK)
+    if value not in SAMPLE_CHECKS:
+        where = "check" if check is not None else CHECK_ENV
+        raise ValueError(f"{where}={value!r}: the per-read sample check must be one of {', '.join(SAMPLE_CHECKS)}")
+    return value
+
+
+def all_finite16(a: np.ndarray) -> bool:
+    """True if a float16 array holds no NaN or inf, by two max reductions over its bits (about 10 GB/s).
+
+    NaN and inf have every exponent bit set: as uint16 a negative one is >= 0xFC00 (above every finite value),
+    as int16 a positive one is >= 0x7C00 (negative values are negative there).
+    """
+    if a.size == 0:
+        return True
+    return int(a.view(np.uint16).max()) < 0xFC00 and int(a.view(np.int16).max()) < 0x7C00
 
 
 class ShardSet:
     """A shard directory (``manifest.json``, ``mask.nii.gz``, ``splits.json``, ``shards/``) opened for reading.
 
     ``verify``: "size" (default; every shard has the size the manifest records), "sha256" (also the
-    checksums; reads every byte) or "none".
+    checksums; reads every byte) or "none". ``check``: what reads check, "crc", "crc-always", "finite" or "none"
+    (default: the ``BRAINMT_SAMPLE_CHECK`` environment variable, else "crc"; see the module's docstring).
     """
 
-    def __init__(self, root: str | Path, verify: str = "size") -> None:
+    def __init__(self, root: str | Path, verify: str = "size", check: str | None = None) -> None:
         self.root = Path(root)
         path = self.root / "manifest.json"
         try:
@@ -50,6 +92,12 @@ class ShardSet:
         self.bytes_read = 0
         self._fds: dict[str, int] = {}
         self._index_cache: dict[str, torch.Tensor] = {}
+        self.check = sample_check(check)
+        self._checked: dict[str, np.ndarray] = {}   # scan -> chunks this process has checked
+        unchecked = sum("crc32" not in m for m in self.scans.values())
+        if self.check.startswith("crc") and unchecked:
+            log.warning("%s: %d of %d scans were sharded without per-sample CRC32s (an older brainmt): their reads are "
+                        "checked for non-finite values only; re-shard to add them", path, unchecked, len(self.scans))
         if verify != "none":
             self.verify(checksums=verify == "sha256")
 
@@ -100,21 +148,52 @@ class ShardSet:
         meta = self.scans[scan_id]
         if start < 0 or count < 1 or start + count > meta["frames"]:
             raise ValueError(f"{scan_id}: frames {start}..{start + count - 1} outside 0..{meta['frames'] - 1}")
-        chunks = [c for c in meta["chunks"] if c[2] < start + count and c[2] + c[3] > start]
-        base = chunks[0][0]
-        length = chunks[-1][0] + chunks[-1][1] - base
+        chunks = [(k, c) for k, c in enumerate(meta["chunks"]) if c[2] < start + count and c[2] + c[3] > start]
+        base = chunks[0][1][0]
+        length = chunks[-1][1][0] + chunks[-1][1][1] - base
         buf = os.pread(self._fd(meta["shard"]), length, base)
         self.bytes_read += len(buf)
         if len(buf) != length:
             raise ShardError(f"{self.root / 'shards' / meta['shard']}: truncated: sample {scan_id} frames "
-                             f"{chunks[0][2]}-{chunks[-1][2] + chunks[-1][3] - 1} needs bytes {base}..{base + length}, "
-                             f"the file ends at {base + len(buf)}")
+                             f"{chunks[0][1][2]}-{chunks[-1][1][2] + chunks[-1][1][3] - 1} needs bytes "
+                             f"{base}..{base + length}, the file ends at {base + len(buf)}")
         out = np.empty((count, self.n_brain), dtype=np.float16)
-        for offset, _nbytes, first, n in chunks:
+        checked = self._checked_of(scan_id)
+        for k, (offset, nbytes, first, n) in chunks:
             arr = np.frombuffer(buf, dtype=np.float16, count=n * self.n_brain, offset=offset - base).reshape(n, self.n_brain)
+            if not checked[k]:
+                self._check_chunk(scan_id, k, arr, memoryview(buf)[offset - base:offset - base + nbytes], first)
+                checked[k] = self.check != "crc-always"
             lo, hi = max(start, first), min(start + count, first + n)
             out[lo - start:hi - start] = arr[lo - first:hi - first]
         return out
+
+    def _checked_of(self, scan_id: str) -> np.ndarray:
+        """Which chunks of a scan need no check (all with check "none"; those already checked with "crc"/"finite")."""
+        checked = self._checked.get(scan_id)
+        if checked is None:
+            checked = np.full(len(self.scans[scan_id]["chunks"]), self.check == "none")
+            self._checked[scan_id] = checked
+        return checked
+
+    def _check_chunk(self, scan_id: str, k: int, arr: np.ndarray, raw: memoryview, first: int) -> None:
+        """Chunk k's bytes against its CRC32 (with a crc check, when recorded), else its values for NaN or inf."""
+        crcs = self.scans[scan_id].get("crc32") if self.check.startswith("crc") else None
+        if crcs is not None:
+            if zlib.crc32(raw) != crcs[k]:    # bytes as written are finite: the sharder checked them
+                self._damaged(scan_id, k, arr)
+        elif not all_finite16(arr):
+            self._damaged(scan_id, k, None, first + int(np.flatnonzero(~np.isfinite(arr).all(axis=1))[0]))
+
+    def _damaged(self, scan_id: str, chunk: int, data: np.ndarray | None, frame: int | None = None) -> None:
+        """Raise ShardError naming the shard, scan and sample: its CRC32 fails (``data``) or a frame is non-finite."""
+        shard = self.root / "shards" / self.scans[scan_id]["shard"]
+        where = f"{shard}: sample {sample_key(scan_id, chunk)} of scan {scan_id}"
+        fix = f"the shard is damaged: check every shard with brainmt verify --shards {self.root}, then re-shard"
+        if frame is not None:
+            raise ShardError(f"{where}: non-finite values (NaN or inf) at frame {frame}; {fix}")
+        finite = "" if np.isfinite(data).all() else " and holds non-finite values (NaN or inf)"
+        raise ShardError(f"{where}: its bytes do not match the CRC32 recorded when it was written{finite}; {fix}")
 
     def unpack(self, frames: np.ndarray | torch.Tensor, background: float) -> torch.Tensor:
         """Brain-voxel frames (T, n_brain) -> dense (T, 1, D, H, W) over the cropped grid, background filled."""
@@ -162,7 +241,8 @@ def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return 0, 1
 
 
-def _check_lengths(shards: ShardSet, scan_ids: list[str], num_frames: int) -> None:
+def check_lengths(shards: ShardSet, scan_ids: list[str], num_frames: int) -> None:
+    """ShardError when a scan is shorter than one window of ``num_frames``."""
     short = [s for s in scan_ids if shards.scans[s]["frames"] < num_frames]
     if short:
         raise ShardError(f"{len(short)} scan(s) have fewer than num_frames={num_frames} frames (e.g. {short[0]}: "
@@ -189,7 +269,7 @@ class TrainStream(IterableDataset):
             raise ShardError("the training split has no scans")
         if align not in ("chunk", "frame"):
             raise ValueError(f"align must be 'chunk' or 'frame', got {align!r}")
-        _check_lengths(shards, scan_ids, num_frames)
+        check_lengths(shards, scan_ids, num_frames)
         self.shards, self.scan_ids, self.num_frames, self.target = shards, list(scan_ids), num_frames, target
         self.seed, self.align, self.dense = seed, align, dense
         self.skip_batches, self.batch_size = skip_batches, batch_size
@@ -218,7 +298,7 @@ class TrainStream(IterableDataset):
 
 def eval_windows(shards: ShardSet, scan_ids: list[str], num_frames: int) -> list[tuple[str, int]]:
     """Every window of every scan, in order: starts 0, T, 2T, ... and one last window ending at the scan's end."""
-    _check_lengths(shards, scan_ids, num_frames)
+    check_lengths(shards, scan_ids, num_frames)
     out = []
     for scan in sorted(scan_ids):
         frames = shards.scans[scan]["frames"]

@@ -35,6 +35,7 @@ class Phenotypes:
     sex_column: str | None
     family_column: str | None
     values: dict[str, dict[str, float | None]] = field(default_factory=dict)   # subject -> target -> value
+    auto_targets: bool = False        # the targets were picked automatically (no --targets)
     problems: dict[str, dict[str, str]] = field(default_factory=dict)          # subject -> target -> problem
     families: dict[str, str] = field(default_factory=dict)
 
@@ -43,7 +44,11 @@ class Phenotypes:
         probs = self.problems.get(subject, {})
         if not probs:
             return None
-        return "; ".join(f"{col}: {msg}" for col, msg in sorted(probs.items()))
+        text = "; ".join(f"{col}: {msg}" for col, msg in sorted(probs.items()))
+        if self.auto_targets:
+            text += (f" (column(s) {sorted(probs)} were picked as targets automatically, so the subject is dropped; "
+                     "name only the targets you need with --targets to keep it)")
+        return text
 
 
 def _delimiter(path: Path, head: str) -> str:
@@ -54,10 +59,20 @@ def _delimiter(path: Path, head: str) -> str:
     return "\t" if head.count("\t") >= head.count(",") else ","
 
 
-def _find(columns: list[str], wanted: str | None, candidates: tuple[str, ...], what: str, path: Path) -> str | None:
+def _separator_hint(path: Path, head: str, delimiter: str) -> str:
+    """A hint when the header looks separated by another character than the one the file's name implies."""
+    if delimiter == "\t" and "\t" not in head and "," in head:
+        return f" ({path.name} looks comma-separated, but a .tsv is read as tab-separated: name it .csv)"
+    if delimiter == "," and "," not in head and "\t" in head:
+        return f" ({path.name} looks tab-separated, but a .csv is read as comma-separated: name it .tsv)"
+    return ""
+
+
+def _find(columns: list[str], wanted: str | None, candidates: tuple[str, ...], what: str, path: Path,
+          hint: str = "") -> str | None:
     if wanted:
         if wanted not in columns:
-            raise PhenotypeError(f"{path}: no {what} column '{wanted}'; columns are {columns}")
+            raise PhenotypeError(f"{path}: no {what} column '{wanted}'; columns are {columns}{hint}")
         return wanted
     lower = {c.lower(): c for c in columns}
     return next((lower[c.lower()] for c in candidates if c.lower() in lower), None)
@@ -69,6 +84,37 @@ def _number(raw: str) -> float | None:
     except ValueError:
         return None
     return val if math.isfinite(val) else None
+
+
+def _auto_targets(columns: list[str], rows: list[dict], skip: tuple, sex_col: str | None) -> list[str]:
+    """The sex column and every column whose present values are mostly numbers."""
+    target_cols = []
+    for col in columns:
+        if col in skip:
+            continue
+        present = [v for v in ((r.get(col) or "").strip() for r in rows) if v.lower() not in MISSING]
+        if col == sex_col or (present and sum(_number(v) is not None for v in present) >= 0.5 * len(present)):
+            target_cols.append(col)
+    return target_cols
+
+
+def _row_values(phen: Phenotypes, sid: str, row: dict) -> dict[str, float | None]:
+    """One row's target values; a missing or unusable one is None, its problem recorded in ``phen.problems``."""
+    values: dict[str, float | None] = {}
+    for col in phen.targets:
+        raw = (row.get(col) or "").strip()
+        if raw.lower() in MISSING:
+            values[col] = None
+            phen.problems.setdefault(sid, {})[col] = "missing value"
+        elif col == phen.sex_column:
+            values[col] = SEX_CODES.get(raw.lower())
+            if values[col] is None:
+                phen.problems.setdefault(sid, {})[col] = f"unrecognised sex value {raw!r} (use M/F, male/female or 0/1)"
+        else:
+            values[col] = _number(raw)
+            if values[col] is None:
+                phen.problems.setdefault(sid, {})[col] = f"non-numeric value {raw!r}"
+    return values
 
 
 def read_phenotypes(
@@ -94,31 +140,27 @@ def read_phenotypes(
     lines = text.splitlines()
     if not lines or not lines[0].strip():
         raise PhenotypeError(f"{path}: the phenotype file is empty")
-    reader = csv.DictReader(lines, delimiter=_delimiter(path, lines[0]))
+    delimiter = _delimiter(path, lines[0])
+    hint = _separator_hint(path, lines[0], delimiter)
+    reader = csv.DictReader(lines, delimiter=delimiter)
     columns = [c.strip() for c in (reader.fieldnames or [])]
     reader.fieldnames = columns
-    id_col = _find(columns, id_column, ID_COLUMNS, "id", path)
+    id_col = _find(columns, id_column, ID_COLUMNS, "id", path, hint)
     if id_col is None:
         raise PhenotypeError(f"{path}: no subject id column (looked for {list(ID_COLUMNS)}; columns are {columns}); "
-                             "name it with --id-column")
-    sex_col = _find(columns, sex_column, SEX_COLUMNS, "sex", path)
-    fam_col = _find(columns, family_column, FAMILY_COLUMNS, "family", path)
+                             + (hint.strip(" ()") if hint else "name it with --id-column"))
+    sex_col = _find(columns, sex_column, SEX_COLUMNS, "sex", path, hint)
+    fam_col = _find(columns, family_column, FAMILY_COLUMNS, "family", path, hint)
     rows = list(reader)
     if targets:
         missing = [t for t in targets if t not in columns]
         if missing:
-            raise PhenotypeError(f"{path}: target column(s) {missing} not in the table; columns are {columns}")
+            raise PhenotypeError(f"{path}: target column(s) {missing} not in the table; columns are {columns}{hint}")
         target_cols = list(targets)
     else:
-        target_cols = []
-        for col in columns:
-            if col in (id_col, fam_col):
-                continue
-            vals = [(r.get(col) or "").strip() for r in rows]
-            present = [v for v in vals if v.lower() not in MISSING]
-            if col == sex_col or (present and sum(_number(v) is not None for v in present) >= 0.5 * len(present)):
-                target_cols.append(col)
-    phen = Phenotypes(str(path), target_cols, sex_col if sex_col in target_cols else None, fam_col)
+        target_cols = _auto_targets(columns, rows, (id_col, fam_col), sex_col)
+    phen = Phenotypes(str(path), target_cols, sex_col if sex_col in target_cols else None, fam_col,
+                      auto_targets=not targets)
     first_line: dict[str, int] = {}
     for line_no, row in enumerate(rows, start=2):
         raw_id = (row.get(id_col) or "").strip()
@@ -128,22 +170,7 @@ def read_phenotypes(
         if sid in first_line:
             raise PhenotypeError(f"{path}: duplicate subject id '{raw_id}' on lines {first_line[sid]} and {line_no}")
         first_line[sid] = line_no
-        values: dict[str, float | None] = {}
-        for col in target_cols:
-            raw = (row.get(col) or "").strip()
-            if raw.lower() in MISSING:
-                values[col] = None
-                phen.problems.setdefault(sid, {})[col] = "missing value"
-            elif col == phen.sex_column:
-                code = SEX_CODES.get(raw.lower())
-                values[col] = code
-                if code is None:
-                    phen.problems.setdefault(sid, {})[col] = f"unrecognised sex value {raw!r} (use M/F, male/female or 0/1)"
-            else:
-                values[col] = _number(raw)
-                if values[col] is None:
-                    phen.problems.setdefault(sid, {})[col] = f"non-numeric value {raw!r}"
-        phen.values[sid] = values
+        phen.values[sid] = _row_values(phen, sid, row)
         if fam_col:
             fam = (row.get(fam_col) or "").strip()
             phen.families[sid] = fam if fam.lower() not in MISSING else f"__own_{sid}"

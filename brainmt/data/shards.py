@@ -8,17 +8,24 @@ of T frames is one read of about T frames' bytes through the byte offsets kept i
 Restartable: a shard is written as ``.tmp`` and renamed when complete, then its index
 (``<shard>.json``) is written; a re-run skips scans found in complete shards. ``part=(i, n)`` writes
 one slice of the scans (for array jobs); ``merge_manifest`` gathers the parts.
+
+Integrity: every shard's SHA-256 is in its index and the manifest (``verify_shards``, ``brainmt verify``),
+and every chunk's CRC32 in the scan's ``crc32`` list (checked by the loader). ``options.json`` records the
+options that change what is stored; a re-run with other values is refused before anything is written.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import io
 import json
 import logging
+import math
 import sys
 import tarfile
 import time
+import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +35,7 @@ from brainmt import __version__
 from brainmt.data.layouts import ScanSource, find_scans
 from brainmt.data.nifti import OpenScan, ScanError, bounding_box, load_mask, read_brain_series, save_mask, variation_mask
 from brainmt.data.phenotypes import make_splits, read_phenotypes
-from brainmt.fileio import atomic_write_json
+from brainmt.fileio import atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -36,6 +43,42 @@ FORMAT_VERSION = 1
 
 class ShardError(ValueError):
     """The sharding run cannot go on; the message names the file and the problem."""
+
+
+class ShardOptionError(ShardError):
+    """An option's value cannot work (a usage error, exit status 2); the message names the option."""
+
+
+SPLIT_NAMES = ("train", "validation", "test")
+SMALL_SPLIT_SUBJECTS = 10  # fewer subjects than this in a split: a warning (its metrics are mostly noise)
+# options that change what is stored -> their command-line names; a re-run must repeat them (options.json)
+STORED_OPTIONS = {
+    "chunk_frames": "--chunk-frames", "background": "--background", "min_frames": "--min-frames",
+    "mask_fraction": "--mask-fraction", "mask_scans": "--mask-scans", "layout": "--layout",
+    "bids_space": "--bids-space", "targets": "--targets", "sex_column": "--sex-column",
+    "family_column": "--family-column",
+}
+
+
+def split_text(fractions) -> str:
+    """``--split 0.7 0.15 0.15`` as the user would type it."""
+    return "--split " + " ".join(f"{v:g}" for v in fractions)
+
+
+def split_problems(fractions) -> list[str]:
+    """What is wrong with three split fractions (train, validation, test); empty if nothing."""
+    f = tuple(float(v) for v in fractions)
+    text = split_text(f)
+    if len(f) != 3:
+        return [f"{text}: needs three fractions (train, validation, test)"]
+    if not all(math.isfinite(v) and v >= 0 for v in f):
+        return [f"{text}: each fraction must be a number >= 0"]
+    problems = []
+    if f[0] == 0:
+        problems.append(f"{text}: the train fraction must be more than 0")
+    if abs(sum(f) - 1.0) > 1e-6:
+        problems.append(f"{text}: the fractions must sum to 1 (they sum to {sum(f):g})")
+    return problems
 
 
 @dataclass
@@ -51,6 +94,43 @@ class ShardOptions:
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
     split_seed: int = 0
     strict: bool = False               # stop at the first skipped scan instead of counting it
+    # refuse splits (with a fraction above 0) of fewer subjects; `brainmt shard` uses 1: training or evaluating
+    # on an empty split fails. 0 (the default here, for small test data) only warns.
+    min_split_subjects: int = 0
+
+    def check(self) -> None:
+        """Raise ShardOptionError naming every option whose value cannot work (before any work is done)."""
+        problems = []
+        if self.chunk_frames < 1:
+            problems.append(f"--chunk-frames {self.chunk_frames}: must be at least 1")
+        if not self.shard_bytes > 0:
+            problems.append(f"--shard-size-gb {self.shard_bytes / 1e9:g}: must be more than 0")
+        if self.background not in ("min", "zero"):
+            problems.append(f"--background {self.background!r}: must be 'min' or 'zero'")
+        if self.min_frames < 2:
+            problems.append(f"--min-frames {self.min_frames}: must be at least 2 (a scan is a time series)")
+        if not 0 < self.mask_fraction <= 1:
+            problems.append(f"--mask-fraction {self.mask_fraction:g}: must be more than 0 and at most 1")
+        if self.mask_scans is not None and self.mask_scans < 1:
+            problems.append(f"--mask-scans {self.mask_scans}: must be at least 1")
+        if self.min_split_subjects < 0:
+            problems.append(f"--min-split-subjects {self.min_split_subjects}: must be at least 0")
+        problems += split_problems(self.split_fractions)
+        if problems:
+            raise ShardOptionError("; ".join(problems))
+
+
+# skip reasons, counted when nothing could be written
+KIND_NO_ROW = "no phenotype row"
+KIND_PHENOTYPE = "missing or invalid phenotype value"
+KIND_GRID = "another grid than the mask"
+KIND_SCAN = "unreadable or unusable scan"
+KIND_FLAT = "no voxel varies over time"
+
+
+def kind_min_frames(min_frames: int) -> str:
+    """The skip reason of a scan shorter than ``--min-frames``."""
+    return f"fewer than --min-frames {min_frames} frames"
 
 
 @dataclass
@@ -74,20 +154,22 @@ class ShardSummary:
             lines.append(f"manifest: {self.manifest}")
         return "\n".join(lines)
 
+    def nothing_written(self) -> str:
+        """The error when no scan was written: the skip reasons counted."""
+        return f"0 scans written: {count_skips(self.skipped)}"
+
+
+def count_skips(skipped: list[dict]) -> str:
+    """``12 skipped (fewer than --min-frames 200 frames: 12)``: skip reasons counted, the commonest first."""
+    counts = Counter(s.get("kind", "other") for s in skipped)
+    detail = ", ".join(f"{kind}: {n}" for kind, n in counts.most_common())
+    return f"{len(skipped)} skipped" + (f" ({detail})" if detail else "")
+
 
 def _npy_bytes(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.lib.format.write_array(buf, arr, allow_pickle=False)
     return buf.getvalue()
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 4 MiB blocks."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def index_tar(path: Path) -> dict[str, tuple[int, int]]:
@@ -107,6 +189,11 @@ def index_tar(path: Path) -> dict[str, tuple[int, int]]:
                 header_len = raw.tell() - member.offset_data
                 out[member.name] = (member.offset_data + header_len, member.size - header_len)
     return out
+
+
+def sample_key(scan_id: str, chunk: int) -> str:
+    """The WebDataset key of a scan's chunk: ``<scan>_c<k>``."""
+    return f"{scan_id}_c{chunk:05d}"
 
 
 class _ShardWriter:
@@ -133,7 +220,7 @@ class _ShardWriter:
         self.scans, self.samples = {}, 0
 
     def add_scan(self, scan_id: str, series: np.ndarray, chunk_frames: int, meta: dict) -> int:
-        """Append one scan's chunks; close the shard first if this scan would overflow it."""
+        """Append one scan's chunks (with each chunk's CRC32); close the shard first if this scan would overflow it."""
         size = series.nbytes
         if self.tar is not None and self.scans and self.file.tell() + size > self.max_bytes:
             self.close()
@@ -142,17 +229,17 @@ class _ShardWriter:
         keys = []
         for k, start in enumerate(range(0, len(series), chunk_frames)):
             chunk = np.ascontiguousarray(series[start:start + chunk_frames])
-            key = f"{scan_id}_c{k:05d}"
+            key = sample_key(scan_id, k)
             info = {"scan": scan_id, "chunk": k, "frame_start": start, "frames": len(chunk)}
             self.tar.write({"__key__": key, "json": json.dumps(info).encode(), "npy": _npy_bytes(chunk)})
-            keys.append((key, start, len(chunk)))
+            keys.append((key, start, len(chunk), zlib.crc32(chunk)))
         self.scans[scan_id] = {**meta, "_keys": keys}
         self.samples += len(keys)
         self.file.flush()
         return size
 
     def close(self) -> None:
-        """Finish the shard: rename it into place, then write its index (offsets, checksum)."""
+        """Finish the shard: rename it into place, then write its index (offsets, CRC32s, checksum)."""
         if self.tar is None:
             return
         self.tar.close()
@@ -162,7 +249,8 @@ class _ShardWriter:
         offsets = index_tar(final)
         for meta in self.scans.values():
             keys = meta.pop("_keys")
-            meta["chunks"] = [[*offsets[f"{key}.npy"], start, n] for key, start, n in keys]
+            meta["chunks"] = [[*offsets[f"{key}.npy"], start, n] for key, start, n, _ in keys]
+            meta["crc32"] = [crc for *_, crc in keys]    # of each chunk's array bytes (chunks[k][0:2])
         index = {"shard": self.name, "bytes": final.stat().st_size, "sha256": sha256_file(final),
                  "samples": self.samples, "scans": self.scans}
         atomic_write_json(final.with_suffix(".json"), index)
@@ -184,56 +272,281 @@ def _grid_of(affine: np.ndarray) -> tuple[float, float, float]:
     return tuple(round(float(v), 5) for v in np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0)))  # type: ignore[return-value]
 
 
+# ------------------------------------------------------------------ checks before any work
+
+
+def _settings(opts: ShardOptions, layout: str, bids_space: str | None, phen, data_mask: bool) -> dict:
+    """The options that change what is stored, as options.json records them."""
+    return {"chunk_frames": opts.chunk_frames, "background": opts.background, "min_frames": opts.min_frames,
+            "mask": "data" if data_mask else "user", "mask_fraction": opts.mask_fraction if data_mask else None,
+            "mask_scans": opts.mask_scans if data_mask else None, "layout": layout, "bids_space": bids_space,
+            "targets": list(phen.targets), "sex_column": phen.sex_column, "family_column": phen.family_column}
+
+
+def stored_settings(out: str | Path) -> dict | None:
+    """The settings an output was written with: options.json, else what an older manifest.json records, else None."""
+    out = Path(out)
+    if (out / "options.json").exists():
+        return json.loads((out / "options.json").read_text())
+    if (out / "manifest.json").exists():
+        man = json.loads((out / "manifest.json").read_text())
+        pre = man.get("preprocessing", {})
+        old = {k: pre[k] for k in ("chunk_frames", "background", "min_frames") if k in pre}
+        return old | {k: man[k] for k in ("layout", "targets", "sex_column", "family_column") if k in man}
+    return None
+
+
+def _show(value) -> str:
+    if value is None:
+        return "(none)"
+    return " ".join(map(str, value)) if isinstance(value, list) else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _check_output(out: Path, settings: dict, opts: ShardOptions) -> None:
+    """Refuse to add to an output written with other stored options or other split options, naming each one."""
+    diffs = []
+    stored = stored_settings(out) or {}
+    both_data = stored.get("mask") == "data" and settings["mask"] == "data"
+    for key, flag in STORED_OPTIONS.items():
+        if key in stored and (both_data or not key.startswith("mask_")) and stored[key] != settings[key]:
+            diffs.append(f"{flag} {_show(settings[key])} (it was written with {flag} {_show(stored[key])})")
+    splits_path = out / "splits.json"
+    if splits_path.exists():
+        sp = json.loads(splits_path.read_text())
+        old = [float(sp["fractions"][n]) for n in SPLIT_NAMES]
+        if any(abs(a - b) > 1e-9 for a, b in zip(old, opts.split_fractions)):
+            diffs.append(f"{split_text(opts.split_fractions)} (splits.json was drawn with {split_text(old)})")
+        if sp.get("seed") != opts.split_seed:
+            diffs.append(f"--split-seed {opts.split_seed} (splits.json was drawn with --split-seed {sp.get('seed')})")
+    if diffs:
+        raise ShardError(f"{out}: this output was made with other options: {'; '.join(diffs)}. Nothing was written: "
+                         "repeat the output's options to continue it, or use a new --output (to redraw the splits: "
+                         f"brainmt shard --merge --resplit --output {out} --split ...)")
+
+
+def check_split_sizes(splits: dict, fractions, where: str, minimum: int, warn: bool = True) -> None:
+    """Refuse a split with a fraction above 0 and fewer than ``minimum`` subjects; warn about small ones."""
+    total = sum(len(splits[n]) for n in SPLIT_NAMES)
+    for name, fraction in zip(SPLIT_NAMES, fractions):
+        n = len(splits[name])
+        if fraction > 0 and n < minimum:
+            raise ShardError(f"{where}: split '{name}' would have {n} of {total} subjects ({split_text(fractions)}, "
+                             f"subjects grouped by {splits.get('grouped_by', 'subject')}); each split with a fraction "
+                             f"above 0 needs at least {minimum} (--min-split-subjects): shard more subjects or choose "
+                             "other fractions with --split")
+        if warn and fraction > 0 and n < SMALL_SPLIT_SUBJECTS:
+            why = "its metrics will be mostly noise" if n else "training or evaluating on it will fail"
+            log.warning("split '%s' has %s%d of %d subjects (%s): %s", name, "only " if n else "", n, total,
+                        split_text(fractions), why)
+
+
+def _predicted_splits(usable: list[ScanSource], phen, opts: ShardOptions) -> dict:
+    """The splits merge_manifest will draw if every usable scan is written (the same subjects, families, strata)."""
+    subjects = sorted({s.subject for s in usable})
+    fam = {s: phen.families[s] for s in subjects if phen.families.get(s)}
+    strata = {s: phen.values[s].get(phen.sex_column) for s in subjects} if phen.sex_column else None
+    return make_splits(subjects, fam or None, strata, tuple(opts.split_fractions), opts.split_seed)
+
+
+# ------------------------------------------------------------------ the mask
+
+
+def _data_mask(scans: list[ScanSource], opts: ShardOptions, summary: ShardSummary, skip) -> tuple:
+    """Voxels varying over time in at least ``mask_fraction`` of the scans: (mask, affine, scans used)."""
+    use = scans if opts.mask_scans is None else scans[: opts.mask_scans]
+    counts, affine, shape, n = None, None, None, 0
+    why, longest, skipped_before = Counter(s.get("kind", "other") for s in summary.skipped), 0, len(summary.skipped)
+    for src in use:
+        try:
+            varies, header = variation_mask(src.path)
+        except ScanError as exc:
+            skip(src, str(exc), KIND_SCAN)
+            why[KIND_SCAN] += 1
+            continue
+        longest = max(longest, header.frames)
+        if header.frames < opts.min_frames or not varies.any():  # reported again when the scan itself is read
+            why[kind_min_frames(opts.min_frames) if header.frames < opts.min_frames else KIND_FLAT] += 1
+            continue
+        if shape is None:
+            shape, affine, zooms = header.shape, header.affine, header.voxel_size
+        if header.shape != shape or not np.allclose(header.voxel_size, zooms, atol=1e-3):
+            why[KIND_GRID] += 1
+            continue  # another grid: reported when the scan itself is read
+        counts = varies.astype(np.int32) if counts is None else counts + varies
+        n += 1
+    if counts is None:
+        detail = ", ".join(f"{k}: {v}" for k, v in why.most_common())
+        hint = (f"lower --min-frames (the longest scan has {longest} frames) or " if why[kind_min_frames(opts.min_frames)]
+                else "see the warnings above for each scan, or ")
+        raise ShardError(f"no readable scan to compute a brain mask from: {len(use) + skipped_before} scan(s), "
+                         f"none usable ({detail}); {hint}pass --mask FILE")
+    mask = counts >= opts.mask_fraction * n
+    if not mask.any():
+        raise ShardError(f"the data-derived brain mask is empty (no voxel varies in {opts.mask_fraction:.0%} of "
+                         f"{n} scans); pass --mask FILE")
+    return mask, affine, n
+
+
 def _prepare_mask(out: Path, scans: list[ScanSource], mask_path: str | None, opts: ShardOptions, n_parts: int,
-                  skip) -> dict:
-    """Load, copy or compute the brain mask; returns mask.json's content (shape, affine, bbox, ...)."""
+                  summary: ShardSummary, skip) -> tuple[dict, np.ndarray | None, np.ndarray | None]:
+    """Load, check or compute the brain mask without writing: (mask.json's content, mask and affine to save if new)."""
     mask_file, info_file = out / "mask.nii.gz", out / "mask.json"
     if mask_path:
         mask, affine = load_mask(mask_path)
         source = f"user mask {mask_path}"
         if info_file.exists():
-            old = json.loads(info_file.read_text())
             old_mask, _ = load_mask(mask_file)
             if old_mask.shape != mask.shape or not np.array_equal(old_mask, mask):
                 raise ShardError(f"{mask_path}: differs from the mask this output was started with ({mask_file}); "
                                  "use a new output directory")
-            return old
+            return json.loads(info_file.read_text()), None, None
     elif info_file.exists():
-        return json.loads(info_file.read_text())
+        return json.loads(info_file.read_text()), None, None
     else:
         if n_parts > 1:
             raise ShardError(f"{out}: no mask.nii.gz yet. With --part, first compute the mask once "
                              "(brainmt shard ... --mask-only) or pass --mask FILE")
-        use = scans if opts.mask_scans is None else scans[: opts.mask_scans]
-        counts, affine, shape, n = None, None, None, 0
-        for src in use:
-            try:
-                varies, header = variation_mask(src.path)
-            except ScanError as exc:
-                skip(src, str(exc))
-                continue
-            if not varies.any() or header.frames < opts.min_frames:
-                continue  # no signal or too short: reported when the scan itself is read
-            if shape is None:
-                shape, affine, zooms = header.shape, header.affine, header.voxel_size
-            if header.shape != shape or not np.allclose(header.voxel_size, zooms, atol=1e-3):
-                continue  # another grid: reported when the scan itself is read
-            counts = varies.astype(np.int32) if counts is None else counts + varies
-            n += 1
-        if counts is None:
-            raise ShardError("no readable scan to compute a brain mask from")
-        mask = counts >= opts.mask_fraction * n
-        if not mask.any():
-            raise ShardError(f"the data-derived brain mask is empty (no voxel varies in {opts.mask_fraction:.0%} of "
-                             f"{n} scans); pass --mask FILE")
+        mask, affine, n = _data_mask(scans, opts, summary, skip)
         source = f"data: voxels varying over time in >= {opts.mask_fraction:.0%} of {n} scans"
     bbox = bounding_box(mask)
-    save_mask(mask, affine, mask_file)
     info = {"file": mask_file.name, "source": source, "shape": list(mask.shape), "affine": np.asarray(affine).tolist(),
             "voxel_size": list(_grid_of(affine)), "n_voxels": int(mask.sum()), "bbox": [list(b) for b in bbox],
             "cropped_shape": [b - a for a, b in bbox]}
-    atomic_write_json(info_file, info)
-    return info
+    return info, mask, affine
+
+
+# ------------------------------------------------------------------ writing
+
+
+def _make_dirs(out: Path) -> list[Path]:
+    """Create the output, shards/ and parts/ folders; return those this call created (to remove if left empty)."""
+    created = []
+    for d in [*[p for p in reversed([out, *out.parents]) if not p.exists()], out / "shards", out / "parts"]:
+        try:
+            d.mkdir()
+            created.append(d)
+        except FileExistsError:   # there already, or made meanwhile by another part of an array job
+            pass
+    return created
+
+
+def _remove_empty(created: list[Path]) -> None:
+    """Remove the folders of ``created`` that are still empty, deepest first (never a file)."""
+    for d in reversed(created):
+        if d.is_dir() and not any(d.iterdir()):
+            with contextlib.suppress(OSError):   # another part of an array job wrote into it meanwhile
+                d.rmdir()
+
+
+def _skipper(summary: ShardSummary, strict: bool):
+    """skip(src, reason, kind): record a skipped scan once (or stop, with ``strict``)."""
+    def skip(src: ScanSource, reason: str, kind: str) -> None:
+        if strict:
+            raise ShardError(f"{src.path}: {reason}" if str(src.path) not in reason else reason)
+        if not any(s["scan_id"] == src.scan_id for s in summary.skipped):
+            summary.skipped.append({"scan_id": src.scan_id, "source": str(src.path), "reason": reason, "kind": kind})
+            log.warning("skipping %s: %s", src.scan_id, reason)
+    return skip
+
+
+def _with_phenotypes(scans: list[ScanSource], phen, skip) -> list[ScanSource]:
+    """The scans whose subject has a phenotype row with usable targets; the others are skipped."""
+    usable = []
+    for src in scans:
+        if src.subject not in phen.values:
+            skip(src, f"no row for subject '{src.subject}' in {phen.path}", KIND_NO_ROW)
+        elif (problem := phen.target_problem(src.subject)) is not None:
+            skip(src, f"phenotype {problem} in {phen.path}", KIND_PHENOTYPE)
+        else:
+            usable.append(src)
+    return usable
+
+
+def _read_scan(src: ScanSource, mask_info: dict, full_mask: np.ndarray, opts: ShardOptions, skip) -> tuple | None:
+    """(header, brain series) of a scan on the mask's grid, or None after skipping it with the reason."""
+    voxel_size = tuple(mask_info["voxel_size"])
+    try:
+        with OpenScan(src.path) as scan:
+            h = scan.header
+            if list(h.shape) != mask_info["shape"]:
+                skip(src, f"{src.path}: shape {list(h.shape)} differs from the mask's {mask_info['shape']} "
+                          "(all scans must share one grid)", KIND_GRID)
+                return None
+            if not np.allclose(h.voxel_size, voxel_size, atol=1e-3):
+                skip(src, f"{src.path}: voxel size {list(h.voxel_size)} differs from the mask's {list(voxel_size)}",
+                     KIND_GRID)
+                return None
+            if h.frames < opts.min_frames:
+                skip(src, f"{src.path}: {h.frames} frames, fewer than the {opts.min_frames} needed (--min-frames)",
+                     kind_min_frames(opts.min_frames))
+                return None
+            return h, read_brain_series(scan, full_mask, opts.background)
+    except ScanError as exc:
+        skip(src, str(exc), KIND_SCAN)
+        return None
+
+
+def _write_scans(writer: _ShardWriter, todo, mask_info: dict, full_mask: np.ndarray, opts: ShardOptions, phen,
+                 summary: ShardSummary, skip) -> None:
+    """Read, check and append each scan of ``todo``; bad ones are skipped with the reason."""
+    for src in todo:
+        got = _read_scan(src, mask_info, full_mask, opts, skip)
+        if got is None:
+            continue
+        h, series = got
+        meta = {"subject": src.subject, "source": str(src.path), "source_bytes": h.source_bytes,
+                "source_mtime": h.source_mtime, "frames": h.frames, "tr": h.tr, "shape": list(h.shape),
+                "voxel_size": list(h.voxel_size), "affine": np.round(h.affine, 6).tolist(),
+                "source_affine": np.asarray(h.source_affine).tolist(),   # on-disk orientation: maps go back to it
+                "mean": series.mean, "std": series.std,
+                "background": series.background, "targets": phen.values[src.subject],
+                "family": phen.families.get(src.subject)}
+        summary.bytes_written += writer.add_scan(src.scan_id, series.data, opts.chunk_frames, meta)
+        summary.written.append(src.scan_id)
+
+
+def _write_part(out: Path, mine: list[ScanSource], all_scans: list[ScanSource], layout: str, mask_info: dict,
+                opts: ShardOptions, phen, part: tuple[int, int], summary: ShardSummary, skip,
+                progress: bool | None) -> None:
+    """Write this part's scans not yet in a complete shard; record the part (parts/part-i-of-n.json) whatever happens."""
+    index, n_parts = part
+    shard_dir = out / "shards"
+    full_mask, _ = load_mask(out / mask_info["file"])
+    done = _done_scans(shard_dir)
+    todo = [s for s in mine if s.scan_id not in done]
+    summary.already_done = [s.scan_id for s in mine if s.scan_id in done]
+    show = sys.stderr.isatty() if progress is None else progress
+    if show:
+        from tqdm import tqdm
+        todo = tqdm(todo, desc=f"shard part {index}/{n_parts}", unit="scan")
+    writer = _ShardWriter(shard_dir, index, opts.shard_bytes)
+    finished = False
+    try:
+        _write_scans(writer, todo, mask_info, full_mask, opts, phen, summary, skip)
+        finished = True
+    finally:
+        writer.close()  # every scan added so far is kept, whatever stopped the loop
+        atomic_write_json(out / "parts" / f"part-{index:03d}-of-{n_parts:03d}.json",
+                          {"part": index, "parts": n_parts, "finished": finished,
+                           "skipped": summary.skipped, "phenotypes": str(phen.path), "layout": layout,
+                           "targets": phen.targets, "sex_column": phen.sex_column, "family_column": phen.family_column,
+                           "rows_without_scan": sorted(set(phen.values) - {s.subject for s in all_scans})})
+
+
+def _start_output(out: Path, settings: dict, mask_info: dict, new_mask: np.ndarray | None, affine, part: int) -> None:
+    """Record the options (options.json, once) and a new mask; clear what an interrupted run of this part left
+    (never another part's: the parts of an array job write side by side)."""
+    if not (out / "options.json").exists():
+        atomic_write_json(out / "options.json", settings)
+    if new_mask is not None:
+        save_mask(new_mask, affine, out / "mask.nii.gz")
+        atomic_write_json(out / "mask.json", mask_info)
+    shard_dir = out / "shards"
+    for orphan in shard_dir.glob(f"shard-{part:03d}-*.tar.tmp"):
+        orphan.unlink()  # an interrupted shard: its scans are written again
+    for index_file in shard_dir.glob(f"shard-{part:03d}-*.json"):
+        if not index_file.with_suffix(".tar").exists():
+            index_file.unlink()  # its shard was removed: those scans are written again
 
 
 def shard_dataset(input_dir: str | Path, phenotypes: str | Path, output: str | Path, *, layout: str = "auto",
@@ -242,102 +555,60 @@ def shard_dataset(input_dir: str | Path, phenotypes: str | Path, output: str | P
                   id_column: str | None = None, targets: list[str] | None = None, sex_column: str | None = None,
                   family_column: str | None = None, options: ShardOptions | None = None,
                   progress: bool | None = None) -> ShardSummary:
-    """Shard the scans under ``input_dir``; with one part (the default) also write the manifest and splits."""
+    """Shard the scans under ``input_dir``; with one part (the default) also write the manifest and splits.
+
+    Every argument, the phenotypes, the scan list, the mask and the existing output are checked before any
+    folder is created; a failure removes the empty folders this call created. Writing no scan at all raises.
+    """
     opts = options or ShardOptions()
     t0 = time.perf_counter()
+    opts.check()
+    index, n_parts = part
+    if not 0 <= index < n_parts:
+        raise ShardOptionError(f"--part {index}/{n_parts}: the part index must be in 0..{n_parts - 1}")
     out = Path(output)
-    shard_dir = out / "shards"
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    (out / "parts").mkdir(exist_ok=True)
-    for orphan in shard_dir.glob("*.tar.tmp"):
-        orphan.unlink()  # an interrupted shard: its scans are written again
-    for index_file in shard_dir.glob("shard-*.json"):
-        if not index_file.with_suffix(".tar").exists():
-            index_file.unlink()  # its shard was removed: those scans are written again
+    if out.exists() and not out.is_dir():
+        raise ShardOptionError(f"--output {out}: exists and is not a directory")
     phen = read_phenotypes(phenotypes, id_column, targets, sex_column, family_column)
     layout, scans = find_scans(input_dir, layout, glob, subject_regex, bids_space)
     summary = ShardSummary()
-
-    def skip(src: ScanSource, reason: str) -> None:
-        if opts.strict:
-            raise ShardError(f"{src.path}: {reason}" if str(src.path) not in reason else reason)
-        if not any(s["scan_id"] == src.scan_id for s in summary.skipped):
-            summary.skipped.append({"scan_id": src.scan_id, "source": str(src.path), "reason": reason})
-            log.warning("skipping %s: %s", src.scan_id, reason)
-
-    usable = []
-    for src in scans:
-        if src.subject not in phen.values:
-            skip(src, f"no row for subject '{src.subject}' in {phen.path}")
-        elif (problem := phen.target_problem(src.subject)) is not None:
-            skip(src, f"phenotype {problem} in {phen.path}")
-        else:
-            usable.append(src)
-    index, n_parts = part
-    if not 0 <= index < n_parts:
-        raise ShardError(f"--part {index}/{n_parts}: the part index must be in 0..{n_parts - 1}")
-    mask_info = _prepare_mask(out, usable, mask, opts, n_parts, skip)
-    if mask_only:
-        summary.seconds = time.perf_counter() - t0
-        return summary
-    full_mask, _ = load_mask(out / mask_info["file"])
-    voxel_size = tuple(mask_info["voxel_size"])
-    mine = [s for i, s in enumerate(sorted(usable, key=lambda s: s.scan_id)) if i % n_parts == index]
-    done = _done_scans(shard_dir)
-    writer = _ShardWriter(shard_dir, index, opts.shard_bytes)
-    todo = [s for s in mine if s.scan_id not in done]
-    summary.already_done = [s.scan_id for s in mine if s.scan_id in done]
-    show = sys.stderr.isatty() if progress is None else progress
-    if show:
-        from tqdm import tqdm
-        todo_iter = tqdm(todo, desc=f"shard part {index}/{n_parts}", unit="scan")
-    else:
-        todo_iter = todo
-    finished = False
+    skip = _skipper(summary, opts.strict)
+    usable = _with_phenotypes(scans, phen, skip)
+    if not usable:
+        raise ShardError(f"{summary.nothing_written()}; nothing was written to {out}")
+    settings = _settings(opts, layout, bids_space, phen, data_mask=mask is None)
+    _check_output(out, settings, opts)
+    if not (out / "splits.json").exists():
+        check_split_sizes(_predicted_splits(usable, phen, opts), opts.split_fractions, str(out),
+                          opts.min_split_subjects, warn=False)
+    mask_info, new_mask, affine = _prepare_mask(out, usable, mask, opts, n_parts, summary, skip)
+    created = _make_dirs(out)
     try:
-        for src in todo_iter:
-            try:
-                with OpenScan(src.path) as scan:
-                    h = scan.header
-                    if list(h.shape) != mask_info["shape"]:
-                        raise ScanError(f"{src.path}: shape {list(h.shape)} differs from the mask's {mask_info['shape']} "
-                                        "(all scans must share one grid)")
-                    if not np.allclose(h.voxel_size, voxel_size, atol=1e-3):
-                        raise ScanError(f"{src.path}: voxel size {list(h.voxel_size)} differs from the mask's "
-                                        f"{list(voxel_size)}")
-                    if h.frames < opts.min_frames:
-                        raise ScanError(f"{src.path}: {h.frames} frames, fewer than the {opts.min_frames} needed "
-                                        "(--min-frames)")
-                    series = read_brain_series(scan, full_mask, opts.background)
-            except ScanError as exc:
-                skip(src, str(exc))
-                continue
-            meta = {"subject": src.subject, "source": str(src.path), "source_bytes": h.source_bytes,
-                    "source_mtime": h.source_mtime, "frames": h.frames, "tr": h.tr, "shape": list(h.shape),
-                    "voxel_size": list(h.voxel_size), "affine": np.round(h.affine, 6).tolist(),
-                    "source_affine": np.asarray(h.source_affine).tolist(),   # on-disk orientation: maps go back to it
-                    "mean": series.mean, "std": series.std,
-                    "background": series.background, "targets": phen.values[src.subject],
-                    "family": phen.families.get(src.subject)}
-            summary.bytes_written += writer.add_scan(src.scan_id, series.data, opts.chunk_frames, meta)
-            summary.written.append(src.scan_id)
-        finished = True
-    finally:
-        writer.close()  # every scan added so far is kept, whatever stopped the loop
-        atomic_write_json(out / "parts" / f"part-{index:03d}-of-{n_parts:03d}.json",
-                          {"part": index, "parts": n_parts, "finished": finished,
-                           "skipped": summary.skipped, "phenotypes": str(phen.path), "layout": layout,
-                           "targets": phen.targets, "sex_column": phen.sex_column, "family_column": phen.family_column,
-                           "rows_without_scan": sorted(set(phen.values) - {s.subject for s in scans})})
-    if n_parts == 1:
-        summary.manifest = str(merge_manifest(out, opts))
+        _start_output(out, settings, mask_info, new_mask, affine, part[0])
+        if not mask_only:
+            mine = [s for i, s in enumerate(sorted(usable, key=lambda s: s.scan_id)) if i % n_parts == index]
+            _write_part(out, mine, scans, layout, mask_info, opts, phen, part, summary, skip, progress)
+            if n_parts == 1 and not summary.written and not summary.already_done:
+                raise ShardError(f"{summary.nothing_written()}; no manifest written in {out}")
+            if n_parts == 1:
+                summary.manifest = str(merge_manifest(out, opts))
+    except BaseException:
+        _remove_empty(created)
+        raise
     summary.seconds = time.perf_counter() - t0
     return summary
 
 
+# ------------------------------------------------------------------ manifest, splits, verification
+
+
 def merge_manifest(output: str | Path, options: ShardOptions | None = None, resplit: bool = False) -> Path:
-    """Gather every part's shards into ``manifest.json``; write ``splits.json`` unless one exists (or ``resplit``)."""
+    """Gather every part's shards into ``manifest.json``; write ``splits.json`` unless one exists (or ``resplit``).
+
+    The stored options (chunk_frames, background, min_frames) come from options.json when the output has one.
+    """
     opts = options or ShardOptions()
+    opts.check()
     out = Path(output)
     parts = sorted((out / "parts").glob("part-*.json"))
     if not parts:
@@ -359,20 +630,40 @@ def merge_manifest(output: str | Path, options: ShardOptions | None = None, resp
         for scan_id, meta in index["scans"].items():
             scans[scan_id] = {**meta, "shard": index["shard"]}
     skipped = [s for i in infos for s in i["skipped"] if s["scan_id"] not in scans]
+    if not scans:
+        raise ShardError(f"{out}: 0 scans in its shards, {count_skips(skipped)}; no manifest written")
+    manifest = _manifest(out, infos, mask_info, scans, shards, skipped, opts)
+    path = out / "manifest.json"
+    atomic_write_json(path, manifest)
+    splits_path = out / "splits.json"
+    if resplit or not splits_path.exists():
+        splits = draw_splits(manifest, opts.split_fractions, opts.split_seed)
+        check_split_sizes(splits, opts.split_fractions, f"{out}: splits.json not written", opts.min_split_subjects)
+        atomic_write_json(splits_path, splits)
+    return path
+
+
+def _manifest(out: Path, infos: list[dict], mask_info: dict, scans: dict, shards: list, skipped: list,
+              opts: ShardOptions) -> dict:
+    """manifest.json's content; the preprocessing options from options.json when there is one."""
+    stored = stored_settings(out) if (out / "options.json").exists() else None
+    pre = stored or {"chunk_frames": opts.chunk_frames, "background": opts.background, "min_frames": opts.min_frames}
     first = infos[0]
-    manifest = {
+    return {
         "format_version": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "brainmt_version": __version__,
         "preprocessing": {
             "orientation": "RAS+ (nibabel closest canonical)",
             "normalisation": "per scan: global z-score over brain voxels",
-            "background": opts.background,
+            "background": pre["background"],
             "dtype": "float16",
             "storage": "brain voxels only, in mask order (C order of the cropped volume)",
-            "chunk_frames": opts.chunk_frames,
-            "min_frames": opts.min_frames,
+            "chunk_frames": pre["chunk_frames"],
+            "min_frames": pre["min_frames"],
+            "sample_checksum": "crc32 of each chunk's array bytes (scans.<id>.crc32)",
         },
+        "shard_options": stored,
         "layout": first["layout"],
         "phenotypes": first["phenotypes"],
         "targets": first["targets"],
@@ -384,22 +675,66 @@ def merge_manifest(output: str | Path, options: ShardOptions | None = None, resp
         "skipped": skipped,
         "phenotype_rows_without_scan": sorted({r for i in infos for r in i["rows_without_scan"]}),
     }
-    path = out / "manifest.json"
-    atomic_write_json(path, manifest)
-    splits_path = out / "splits.json"
-    if resplit or not splits_path.exists():
-        write_splits(manifest, splits_path, opts.split_fractions, opts.split_seed)
-    return path
 
 
-def write_splits(manifest: dict, path: str | Path, fractions=(0.7, 0.15, 0.15), seed: int = 0) -> dict:
-    """Family-grouped, sex-stratified (when a sex column exists) subject splits of a manifest, as JSON."""
+def draw_splits(manifest: dict, fractions=(0.7, 0.15, 0.15), seed: int = 0) -> dict:
+    """Family-grouped, sex-stratified (when a sex column exists) subject splits of a manifest."""
     subjects = sorted({m["subject"] for m in manifest["scans"].values()})
     fam = {m["subject"]: m["family"] for m in manifest["scans"].values() if m.get("family")}
     sex_col = manifest.get("sex_column")
     strata = {m["subject"]: m["targets"].get(sex_col) for m in manifest["scans"].values()} if sex_col else None
-    splits = make_splits(subjects, fam or None, strata, tuple(fractions), seed)
+    return make_splits(subjects, fam or None, strata, tuple(fractions), seed)
+
+
+def write_splits(manifest: dict, path: str | Path, fractions=(0.7, 0.15, 0.15), seed: int = 0) -> dict:
+    """Family-grouped, sex-stratified (when a sex column exists) subject splits of a manifest, as JSON."""
+    splits = draw_splits(manifest, fractions, seed)
     atomic_write_json(Path(path), splits)
     return splits
 
 
+def _bad_samples(path: Path, scans: dict, shard: str) -> list[str]:
+    """Keys of the samples of ``shard`` whose bytes do not match their CRC32 (scans written with one)."""
+    bad = []
+    with path.open("rb") as f:
+        for scan_id, meta in sorted(scans.items()):
+            if meta.get("shard") != shard or "crc32" not in meta:
+                continue
+            for k, ((offset, nbytes, *_), crc) in enumerate(zip(meta["chunks"], meta["crc32"])):
+                f.seek(offset)
+                if zlib.crc32(f.read(nbytes)) != crc:
+                    bad.append(f"{sample_key(scan_id, k)} (scan {scan_id})")
+    return bad
+
+
+def verify_shards(root: str | Path) -> tuple[int, list[str]]:
+    """Check every shard of ``root``'s manifest: present, its recorded size and SHA-256. Returns (bytes checked,
+    problems), one problem a bad or missing file; a damaged shard's problem names the samples whose CRC32 fails."""
+    root = Path(root)
+    path = root / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ShardError(f"{path}: not found; is {root} a brainmt shard directory (brainmt shard --output)?") from None
+    except json.JSONDecodeError as exc:
+        raise ShardError(f"{path}: corrupt manifest ({exc})") from None
+    problems, checked = [], 0
+    for entry in manifest.get("shards", []):
+        shard = root / "shards" / entry["shard"]
+        if not shard.exists():
+            problems.append(f"{shard}: missing (listed in {path})")
+            continue
+        size = shard.stat().st_size
+        if size != entry["bytes"]:
+            problems.append(f"{shard}: {size} bytes, the manifest records {entry['bytes']} (truncated or replaced)")
+            continue
+        digest = sha256_file(shard)
+        checked += size
+        if digest != entry["sha256"]:
+            bad = _bad_samples(shard, manifest["scans"], entry["shard"])
+            problems.append(f"{shard}: sha256 {digest} does not match the manifest's {entry['sha256']}"
+                            + (f"; damaged samples: {', '.join(bad)}" if bad else ""))
+    for name in ("mask.nii.gz", "splits.json"):
+        if not (root / name).exists():
+            problems.append(f"{root / name}: missing")
+    return checked, problems

@@ -64,13 +64,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    """Write a synthetic BIDS dataset with planted effects."""
-    from brainmt.data.synthetic import write_synthetic_bids
+    """Write a synthetic BIDS dataset with planted effects (bad arguments: exit 2 before anything is written)."""
+    from brainmt.data.synthetic import SynthArgumentError, check_synth_args, write_synthetic_bids
 
+    try:
+        check_synth_args(args.out, args.subjects, args.frames, args.shape, args.effect, args.lag)
+    except SynthArgumentError as exc:
+        flag = "out" if exc.option == "out" else f"--{exc.option}"
+        print(f"brainmt synth: error: argument {flag}: {exc.message}", file=sys.stderr)
+        return 2
     out = write_synthetic_bids(args.out, args.subjects, args.frames, args.shape, seed=args.seed, tr=args.tr,
-                               workers=args.workers)
-    print(f"wrote {args.subjects} synthetic scans ({'x'.join(map(str, args.shape))}, {args.frames} frames) to {out}")
-    print(f"phenotypes: {out / 'participants.tsv'}; planted regions: {out / 'derivatives' / 'planted'}")
+                               workers=args.workers, effect=args.effect, lag=args.lag)
+    print(f"wrote {args.subjects} synthetic scans ({'x'.join(map(str, args.shape))}, {args.frames} frames, "
+          f"effect {args.effect}) to {out}")
+    print(f"phenotypes: {out / 'participants.tsv'}; planted regions and truth masks: {out / 'derivatives' / 'planted'}")
     return 0
 
 
@@ -84,17 +91,37 @@ def _parse_part(text: str) -> tuple[int, int]:
     return i, n
 
 
+def add_shard_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``brainmt shard``: the shared sharding options plus its own input, output and part options."""
+    from brainmt.data.shard_args import add_shard_options
+
+    p = sub.add_parser("shard", help="NIfTI scans + phenotypes -> WebDataset shards, manifest.json, splits.json")
+    p.add_argument("--input", help="directory of scans")
+    p.add_argument("--phenotypes", help="participants table: .tsv (tab-separated) or .csv (comma-separated)")
+    p.add_argument("--output", required=True, help="shard directory")
+    add_shard_options(p)
+    p.add_argument("--mask-only", action="store_true", help="compute and save mask.nii.gz, then stop")
+    p.add_argument("--part", type=_parse_part, default=(0, 1), help="i/n: write slice i of n (array jobs)")
+    p.add_argument("--merge", action="store_true", help="gather finished parts into manifest.json and splits.json")
+    p.add_argument("--resplit", action="store_true", help="with --merge: rewrite splits.json")
+    p.set_defaults(func=cmd_shard)
+
+
 def cmd_shard(args: argparse.Namespace) -> int:
     """NIfTI scans + phenotypes -> WebDataset shards, manifest and splits."""
     from brainmt.data.layouts import LayoutError
     from brainmt.data.nifti import ScanError
     from brainmt.data.phenotypes import PhenotypeError
-    from brainmt.data.shards import ShardError, ShardOptions, merge_manifest, shard_dataset
+    from brainmt.data.shard_args import shard_arguments
+    from brainmt.data.shards import ShardError, ShardOptionError, merge_manifest, shard_dataset
 
-    opts = ShardOptions(chunk_frames=args.chunk_frames, shard_bytes=int(args.shard_size_gb * 1e9),
-                        background=args.background, min_frames=args.min_frames, mask_fraction=args.mask_fraction,
-                        mask_scans=args.mask_scans, split_fractions=tuple(args.split), split_seed=args.split_seed,
-                        strict=args.strict)
+    try:
+        opts, dataset_args = shard_arguments(args)   # every option before any work: a usage error exits 2
+        if Path(args.output).exists() and not Path(args.output).is_dir():
+            raise ShardOptionError(f"--output {args.output}: exists and is not a directory")
+    except ShardOptionError as exc:
+        print(f"brainmt shard: error: {exc}", file=sys.stderr)
+        return 2
     try:
         if args.merge:
             print(f"manifest: {merge_manifest(args.output, opts, resplit=args.resplit)}")
@@ -102,15 +129,26 @@ def cmd_shard(args: argparse.Namespace) -> int:
         if not args.input or not args.phenotypes:
             print("brainmt shard: --input and --phenotypes are required (unless --merge)", file=sys.stderr)
             return 2
-        summary = shard_dataset(
-            args.input, args.phenotypes, args.output, layout=args.layout, glob=args.glob,
-            subject_regex=args.subject_regex, bids_space=args.bids_space, mask=args.mask, part=args.part,
-            mask_only=args.mask_only, id_column=args.id_column, targets=args.targets, sex_column=args.sex_column,
-            family_column=args.family_column, options=opts)
+        summary = shard_dataset(args.input, args.phenotypes, args.output, part=args.part, mask_only=args.mask_only,
+                                options=opts, **dataset_args)
     except (ShardError, ScanError, PhenotypeError, LayoutError) as exc:
         print(f"brainmt shard: error: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, ShardOptionError) else 1
     print(summary.text())
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Check every shard against manifest.json (presence, size, SHA-256); name the damaged samples by CRC32."""
+    from brainmt.data.shards import verify_shards
+
+    checked, problems = verify_shards(args.shards)
+    for problem in problems:
+        print(f"brainmt verify: {problem}", file=sys.stderr)
+    if problems:
+        print(f"brainmt verify: {len(problems)} bad or missing file(s) in {args.shards}", file=sys.stderr)
+        return 1
+    print(f"{args.shards}: every shard matches manifest.json ({checked / 1e9:.3f} GB checked)")
     return 0
 
 
@@ -121,14 +159,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args, "paper")
     result = run(cfg, args.shards, args.run_dir, evaluate_split=None if args.no_evaluate else args.split)
     print(f"training {result['status']} at step {result['step']}/{result['total_steps']}; run directory {args.run_dir}")
-    return 0 if result["status"] != "interrupted" else 3
+    from brainmt.signals import INTERRUPTED_EXIT
+
+    return 0 if result["status"] != "interrupted" else INTERRUPTED_EXIT
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate a run's checkpoint on a split."""
-    from brainmt.train.loop import evaluate
+    from brainmt.train.evaluation import evaluate
 
-    evaluate(args.run, args.split, args.checkpoint, args.shards)
+    evaluate(args.run, args.split, args.checkpoint, args.shards, force=args.force)
     return 0
 
 
@@ -154,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cluster", choices=["local", "debug"], default="local",
                    help="submitit executor: local (a separate process) or debug (in-process)")
     p.set_defaults(func=cmd_demo)
+    from brainmt.data.synthetic import DEFAULT_LAG, EFFECTS
+
     p = sub.add_parser("synth", help="write synthetic scans with planted effects (BIDS layout)")
     p.add_argument("out")
     p.add_argument("--subjects", type=int, default=40)
@@ -162,46 +204,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tr", type=float, default=0.735)
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("--effect", choices=EFFECTS, default="mixed",
+                   help="kind of planted effect: mixed (amplitude + coupling), amplitude, coupling or lagged")
+    p.add_argument("--lag", type=int, default=DEFAULT_LAG, help="with --effect lagged: the lag in frames")
     p.set_defaults(func=cmd_synth)
-    p = sub.add_parser("shard", help="NIfTI scans + phenotypes -> WebDataset shards, manifest.json, splits.json")
-    p.add_argument("--input", help="directory of scans")
-    p.add_argument("--phenotypes", help="participants.tsv or CSV")
-    p.add_argument("--output", required=True, help="shard directory")
-    p.add_argument("--layout", default="auto", choices=["auto", "bids", "ukb", "hcp", "glob"])
-    p.add_argument("--glob", help="with --layout glob: file pattern relative to --input")
-    p.add_argument("--subject-regex", help="with --glob: regex on the relative path; group 'subject' or group 1")
-    p.add_argument("--bids-space", help="BIDS/fMRIPrep: the space- entity to use (default: MNI*)")
-    p.add_argument("--mask", help="brain mask NIfTI (default: computed from the data)")
-    p.add_argument("--mask-fraction", type=float, default=0.9)
-    p.add_argument("--mask-scans", type=int, help="compute the mask from at most this many scans")
-    p.add_argument("--mask-only", action="store_true", help="compute and save mask.nii.gz, then stop")
-    p.add_argument("--id-column")
-    p.add_argument("--targets", nargs="+", help="target columns (default: sex + every numeric column)")
-    p.add_argument("--sex-column")
-    p.add_argument("--family-column")
-    p.add_argument("--chunk-frames", type=int, default=10, help="frames per stored chunk")
-    p.add_argument("--shard-size-gb", type=float, default=1.0)
-    p.add_argument("--background", choices=["min", "zero"], default="min")
-    p.add_argument("--min-frames", type=int, default=200, help="scans with fewer frames are skipped")
-    p.add_argument("--split", type=float, nargs=3, default=[0.7, 0.15, 0.15], metavar=("TRAIN", "VAL", "TEST"))
-    p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--resplit", action="store_true", help="with --merge: rewrite splits.json")
-    p.add_argument("--part", type=_parse_part, default=(0, 1), help="i/n: write slice i of n (array jobs)")
-    p.add_argument("--merge", action="store_true", help="gather finished parts into manifest.json and splits.json")
-    p.add_argument("--strict", action="store_true", help="stop at the first bad scan instead of skipping it")
-    p.set_defaults(func=cmd_shard)
+    add_shard_parser(sub)
+    p = sub.add_parser("verify", help="check every shard against manifest.json: presence, size, SHA-256")
+    p.add_argument("--shards", required=True, help="shard directory (brainmt shard --output)")
+    p.set_defaults(func=cmd_verify)
     p = sub.add_parser("train", help="train or resume a run (the one training entry point)")
     _add_config_args(p, "paper")
     p.add_argument("--shards", help="shard directory (default: data.shards of the config)")
     p.add_argument("--run-dir", required=True, help="run directory; an existing one is resumed")
-    p.add_argument("--split", default="test", help="split evaluated after training")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"],
+                   help="split evaluated after training (default test)")
     p.add_argument("--no-evaluate", action="store_true")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("evaluate", help="metrics and per-subject predictions of a run on a split")
-    p.add_argument("--run", required=True)
-    p.add_argument("--split", default="test")
+    p.add_argument("--run", required=True, help="run directory (brainmt train --run-dir)")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"],
+                   help="split of splits.json to evaluate (default test)")
     p.add_argument("--checkpoint", default="best", help="best | last | PATH")
     p.add_argument("--shards", help="shard directory (default: the run's)")
+    p.add_argument("--force", action="store_true",
+                   help="replace the split's metrics and predictions even if they came from another checkpoint or shards")
     p.set_defaults(func=cmd_evaluate)
     from brainmt.analysis.cli import add_parser as add_analyze_parser
     from brainmt.baseline.cli import add_parser as add_baseline_parser

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Integrated Gradients as a SLURM job array over subjects, then a merge job: ``python jobs/analyze.py --help``."""
+"""Integrated Gradients as a SLURM job array over subjects, then a merge job: ``python jobs/analyze.py --help``
+(installed package: ``brainmt-analyze-jobs``)."""
 
 import sys
 

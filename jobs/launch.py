@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Submit BrainMT training as one (multi-node) SLURM job through submitit: ``python jobs/launch.py --help``."""
+"""Submit BrainMT training as one (multi-node) SLURM job through submitit: ``python jobs/launch.py --help``
+(installed package: ``brainmt-launch``)."""
 
 import sys
 

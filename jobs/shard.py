@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Shard NIfTI scans as a SLURM job array plus a merge job: ``python jobs/shard.py --help``."""
+"""Shard NIfTI scans as a SLURM job array plus a merge job: ``python jobs/shard.py --help``
+(installed package: ``brainmt-shard-jobs``)."""
 
 import sys
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Run a Ray Tune sweep (ASHA) as one submitit job on SLURM or locally: ``python sweeps/tune.py --help``."""
+"""Run a Ray Tune sweep (ASHA) as one submitit job on SLURM or locally: ``python sweeps/tune.py --help``
+(installed package: ``brainmt-sweep``)."""
 
 import sys
 

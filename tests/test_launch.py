@@ -86,7 +86,7 @@ def test_dry_run_prints_the_sbatch_script_from_the_profile(shards, tmp_path, sty
     profile.write_text(f"cluster:\n  partition: a100\n  account: neuro-lab\n  gpu_request: {style}\n  gpus_per_node: 4\n"
                        "  time_min: 720\n  setup: ['module load cuda/12.4']\n")
     proc = launch("--profile", str(profile), "--nodes", "2", "--shards", str(shards), "--run-dir", str(tmp_path / "r"),
-                  "--dry-run")
+                  "--dry-run", "data.num_frames=16", "model.num_frames=16")      # the paper's 200 > these scans
     assert proc.returncode == 0, proc.stderr
     for expected in (line, "#SBATCH --partition=a100", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4",
                      "#SBATCH --time=720", "#SBATCH --account=neuro-lab", "module load cuda/12.4", "# resolved config"):
@@ -131,15 +131,20 @@ def _content(manifest: dict) -> dict:
     return {**{k: v for k, v in manifest.items() if k not in ("created", "shards", "scans")}, "scans": scans}
 
 
+def shard_array_job(raw: Path, out: Path) -> subprocess.CompletedProcess:
+    """jobs/shard.py on the test SLURM: a mask job, an array of 2 slices and a merge, waited for."""
+    return subprocess.run([sys.executable, str(ROOT / "jobs" / "shard.py"), "--cluster", "slurm", "--partition", "cpu",
+                           "--input", str(raw), "--phenotypes", str(raw / "participants.tsv"), "--output", str(out),
+                           "--array-size", "2", "--min-frames", "10", "--cpus-per-task", "1", "--time", "10", "--wait"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
 def test_shard_array_and_merge_equal_one_process(slurm, tmp_path):
     from brainmt.data.loader import ShardSet
 
-    raw = write_synthetic_bids(tmp_path / "raw", 6, 20, (16, 18, 16), seed=4)
+    raw = write_synthetic_bids(tmp_path / "raw", 20, 20, (16, 18, 16), seed=4)   # every split non-empty
     shard_dataset(raw, raw / "participants.tsv", tmp_path / "single", options=ShardOptions(min_frames=10), progress=False)
-    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "shard.py"), "--cluster", "slurm", "--partition", "cpu",
-                           "--input", str(raw), "--phenotypes", str(raw / "participants.tsv"), "--output",
-                           str(tmp_path / "array"), "--array-size", "2", "--min-frames", "10", "--cpus-per-task", "1",
-                           "--time", "10", "--wait"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    proc = shard_array_job(raw, tmp_path / "array")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "mask job" in proc.stdout and "array of 2 slices" in proc.stdout
     single = json.loads((tmp_path / "single" / "manifest.json").read_text())
@@ -151,6 +156,15 @@ def test_shard_array_and_merge_equal_one_process(slurm, tmp_path):
         assert (a.read_frames(scan, 0, 20) == b.read_frames(scan, 0, 20)).all()
     assert json.loads((tmp_path / "array" / "splits.json").read_text()) == \
         json.loads((tmp_path / "single" / "splits.json").read_text())
+
+
+def test_shard_array_stops_waiting_when_the_mask_job_fails(slurm, tmp_path):
+    """A failed first job leaves the array and merge waiting on a dependency SLURM can never meet: --wait cancels
+    them and exits 1 naming the job (it waited forever before)."""
+    raw = write_synthetic_bids(tmp_path / "raw", 6, 20, (16, 18, 16), seed=4)   # too few subjects for three splits
+    proc = shard_array_job(raw, tmp_path / "array")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "failed; the jobs after it were cancelled" in proc.stderr and "split 'test' would have 0" in proc.stderr
 
 
 def test_container_runs_training_as_a_child_of_the_host_runner(shards, tmp_path):

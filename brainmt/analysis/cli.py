@@ -6,13 +6,21 @@ import argparse
 import logging
 import sys
 
-from brainmt.config import Config, ConfigError, load_config
+from brainmt.config import AnalysisConfig, Config, ConfigError, load_config, validate
 
 log = logging.getLogger("brainmt.analysis")
-# command-line option -> analysis config key
-OPTION_KEYS = {"checkpoint": "checkpoint", "split": "split", "steps": "steps", "baseline": "baseline", "method": "method",
-               "internal_batch_size": "internal_batch_size", "device": "device", "atlas": "atlas",
-               "atlas_labels": "atlas_labels", "top": "top_regions"}
+# command-line option -> config key (each set through set_value, then checked by validate)
+OPTION_KEYS = {"checkpoint": "analysis.checkpoint", "split": "analysis.split", "steps": "analysis.steps",
+               "baseline": "analysis.baseline", "method": "analysis.method",
+               "internal_batch_size": "analysis.internal_batch_size", "device": "analysis.device",
+               "atlas": "analysis.atlas", "atlas_labels": "analysis.atlas_labels", "top": "analysis.top_regions"}
+
+
+def _choices(key: str) -> list:
+    """The allowed values of an ``analysis`` key (its ``Literal`` type in the config): the option's choices."""
+    from brainmt.launch.cli import config_choices
+
+    return config_choices(AnalysisConfig, key)
 
 
 def add_analysis_options(p: argparse.ArgumentParser) -> None:
@@ -24,12 +32,11 @@ def add_analysis_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", help="split whose subjects are analysed (default test)")
     p.add_argument("--subjects", nargs="+", metavar="ID", help="only these subjects (default: all of the split)")
     p.add_argument("--steps", type=int, help="IG path steps (default 32)")
-    p.add_argument("--baseline", choices=["zeros", "mean", "temporal_mean", "background"], help="IG baseline (default mean)")
-    p.add_argument("--method", choices=["gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right",
-                                        "riemann_middle"], help="IG quadrature (default gausslegendre)")
+    p.add_argument("--baseline", choices=_choices("baseline"), help="IG baseline (default mean)")
+    p.add_argument("--method", choices=_choices("method"), help="IG quadrature (default gausslegendre)")
     p.add_argument("--internal-batch-size", type=int, metavar="B",
                    help="scaled inputs through the model at once (default: chosen from the free memory)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto: a GPU when there is one")
+    p.add_argument("--device", choices=_choices("device"), help="default auto: a GPU when there is one")
     p.add_argument("--atlas", help="integer-labelled atlas NIfTI in the scans' space (default: built-in coarse lobes)")
     p.add_argument("--atlas-labels", help="its label file (TSV/CSV, FSL XML, lookup table, or one name a line)")
     p.add_argument("--top", type=int, help="regions printed and charted (default 20)")
@@ -40,15 +47,11 @@ def add_analysis_options(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace, extra_layers: list[str] | None = None) -> Config:
     """The config whose ``analysis`` section holds the settings: schema defaults, then the --config layers (and
     ``extra_layers``, e.g. a cluster profile) and overrides, then the options given."""
+    from brainmt.launch.cli import apply_options
+
     layers = list(args.config or []) + list(extra_layers or [])
     cfg = load_config(layers or None, args.overrides)
-    for option, key in OPTION_KEYS.items():
-        value = getattr(args, option, None)
-        if value is not None:
-            setattr(cfg.analysis, key, value)
-    a = cfg.analysis
-    if a.steps < 1 or (a.internal_batch_size is not None and a.internal_batch_size < 1) or a.top_regions < 1:
-        raise ConfigError("--steps, --internal-batch-size and --top must be at least 1")
+    apply_options(cfg, OPTION_KEYS, args, validate)   # e.g. --steps 0: "analysis.steps: must be at least 1 (given as --steps 0)"
     return cfg
 
 

@@ -107,13 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(args, [args.profile] if args.profile else None)
         settings = cfg.analysis
-        info = open_run(args.run, settings.checkpoint, args.shards)          # errors here, before anything is queued
-        chosen = list(subjects_of(info.shards, settings.split, args.subjects))
+        c = _cluster_config(args, cfg.cluster)                              # the options first, then the run
         if args.array_size < 1:
             raise ConfigError("--array-size must be at least 1")
+        info = open_run(args.run, settings.checkpoint, args.shards)          # errors here, before anything is queued
+        chosen = list(subjects_of(info.shards, settings.split, args.subjects))
         run, out = str(info.run_dir.resolve()), Path(args.out or info.run_dir / "ig").resolve()
         shards = str(Path(args.shards).resolve()) if args.shards else None
-        c = _cluster_config(args, cfg.cluster)
         merge_cluster = dataclasses.replace(c, gpus_per_node=0)
         chunks = [list(part) for part in np.array_split(np.array(chosen, dtype=object), min(args.array_size, len(chosen)))]
         if args.dry_run:
@@ -175,3 +175,9 @@ def _wait_local(parts: list) -> None:
         failed = result.get("failed") or {}
         print(f"task {part.job_id}: {len(result.get('done', []))} subjects done, {len(failed)} failed"
               + "".join(f"\n  {s}: {e}" for s, e in failed.items()), flush=True)
+
+
+if __name__ == "__main__":   # as the package's module, so the submitted task and merge pickle by reference
+    from brainmt.analysis.jobs import main as _main
+
+    sys.exit(_main())

@@ -124,3 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sweep job {job.job_id}: {summary['status']}, {summary['trials']} trials; results {summary['results']}; "
           f"best config {summary['best_config']}", flush=True)
     return 0 if summary["status"] == "finished" else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -30,7 +30,7 @@ slurm-packages:
 test: $(VENV)/.installed lint slurm-packages
 	$(PY) -m pytest -m "not gpu" tests
 
-# on a CUDA machine with the compiled kernels installed (see README, "GPU tests")
+# on a CUDA machine with the compiled kernels installed (see docs/model.md, "GPU tests")
 test-gpu:
 	$(PYTHON) -m pytest -m gpu tests -v
 

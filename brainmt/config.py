@@ -20,6 +20,15 @@ from typing import Any, Literal, Union
 import yaml
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+# validation metrics a run can be selected by, each with the direction that is better
+SelectMetric = Literal["auto", "val_loss", "val_auroc", "val_balanced_accuracy", "val_accuracy", "val_pearson_r",
+                       "val_mse", "val_mae"]
+LOWER_IS_BETTER = ("val_loss", "val_mse", "val_mae")
+
+
+# global: every token of every frame (the official code); spatial: each location averaged over time first;
+# frame: the locations of each frame attend to one another, the class token's outputs averaged over frames
+AttentionScope = Literal["global", "spatial", "frame"]
 
 
 class ConfigError(ValueError):
@@ -45,7 +54,7 @@ class ModelConfig:
     dt_max: float = 0.1
     bidirectional: bool = True
     attention_depth: int = 8
-    attention: Literal["global", "spatial"] = "spatial"
+    attention: AttentionScope = "spatial"
     num_heads: int = 8
     mlp_ratio: float = 4.0
     drop_rate: float = 0.0
@@ -55,7 +64,7 @@ class ModelConfig:
     checkpointing: Literal["none", "mamba", "attention", "all"] = "none"
     backend: Literal["auto", "cuda", "torch"] = "auto"
     scan_chunk_size: int | None = None  # pure-PyTorch scan only; None: ceil(sqrt(L))
-    # speed and memory on CUDA only; the same model and weights (README "GPU performance")
+    # speed and memory on CUDA only; the same model and weights (docs/performance.md)
     stem_chunk_frames: int = 0          # > 0: the stem runs this many frames at a time, recomputed in the backward pass
     fused_kernels: bool = True          # one fused bidirectional Mamba op (recomputes conv and dt) + fused add+RMSNorm
     sdpa_backend: Literal["auto", "cudnn", "flash", "efficient", "math"] = "auto"   # first choice for attention
@@ -74,6 +83,7 @@ class DataConfig:
     num_workers: int = 4
     crop_align: Literal["chunk", "frame"] = "chunk"   # training crops start at stored-chunk boundaries or any frame
     samples_per_epoch: int | None = None              # None: training scans x windows per scan
+    intensity_jitter: float = 0.0   # training only: each window scaled by 1 + N(0, s) and shifted by N(0, s) (z units)
 
 
 @dataclass
@@ -88,6 +98,7 @@ class OptimConfig:
     warmup_epochs: float = 5.0
     grad_clip: float = 1.0
     accumulate_steps: int = 1
+    layer_decay: float = 1.0        # < 1: block i of N learns at lr * layer_decay^(N + 1 - i), stem and embeddings at ^(N + 1)
 
 
 @dataclass
@@ -104,6 +115,12 @@ class TrainConfig:
     keep_last: int = 3
     checkpoint_every_steps: int | None = None         # besides every evaluation; None: only then
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # the validation metric that picks the "best" checkpoint and drives early stopping; auto: val_auroc for
+    # classification, val_pearson_r for regression (docs/training.md says why)
+    select_metric: SelectMetric = "auto"
+    label_smoothing: float = 0.0    # classification: targets 0/1 become eps/2 and 1 - eps/2
+    head_bias: Literal["zero", "prior"] = "prior"   # prior: the head's bias starts at the training set's log-odds
+    calibration: Literal["none", "platt"] = "none"  # platt: probabilities recalibrated on the validation split
 
 
 @dataclass
@@ -135,8 +152,8 @@ class SweepConfig:
     """Ray Tune sweep: search space over config keys, metric, ASHA and per-trial resources."""
 
     space: dict[str, Any] = field(default_factory=dict)
-    metric: str = "val_loss"
-    mode: Literal["min", "max"] = "min"
+    metric: str = "auto"                           # auto: train.select_metric (val_auroc / val_pearson_r by task)
+    mode: Literal["auto", "min", "max"] = "auto"   # auto: the metric's own direction
     num_samples: int = 8
     grace_period: int = 2
     reduction_factor: int = 3
@@ -151,11 +168,11 @@ class SweepConfig:
 
 @dataclass
 class AnalysisConfig:
-    """Integrated Gradients settings (``brainmt analyze``; README "Interpreting a model")."""
+    """Integrated Gradients settings (``brainmt analyze``; docs/analysis.md)."""
 
     steps: int = 32
     # mean: the training split's average brain (static); temporal_mean: the window's own voxel means over its frames;
-    # zeros / background: every brain voxel 0 / at the scan's background (far from any scan: README "Interpreting a model")
+    # zeros / background: every brain voxel 0 / at the scan's background (far from any scan: docs/analysis.md)
     baseline: Literal["zeros", "mean", "temporal_mean", "background"] = "mean"
     baseline_scans: int = 64             # baseline=mean: averaged over at most this many training scans
     method: Literal["gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle"] = "gausslegendre"
@@ -322,7 +339,7 @@ def _nest(key: str, value: Any) -> dict:
     return out
 
 
-def set_value(cfg: Config, key: str, value: Any, source: str) -> None:
+def set_value(cfg: Any, key: str, value: Any, source: str) -> None:
     """Set one dotted key (``model.mamba_depth``) of ``cfg`` in place, checked like a YAML layer (no cross-field checks)."""
     _merge(cfg, _nest(key, value), "", source)
 
@@ -369,6 +386,21 @@ def save_config(cfg: Config, path: str | Path) -> Path:
     return path
 
 
+def task_metrics(task: str) -> tuple[str, ...]:
+    """The validation metrics that exist for ``task``."""
+    own = ("val_auroc", "val_balanced_accuracy", "val_accuracy") if task == "classification" else (
+        "val_pearson_r", "val_mse", "val_mae")
+    return ("val_loss", *own)
+
+
+def select_metric(cfg: Config) -> tuple[str, str]:
+    """The metric that picks the best checkpoint and its mode ("min" or "max"), with ``auto`` resolved by task."""
+    name = cfg.train.select_metric
+    if name == "auto":
+        name = "val_auroc" if cfg.data.task == "classification" else "val_pearson_r"
+    return name, "min" if name in LOWER_IS_BETTER else "max"
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that types alone cannot express."""
     m = cfg.model
@@ -396,13 +428,38 @@ def validate(cfg: Config) -> None:
         (cfg.data.samples_per_epoch is None or cfg.data.samples_per_epoch >= 1, "data.samples_per_epoch", "positive or null"),
         (0 <= cfg.optim.warmup_epochs <= cfg.train.epochs, "optim.warmup_epochs", "between 0 and train.epochs"),
         (0 <= cfg.optim.min_lr <= cfg.optim.lr, "optim.min_lr", "between 0 and optim.lr"),
-        (cfg.cluster.nodes >= 1, "cluster.nodes", "at least 1"),
+        (0 < cfg.optim.layer_decay <= 1, "optim.layer_decay", "in (0, 1] (1: no decay)"),
+        (0 <= cfg.train.label_smoothing < 1, "train.label_smoothing", "in [0, 1)"),
+        (cfg.data.intensity_jitter >= 0, "data.intensity_jitter", "zero or more"),
+        (cfg.train.select_metric in ("auto", *task_metrics(cfg.data.task)), "train.select_metric",
+         f"auto or one of {list(task_metrics(cfg.data.task))} for data.task={cfg.data.task}"),
         (cfg.analysis.steps >= 1, "analysis.steps", "at least 1"),
         (cfg.analysis.internal_batch_size is None or cfg.analysis.internal_batch_size >= 1, "analysis.internal_batch_size",
          "at least 1 or null"),
         (cfg.analysis.baseline_scans >= 1 and cfg.analysis.top_regions >= 1, "analysis.baseline_scans/top_regions",
          "at least 1"),
     ]
-    for ok, key, want in checks:
-        if not ok:
-            raise ConfigError(f"{key}: must be {want}")
+    errors = [f"{key}: must be {want}" for ok, key, want in checks if not ok]
+    try:
+        validate_cluster(cfg.cluster)
+    except ConfigError as exc:
+        errors.append(str(exc))
+    if errors:
+        raise ConfigError("; ".join(errors))
+
+
+def validate_cluster(c: ClusterConfig) -> None:
+    """Checks of the scheduler settings (also applied to command-line options)."""
+    checks = [
+        (c.nodes >= 1, "cluster.nodes", "at least 1"),
+        (c.gpus_per_node >= 0, "cluster.gpus_per_node", "zero or more"),
+        (c.tasks_per_node is None or c.tasks_per_node >= 1, "cluster.tasks_per_node", "at least 1 or null"),
+        (c.cpus_per_task >= 1, "cluster.cpus_per_task", "at least 1"),
+        (c.mem_gb is None or c.mem_gb > 0, "cluster.mem_gb", "positive or null"),
+        (c.time_min >= 1, "cluster.time_min", "at least 1 minute"),
+        (c.max_requeues >= 0, "cluster.max_requeues", "zero or more"),
+        (c.signal_delay_s >= 0, "cluster.signal_delay_s", "zero or more"),
+    ]
+    errors = [f"{key}: must be {want}" for ok, key, want in checks if not ok]
+    if errors:
+        raise ConfigError("; ".join(errors))

@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from typing import Any
 
 Handler = Callable[[int, Any], None]
+# the exit status of a command that stopped at a safe point on a signal (SIGTERM, SIGUSR2, Ctrl-C) and can be resumed
+INTERRUPTED_EXIT = 3
 
 
 def install(signals: Iterable[int], handler: Handler) -> dict[int, Any]:

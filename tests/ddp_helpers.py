@@ -9,7 +9,7 @@ import torch
 
 def sgd_steps(forward, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, steps: int = 3):
     """Yield the (detached) loss of each of ``steps`` optimizer steps on the same batch."""
-    from brainmt.train.loop import compute_loss
+    from brainmt.train.step import compute_loss
 
     for _ in range(steps):
         loss = compute_loss(forward, x, y, "regression", torch.device("cpu"), "fp32")

@@ -85,17 +85,25 @@ def test_baseline_command_line(small_shards, tmp_path):
 
 
 def test_learning_benchmark_smoke(tmp_path):
-    """A reduced learning benchmark: the sex task only, few subjects, short training; loose thresholds."""
+    """A reduced learning benchmark: the sex task only, few subjects, short training, two seeds' splits, a variant;
+    loose thresholds."""
     from brainmt.bench.learning import main
 
     work = tmp_path / "bench"
     assert main(["--subjects", "60", "--frames", "24", "--work-dir", str(work), "--tasks", "sex", "--n-boot", "50",
+                 "--effects", "coupling", "--seeds", "2", "--parallel", "2", "--variant", "ld", "optim.layer_decay=0.75",
                  "train.epochs=3", "data.num_frames=8", "model.num_frames=8"]) == 0
-    rows = json.loads((work / "learning.json").read_text())["rows"]
-    by = {(r["labels"], r["method"]): r["metrics"] for r in rows if r["task"] == "sex"}
-    assert set(by) == {("true", "brainmt"), ("true", "connectome-logreg"), ("true", "amplitude-logreg"),
-                       ("shuffled", "brainmt"), ("shuffled", "connectome-logreg")}
-    assert by[("true", "connectome-logreg")]["auroc"]["value"] >= 0.75
-    assert by[("true", "brainmt")]["auroc"]["value"] >= 0.6
-    for r in rows:
+    record = json.loads((work / "learning.json").read_text())
+    by = {(r["seed"], r["labels"], r["method"]): r["test"] for r in record["rows"]}
+    assert set(by) == {(seed, labels, method) for seed in (0, 1) for labels, method in [
+        ("true", "brainmt"), ("true", "brainmt:ld"), ("true", "connectome-logreg"), ("true", "amplitude-logreg"),
+        ("shuffled", "brainmt"), ("shuffled", "connectome-logreg")]}
+    assert all(by[(seed, "true", "connectome-logreg")]["auroc"]["value"] >= 0.75 for seed in (0, 1))
+    splits = [json.loads((work / "views" / f"coupling-s{seed}-true" / "splits.json").read_text()) for seed in (0, 1)]
+    assert splits[0]["test"] != splits[1]["test"]                # each seed its own split
+    summary = {(e["labels"], e["method"]): e for e in record["summary"]}
+    assert summary[("true", "brainmt")]["seeds"] == 2 and len(summary[("true", "brainmt")]["auroc"]["values"]) == 2
+    for r in record["rows"]:
         assert r["seconds"] > 0
+        if r["method"].startswith("brainmt"):
+            assert r["selected_by"] == "val_auroc" and r["validation"]

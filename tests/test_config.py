@@ -51,7 +51,7 @@ def test_layered_files_and_relative_base(tmp_path):
         ("model.embed_dim=abc", "model.embed_dim: expected an integer, got 'abc'"),
         ("model.embed_dim=6.5", "model.embed_dim: expected an integer"),
         ("model.bidirectional=maybe", "model.bidirectional: expected true or false"),
-        ("model.attention=local", "model.attention: must be one of ['global', 'spatial']"),
+        ("model.attention=local", "model.attention: must be one of ['global', 'spatial', 'frame']"),
         ("model.volume_shape=[91, x, 91]", "model.volume_shape[1]: expected an integer"),
         ("model.volume_shape=91", "model.volume_shape: expected a list"),
         ("model=3", "model: expected a mapping"),

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from brainmt.models import fused, scan
 from brainmt.models.mamba import BiMambaMixer
+from brainmt.models.ops import fused, scan
 
 
 def _conv_fwd(x, weight, bias, seq_idx, initial_states, final_states_out, silu):

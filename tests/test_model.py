@@ -93,7 +93,7 @@ def test_attention_blocks_own_their_norms_and_mlps_and_there_is_a_final_norm():
     assert isinstance(model.norm, torch.nn.LayerNorm)
 
 
-@pytest.mark.parametrize("attention", ["global", "spatial"])
+@pytest.mark.parametrize("attention", ["global", "spatial", "frame"])
 def test_attention_scopes_run(attention):
     model = build_model(_debug(f"model.attention={attention}"))
     assert model(torch.randn(2, 3, 1, 20, 24, 20)).shape == (2, 1)

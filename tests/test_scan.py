@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from brainmt.models.scan import causal_conv1d, selective_scan
+from brainmt.models.ops.scan import causal_conv1d, selective_scan
 
 
 def sequential_recurrence(u, delta, A, B, C, D, z, delta_bias):

@@ -18,7 +18,8 @@ from ddp_helpers import ddp_step_worker, sgd_steps
 from brainmt.config import ConfigError, load_config
 from brainmt.data.shards import ShardError
 from brainmt.train import checkpoint as ckpt
-from brainmt.train.loop import TrainingError, evaluate, train
+from brainmt.train.evaluation import evaluate
+from brainmt.train.loop import TrainingError, train
 from brainmt.train.metrics import auroc, classification_metrics, per_subject, regression_metrics, with_intervals
 
 OVERRIDES = ["data.num_frames=8", "model.num_frames=8", "train.epochs=2", "data.samples_per_epoch=24",
@@ -47,7 +48,7 @@ class SignalAt:
     """A metrics sink that sends this process SIGUSR2 when step ``k`` is logged (a real preemption signal)."""
 
     def __init__(self, path: Path, k: int) -> None:
-        from brainmt.train.logging import JsonlSink
+        from brainmt.train.runlog import JsonlSink
 
         self.inner, self.k = JsonlSink(path), k
 
@@ -71,7 +72,7 @@ def test_interrupted_run_resumes_to_the_same_result(shards, tmp_path):
     assert _train_losses(tmp_path / "resumed") == _train_losses(tmp_path / "full")
     a, b = _weights(tmp_path / "full"), _weights(tmp_path / "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert third["best_val_loss"] == full["best_val_loss"]
+    assert third["best_metric"] == full["best_metric"]
     for name in ("config.yaml", "curves.png", "target_stats.json", "logs/rank-0.log"):
         assert (tmp_path / "full" / name).exists(), name
 
@@ -145,7 +146,8 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
         ckpt.save_checkpoint(directory, 2, {"w": torch.zeros(3), "step": 2}, keep_last=2, best_step=None)
     monkeypatch.undo()
     assert [s for s, _ in ckpt.list_checkpoints(directory)] == [1]
-    assert list(directory.iterdir()) == [ckpt.checkpoint_path(directory, 1)]   # no temporary left
+    assert sorted(directory.iterdir()) == [ckpt.record_path(ckpt.checkpoint_path(directory, 1)),
+                                           ckpt.checkpoint_path(directory, 1)]   # no temporary left
     path, state = ckpt.latest_checkpoint(directory)
     assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
 

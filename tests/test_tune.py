@@ -62,8 +62,8 @@ def test_local_sweep_stops_trials_early_and_its_best_config_trains(small_shards,
     assert {(r["model.mamba_depth"], r["data.num_frames"]) for r in rows} == {("1", "8"), ("1", "16"), ("2", "8"), ("2", "16")}
     assert any(r["status"] == "stopped by ASHA" and int(r["epochs"]) < 4 for r in rows), rows
     assert any(r["status"] == "finished" and r["epochs"] == "4" for r in rows)
-    losses = [float(r["val_loss"]) for r in rows]
-    assert losses == sorted(losses)
+    ranked = [float(r["val_pearson_r"]) for r in rows]      # sweep.metric auto: the runs' own selection metric
+    assert ranked == sorted(ranked, reverse=True)
     for name in ("metric_vs_params.png", "curves.png"):
         assert (sweep_dir / "figures" / name).stat().st_size > 5000
     # every trial is a brainmt run directory on the shared file system, with its validation curve

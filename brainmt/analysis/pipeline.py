@@ -54,7 +54,7 @@ class RunInfo:
 def open_run(run_dir: str | Path, checkpoint: str = "best", shards_dir: str | Path | None = None) -> RunInfo:
     """Resolve and load a run's checkpoint and open its shards; clear errors for a missing run, checkpoint or data."""
     from brainmt.data.shards import ShardError
-    from brainmt.train.loop import load_run
+    from brainmt.train.evaluation import load_run
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -120,7 +120,7 @@ class SubjectAnalyzer:
         import torch
 
         from brainmt.analysis.attribution import BASELINES, PackedModel, training_mean
-        from brainmt.train.loop import trained_model
+        from brainmt.train.evaluation import trained_model
 
         if settings.baseline not in BASELINES:
             raise AnalysisError(f"unknown baseline {settings.baseline!r}; choose one of {', '.join(BASELINES)}")
@@ -188,7 +188,7 @@ class SubjectAnalyzer:
         return record
 
     def _prediction(self, scans: list[str], rows: list[dict]) -> dict:
-        from brainmt.train.loop import to_predictions
+        from brainmt.train.metrics import to_predictions
 
         stats, shards = self.run_info.stats, self.run_info.shards
         outputs = np.array([r["f_input"] for r in rows])

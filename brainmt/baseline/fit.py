@@ -51,7 +51,8 @@ def run_baseline(shards_dir: str | Path, method: str, out: str | Path, target: s
     the training split evaluated on ``split``: writes predictions.csv, metrics.json and baseline.json into ``out``
     (the files ``brainmt evaluate`` writes) and returns the result."""
     from brainmt.baseline.features import extract, parcellation
-    from brainmt.train.loop import subject_metrics, target_stats, write_evaluation
+    from brainmt.train.evaluation import write_evaluation
+    from brainmt.train.metrics import subject_metrics, target_stats
 
     if method not in METHODS:
         raise ConfigError(f"--method: unknown method {method!r} (one of {', '.join(METHODS)})")

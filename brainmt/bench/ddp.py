@@ -115,7 +115,7 @@ def checkpoint_digest(run_dir: Path, step: int) -> tuple[str, int]:
     from brainmt.config import config_from_dict
     from brainmt.models import build_model
     from brainmt.train.checkpoint import checkpoint_path, load_checkpoint
-    from brainmt.train.loop import param_digest
+    from brainmt.train.evaluation import param_digest
 
     path = checkpoint_path(run_dir / "checkpoints", step)
     saved = load_checkpoint(path)

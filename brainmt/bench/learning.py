@@ -1,135 +1,285 @@
-"""Does it learn? BrainMT against connectivity baselines on a synthetic cohort with planted effects.
+"""Does it learn? BrainMT against connectivity baselines on synthetic cohorts with planted effects, over seeds.
 
-``python -m brainmt.bench.learning [--subjects 300] [--device cpu|cuda]`` writes synthetic scans, shards them,
-trains BrainMT and fits the baselines on the same split for sex (classification) and the cognitive score
-(regression), and repeats both with labels shuffled across subjects (a control that must stay at chance).
-Prints one table (metrics with bootstrap 95% intervals, seconds each took) and writes ``learning.json``.
+``python -m brainmt.bench.learning --device cuda --effects amplitude coupling lagged --seeds 3 --parallel 6``
+writes one synthetic cohort per kind of effect (``brainmt synth --effect``), shards it, and for each seed draws
+another family-grouped split (and another initialisation); on each split it trains BrainMT (the paper's model on
+CUDA, the demo's on the CPU) and fits the connectome and amplitude baselines, for sex (classification) and the
+cognitive score (regression). ``--shuffled EFFECT`` repeats sex with labels permuted across subjects (a control that
+must stay at chance). ``--variant NAME key=value,...`` trains BrainMT once more per variant (the lever table).
+Every BrainMT run is its own ``brainmt train`` process; ``--parallel`` runs several at once (on one GPU they share
+it). Results go to ``learning.json`` after every run (a rerun skips finished ones) and a Markdown table at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import os
+import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 TASKS = {"sex": ("classification", "sex"), "score": ("regression", "cognition")}
-# longer than the demo's 10 epochs: on the default cohort the tiny CPU model's validation loss keeps falling to
-# epoch ~17 for sex, and the score's planted effect (an amplitude) is found only after 7-8 epochs, best by ~16
-TASK_OVERRIDES = {"sex": ["train.epochs=20", "train.early_stopping_patience=20"],
-                  "score": ["train.epochs=28", "train.early_stopping_patience=28"]}
 BASELINES = {"classification": ["connectome-logreg", "amplitude-logreg"], "regression": ["connectome-ridge", "amplitude-ridge"]}
-SHOWN = {"classification": ["accuracy", "balanced_accuracy", "auroc"], "regression": ["mse", "mae", "pearson_r"]}
+SHOWN = {"classification": ["auroc", "balanced_accuracy", "accuracy"], "regression": ["pearson_r", "mse", "mae"]}
+# the demo model on the CPU needs more epochs than the demo's 10 to find the score's amplitude effect
+CPU_OVERRIDES = {"sex": ["train.epochs=20", "train.early_stopping_patience=20"],
+                 "score": ["train.epochs=28", "train.early_stopping_patience=28"]}
 
 
-def shuffled_view(shards: Path, out: Path, seed: int) -> Path:
-    """The same shards with every target permuted across scans (the control): a new manifest, the shard files and
-    mask linked, the same splits."""
+@dataclass
+class Job:
+    """One row of the table: a method trained and tested on one effect's cohort, one seed's split, one task."""
+
+    effect: str
+    seed: int
+    task: str
+    labels: str                     # "true" or "shuffled"
+    method: str                     # "brainmt", "brainmt:<variant>" or a baseline
+    overrides: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """The job's folder name."""
+        return f"{self.effect}-s{self.seed}-{self.task}-{self.labels}-{self.method.replace(':', '_')}"
+
+
+def seed_view(shards: Path, out: Path, seed: int, shuffle: bool = False) -> Path:
+    """The same shards with another seed's family-grouped split (and, with ``shuffle``, every target permuted across
+    scans): a new manifest and splits.json, the shard files and mask linked."""
+    from brainmt.data.shards import write_splits
+
     manifest = json.loads((shards / "manifest.json").read_text())
-    ids = sorted(manifest["scans"])
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(ids))
-    targets = [manifest["scans"][s]["targets"] for s in ids]
-    for scan, j in zip(ids, order, strict=True):
-        manifest["scans"][scan]["targets"] = targets[j]
+    if shuffle:
+        ids = sorted(manifest["scans"])
+        order = np.random.default_rng(seed + 7919).permutation(len(ids))
+        targets = [manifest["scans"][s]["targets"] for s in ids]
+        for scan, j in zip(ids, order, strict=True):
+            manifest["scans"][scan]["targets"] = targets[j]
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("shards", manifest["mask"]["file"], "splits.json"):
-        link = out / name
-        if not link.exists():
-            link.symlink_to((shards / name).resolve())
+    for name in ("shards", manifest["mask"]["file"]):
+        if not (out / name).exists():
+            (out / name).symlink_to((shards / name).resolve())
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    write_splits(manifest, out / "splits.json", seed=seed)
     return out
 
 
-def train_brainmt(shards: Path, run_dir: Path, task: str, target: str, device: str, overrides: list[str]) -> dict:
-    """Train and evaluate BrainMT (demo config on the CPU, the paper's model on CUDA) in this process."""
-    from brainmt.config import load_config
-    from brainmt.train.loop import run
-
+def train_brainmt(job: Job, shards: Path, out: Path, device: str, window: int, log_dir: Path) -> dict:
+    """``brainmt train`` (the demo config on the CPU, the paper's model on CUDA) in its own process; the test metrics
+    of its best checkpoint and its validation curve."""
+    task, target = TASKS[job.task]
     base = "demo" if device == "cpu" else "paper"
-    cfg = load_config(base, [f"data.task={task}", f"data.target={target}", f"train.device={device}",
-                             "data.num_workers=0", *overrides])
-    if device == "cuda":
-        frames = min(s["frames"] for s in json.loads((shards / "manifest.json").read_text())["scans"].values())
-        cfg.data.num_frames = cfg.model.num_frames = min(cfg.data.num_frames, frames)
-    if run_dir.exists():
-        shutil.rmtree(run_dir)             # a benchmark measures a whole training run
-    result = run(cfg, shards, run_dir, evaluate_split="test")
-    return result["evaluation"]
+    frames = [] if device == "cpu" else [f"data.num_frames={window}", f"model.num_frames={window}"]
+    cmd = [sys.executable, "-m", "brainmt.cli", "train", "--config", base, "--shards", str(shards), "--run-dir", str(out),
+           f"data.task={task}", f"data.target={target}", f"train.device={device}", "data.num_workers=1",
+           f"train.seed={job.seed}", *frames, *(CPU_OVERRIDES[job.task] if device == "cpu" else []), *job.overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
+    with (log_dir / f"{job.name}.log").open("w") as log:
+        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env).returncode
+    if code != 0:
+        raise RuntimeError(f"{job.name}: brainmt train exited with {code} (log {log_dir / (job.name + '.log')})")
+    ev = json.loads((out / "metrics.json").read_text())
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    curve = [{k: r[k] for k in r if k.startswith("val_") or k == "epoch"} for r in records if "val_loss" in r]
+    return {"test": ev, "validation": curve, "best_step": ev["step"], "selected_by": ev.get("selected_by")}
 
 
-def run_bench(work: Path, subjects: int, frames: int, shape: list[int], device: str, seed: int, n_boot: int,
-              overrides: list[str], tasks: list[str]) -> list[dict]:
-    """Every (task, method, labels) row of the table."""
+def fit_baseline(job: Job, shards: Path, out: Path, n_boot: int) -> dict:
+    """A baseline fitted on the split's training subjects, tested on its test subjects."""
     from brainmt.baseline.fit import run_baseline
-    from brainmt.demo import prepare_data
 
-    started = time.perf_counter()
-    real = prepare_data(work / "data", subjects, frames, shape, seed=seed)
-    data_s = time.perf_counter() - started
-    views = {"true": real, "shuffled": shuffled_view(real, work / "data" / "shuffled", seed + 1)}
-    rows = []
-    for task_name in tasks:
-        task, target = TASKS[task_name]
-        for labels, shards in views.items():
-            methods = ["brainmt", *BASELINES[task]] if labels == "true" else ["brainmt", BASELINES[task][0]]
-            for method in methods:
-                t0 = time.perf_counter()
-                out = work / f"{task_name}-{labels}-{method}"
-                if method == "brainmt":
-                    ev = train_brainmt(shards, out, task, target, device, [*TASK_OVERRIDES[task_name], *overrides])
-                else:
-                    ev = run_baseline(shards, method, out, target=target, n_boot=n_boot)
-                rows.append({"task": task_name, "labels": labels, "method": method, "seconds": time.perf_counter() - t0,
-                             "metrics": {k: ev[k] for k in SHOWN[task]}, "subjects": ev["subjects"]})
-                print(format_row(rows[-1]), flush=True)
-    rows.append({"task": "data", "labels": "-", "method": "synth + shard", "seconds": data_s, "metrics": {},
-                 "subjects": subjects})
-    return rows
+    return {"test": run_baseline(shards, job.method, out, target=TASKS[job.task][1], n_boot=n_boot)}
 
 
-def format_row(row: dict) -> str:
-    """One line: task, labels, method, each metric with its interval, seconds."""
-    cells = [f"{k} {v['value']:.3f} [{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}]" for k, v in row["metrics"].items()]
-    return f"{row['task']:6s} {row['labels']:8s} {row['method']:18s} {'  '.join(cells)}  ({row['seconds']:.0f} s)"
+def plan(effects: list[str], seeds: int, tasks: list[str], variants: dict[str, list[str]], shuffled: list[str],
+         baselines: bool, default_run: bool = True) -> list[Job]:
+    """Every job of the benchmark, BrainMT runs first (the long ones start early)."""
+    jobs = []
+    for effect in effects:
+        for seed in range(seeds):
+            for task_name in tasks:
+                if default_run:
+                    jobs.append(Job(effect, seed, task_name, "true", "brainmt"))
+                jobs += [Job(effect, seed, task_name, "true", f"brainmt:{v}", o) for v, o in variants.items()]
+                if effect in shuffled and task_name == "sex":
+                    jobs.append(Job(effect, seed, task_name, "shuffled", "brainmt"))
+    if baselines:
+        for effect in effects:
+            for seed in range(seeds):
+                for task_name in tasks:
+                    task = TASKS[task_name][0]
+                    jobs += [Job(effect, seed, task_name, "true", m) for m in BASELINES[task]]
+                    if effect in shuffled and task_name == "sex":
+                        jobs.append(Job(effect, seed, task_name, "shuffled", BASELINES[task][0]))
+    return jobs
 
 
-def markdown(rows: list[dict]) -> str:
-    """The table as Markdown (for the README)."""
-    lines = ["| task | labels | method | metrics (95% bootstrap interval) | time |", "| --- | --- | --- | --- | --- |"]
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean and sd over seeds of each (effect, task, labels, method): the test metrics and the best validation."""
+    groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        cells = "; ".join(f"{k} {v['value']:.3f} [{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}]" for k, v in r["metrics"].items())
-        lines.append(f"| {r['task']} | {r['labels']} | {r['method']} | {cells or '-'} | {r['seconds']:.0f} s |")
+        groups.setdefault((r["effect"], r["task"], r["labels"], r["method"]), []).append(r)
+    out = []
+    for (effect, task, labels, method), members in groups.items():
+        kind = TASKS[task][0]
+        entry = {"effect": effect, "task": task, "labels": labels, "method": method, "seeds": len(members),
+                 "seconds": float(np.mean([m["seconds"] for m in members]))}
+        for k in SHOWN[kind]:
+            values = [m["test"][k]["value"] for m in members]
+            entry[k] = {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+                        "values": values, "ci95": [m["test"][k]["ci95"] for m in members]}
+        out.append(entry)
+    return out
+
+
+def markdown(summary: list[dict]) -> str:
+    """The summary as a Markdown table (mean ± sd over seeds; the per-seed values in brackets)."""
+    lines = ["| effect | task | labels | method | seeds | metric: mean ± sd (per seed) | s/run |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for e in summary:
+        cells = "; ".join(f"{k} {e[k]['mean']:.3f} ± {e[k]['sd']:.3f} ({', '.join(f'{v:.2f}' for v in e[k]['values'])})"
+                          for k in SHOWN[TASKS[e["task"]][0]][:2])
+        lines.append(f"| {e['effect']} | {e['task']} | {e['labels']} | {e['method']} | {e['seeds']} | {cells} | "
+                     f"{e['seconds']:.0f} |")
     return "\n".join(lines)
+
+
+def parse_variants(items: list[list[str]]) -> dict[str, list[str]]:
+    """``--variant NAME key=value ...`` (repeatable) -> {NAME: overrides}."""
+    variants = {}
+    for item in items or []:
+        name, *overrides = item
+        if ":" in name or "=" in name:
+            raise SystemExit(f"--variant: the first word is the variant's name, got {name!r}")
+        variants[name] = overrides
+    return variants
+
+
+def parser() -> argparse.ArgumentParser:
+    """Arguments of ``python -m brainmt.bench.learning``."""
+    p = argparse.ArgumentParser(prog="python -m brainmt.bench.learning", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--subjects", type=int, default=300, help="subjects in each synthetic cohort")
+    p.add_argument("--frames", type=int, default=40, help="frames a scan (on CUDA also the training window)")
+    p.add_argument("--shape", type=int, nargs=3, default=[20, 24, 20], help="volume grid of the synthetic scans")
+    p.add_argument("--window", type=int, help="CUDA: frames a training window (default --frames; shorter windows are "
+                   "random crops in time)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--effects", nargs="+", default=["mixed"], help="kinds of planted effect (brainmt synth --effect)")
+    p.add_argument("--seeds", type=int, default=1, help="splits and initialisations per effect")
+    p.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
+    p.add_argument("--shuffled", nargs="*", default=None, metavar="EFFECT",
+                   help="effects whose sex task is repeated with shuffled labels (default: the first effect)")
+    p.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"),
+                   help="an extra BrainMT run per seed with these overrides (repeatable)")
+    p.add_argument("--no-baselines", action="store_true", help="BrainMT only")
+    p.add_argument("--variants-only", action="store_true", help="no BrainMT run with the plain config (the variants)")
+    p.add_argument("--parallel", type=int, default=1, help="runs at a time")
+    p.add_argument("--work-dir", default="runs/bench-learning")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic cohorts")
+    p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every BrainMT run")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: ``python -m brainmt.bench.learning``."""
-    p = argparse.ArgumentParser(prog="python -m brainmt.bench.learning", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--subjects", type=int, default=300)
-    p.add_argument("--frames", type=int, default=40)
-    p.add_argument("--shape", type=int, nargs=3, default=[20, 24, 20])
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--work-dir", default="runs/bench-learning")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-boot", type=int, default=1000)
-    p.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for BrainMT (e.g. train.epochs=4)")
-    args = p.parse_args(argv)
+    args = parser().parse_args(argv)
     work = Path(args.work_dir).resolve()
+    shuffled = [args.effects[0]] if args.shuffled is None else args.shuffled
+    jobs = plan(args.effects, args.seeds, args.tasks, parse_variants(args.variant), shuffled, not args.no_baselines,
+                not args.variants_only)
+    for job in jobs:
+        if job.method.startswith("brainmt"):
+            job.overrides = [*args.overrides, *job.overrides]
     started = time.perf_counter()
-    rows = run_bench(work, args.subjects, args.frames, args.shape, args.device, args.seed, args.n_boot, args.overrides,
-                     args.tasks)
-    total = time.perf_counter() - started
-    print(f"\n{args.subjects} synthetic subjects ({'x'.join(map(str, args.shape))} voxels, {args.frames} frames), "
-          f"device {args.device}, {total:.0f} s in all\n{markdown(rows)}")
-    (work / "learning.json").write_text(json.dumps({"rows": rows, "seconds": total, "args": vars(args)}, indent=1) + "\n")
-    return 0
+    cohorts = prepare_cohorts(work, args)
+    record_path = work / "learning.json"
+    done = {r["name"]: r for r in json.loads(record_path.read_text())["rows"]} if record_path.exists() else {}
+    rows, lock = list(done.values()), threading.Lock()
+
+    def one(job: Job) -> None:
+        if job.name in done:
+            return
+        view = work / "views" / f"{job.effect}-s{job.seed}-{job.labels}"
+        out, t0 = work / "runs" / job.name, time.perf_counter()
+        try:
+            result = (train_brainmt(job, view, out, args.device, args.window or args.frames, work / "logs")
+                      if job.method.startswith("brainmt") else fit_baseline(job, view, out, args.n_boot))
+        except Exception as exc:    # one failed run is reported, the others go on
+            print(f"FAILED {job.name}: {exc}", flush=True)
+            return
+        row = {**asdict(job), "name": job.name, "seconds": time.perf_counter() - t0, **result}
+        with lock:
+            rows.append(row)
+            save(record_path, rows, args, time.perf_counter() - started)
+            print(format_row(row), flush=True)
+
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    for job in {(j.effect, j.seed, j.labels): j for j in jobs}.values():   # written once, before the runs share them
+        seed_view(cohorts[job.effect], work / "views" / f"{job.effect}-s{job.seed}-{job.labels}", job.seed,
+                  shuffle=job.labels == "shuffled")
+    with ThreadPoolExecutor(max(1, args.parallel)) as pool:
+        list(pool.map(one, jobs))
+    summary = summarise(rows)
+    save(record_path, rows, args, time.perf_counter() - started, summary)
+    print(f"\n{args.subjects} subjects a cohort ({'x'.join(map(str, args.shape))} voxels, {args.frames} frames), "
+          f"device {args.device}, {time.perf_counter() - started:.0f} s in all\n{markdown(summary)}", flush=True)
+    return 0 if len(rows) == len(jobs) else 1
+
+
+def prepare_cohorts(work: Path, args: argparse.Namespace) -> dict[str, Path]:
+    """One synthetic cohort per effect (``brainmt synth``, then ``brainmt shard`` as an array of parts and a merge,
+    as on a cluster), the effects side by side; each step is skipped when its output exists."""
+    cpus = max(1, (os.cpu_count() or 2) // len(args.effects))
+
+    def cli(*argv: str) -> None:
+        subprocess.run([sys.executable, "-m", "brainmt.cli", *argv], check=True, stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    def one(effect: str) -> Path:
+        raw, shards = work / "data" / effect / "raw", work / "data" / effect / "shards"
+        if not (raw / "participants.tsv").exists():
+            cli("synth", str(raw), "--effect", effect, "--subjects", str(args.subjects), "--frames", str(args.frames),
+                "--shape", *map(str, args.shape), "--seed", str(args.data_seed), "--workers", str(cpus))
+        if not (shards / "manifest.json").exists():
+            common = ("--input", str(raw), "--phenotypes", str(raw / "participants.tsv"), "--output", str(shards),
+                      "--min-frames", str(args.frames))
+            cli("shard", *common, "--mask-only")
+            with ThreadPoolExecutor(cpus) as pool:
+                list(pool.map(lambda i: cli("shard", *common, "--part", f"{i}/{cpus}"), range(cpus)))
+            cli("shard", *common, "--merge")
+        return shards
+
+    with ThreadPoolExecutor(len(args.effects)) as pool:
+        cohorts = dict(zip(args.effects, pool.map(one, args.effects)))
+    print(f"cohorts ready: {', '.join(map(str, cohorts.values()))}", flush=True)
+    return cohorts
+
+
+def format_row(row: dict) -> str:
+    """One line: the job and its test metrics."""
+    kind = TASKS[row["task"]][0]
+    cells = "  ".join(f"{k} {row['test'][k]['value']:.3f}" for k in SHOWN[kind])
+    return f"{row['name']:55s} {cells}  ({row['seconds']:.0f} s)"
+
+
+def save(path: Path, rows: list[dict], args: argparse.Namespace, seconds: float, summary: list | None = None) -> None:
+    """learning.json: every finished row, the arguments, the versions and (at the end) the summary."""
+    import torch
+
+    from brainmt.fileio import atomic_write_json
+    from brainmt.selftest import versions
+
+    atomic_write_json(path, {"rows": rows, "summary": summary, "seconds": seconds, "args": vars(args),
+                             "versions": versions(torch.device(args.device))})
 
 
 if __name__ == "__main__":

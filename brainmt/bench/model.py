@@ -27,16 +27,17 @@ import json
 import math
 import statistics
 import time
+import typing
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from brainmt.config import ModelConfig, apply_overrides, load_config
+from brainmt.config import AttentionScope, ModelConfig, apply_overrides, load_config
 from brainmt.models import build_model
 from brainmt.models.layers import conv_output_size
-from brainmt.train.loop import autocast, compute_loss
+from brainmt.train.step import autocast, compute_loss
 
 DENSE_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
 SCAN_FLOPS_PER_UPDATE = 7      # forward; the backward counts twice that
@@ -362,7 +363,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", default="paper", help="config name or YAML file (default paper)")
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="config overrides for every setting")
     p.add_argument("--frames", nargs="+", type=int, default=[50, 100, 200, 400, 800, 1200])
-    p.add_argument("--attention", nargs="+", choices=["global", "spatial"], default=["global", "spatial"])
+    p.add_argument("--attention", nargs="+", choices=list(typing.get_args(AttentionScope)),
+                   default=["global", "spatial"])
     p.add_argument("--checkpointing", choices=["none", "mamba", "attention", "all"], default=None,
                    help="model.checkpointing (default: the config's)")
     p.add_argument("--compile", action="store_true", help="model.compile=true")

@@ -6,7 +6,9 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -20,13 +22,23 @@ OPTION_KEYS = {  # command-line option -> cluster config key
 }
 
 
+def config_choices(section: type, key: str) -> list:
+    """The allowed values of a ``Literal``-typed config key (e.g. ``ClusterConfig``, ``"cluster"``): CLI choices."""
+    import typing
+
+    return list(typing.get_args(typing.get_type_hints(section)[key]))
+
+
 def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
-    """The scheduler options that jobs/launch.py, sweeps/tune.py and jobs/analyze.py share (cluster.* keys)."""
-    p.add_argument("--cluster", choices=["auto", "slurm", "local", "debug"])
+    """The scheduler options every launcher shares (cluster.* keys): jobs/launch.py, jobs/shard.py, jobs/analyze.py,
+    sweeps/tune.py."""
+    p.add_argument("--cluster", choices=config_choices(ClusterConfig, "cluster"),
+                   help="auto: SLURM when sbatch is found, else local processes; debug: in this process")
     p.add_argument("--partition")
     p.add_argument("--nodes", type=int)
     p.add_argument("--gpus-per-node", type=int)
-    p.add_argument("--gpu-request", choices=["gpus_per_node", "gres"], help="how the site asks for GPUs")
+    p.add_argument("--gpu-request", choices=config_choices(ClusterConfig, "gpu_request"),
+                   help="how the site asks for GPUs")
     p.add_argument("--cpus-per-task", type=int)
     p.add_argument("--mem-gb", type=float)
     p.add_argument("--time", type=int, help="time limit in minutes (the job is requeued and resumes after it)")
@@ -36,11 +48,44 @@ def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-requeues", type=int)
 
 
+def _name_options(message: str, given: dict[str, str]) -> str:
+    """``message`` (``key: must be ...; ...``) with each failing key followed by the option that set it."""
+    parts = []
+    for part in message.split("; "):
+        keys = part.split(":", 1)[0].strip().split("/")   # "analysis.baseline_scans/top_regions": two keys
+        section = keys[0].rsplit(".", 1)[0] + "." if "." in keys[0] else ""
+        full = [keys[0]] + [section + k for k in keys[1:]]
+        flags = [given[k] for k in full if k in given]
+        parts.append(part + (f" (given as {', '.join(flags)})" if flags else ""))
+    return "; ".join(parts)
+
+
+def apply_options(target: Any, table: dict[str, str], args: argparse.Namespace, check: Callable[[Any], None],
+                  prefix: str = "") -> None:
+    """Set each option given in ``args`` (``table``: option dest -> key of ``target``) through ``set_value``, then
+    run ``check(target)``; a ConfigError names the command-line options behind the failing keys.
+
+    ``prefix`` is what the checks put before the keys (``"cluster."`` when ``target`` is a ClusterConfig)."""
+    from brainmt.config import set_value
+
+    given = {}
+    for dest, key in table.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            flag = f"--{dest.replace('_', '-')}"
+            set_value(target, key, value, flag)
+            given[prefix + key] = f"{flag} {value}"
+    try:
+        check(target)
+    except ConfigError as exc:
+        raise ConfigError(_name_options(str(exc), given)) from None
+
+
 def apply_cluster_arguments(cluster: ClusterConfig, args: argparse.Namespace) -> None:
-    """Copy the scheduler options given on the command line into ``cluster``."""
-    for opt, key in OPTION_KEYS.items():
-        if getattr(args, opt, None) is not None:
-            setattr(cluster, key, getattr(args, opt))
+    """Copy the scheduler options given on the command line into ``cluster``, each checked like its config key."""
+    from brainmt.config import validate_cluster
+
+    apply_options(cluster, OPTION_KEYS, args, validate_cluster, "cluster.")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -129,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of jobs/launch.py."""
     import submitit
 
+    from brainmt.data.loader import ShardSet
+    from brainmt.data.shards import ShardError
     from brainmt.launch.job import TrainJob
     from brainmt.launch.slurm import (
         LaunchError,
@@ -139,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         sbatch_preview,
         shard_dir,
     )
-    from brainmt.train.loop import TrainingError, check_resume_config
+    from brainmt.train.run_config import TrainingError, check_data, check_resume_config, resolve
 
     args = parser().parse_args(argv)
     if args.status:
@@ -149,24 +196,32 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(layers, args.overrides)
         apply_cluster_arguments(cfg.cluster, args)
         run_dir = Path(args.run_dir or f"runs/{cfg.name}").resolve()
-        cfg.data.shards = shard_dir(args.shards or cfg.data.shards)
+        shards = ShardSet(shard_dir(args.shards or cfg.data.shards))
+        cfg = resolve(cfg, shards)                      # as the job will: compare alike
+        check_data(cfg, shards, ("train", "validation", "test"))   # what the job would find after the queue
+        if cfg.train.device == "cpu" and cfg.cluster.gpus_per_node > 0:
+            print(f"warning: train.device=cpu, but {cfg.cluster.gpus_per_node} GPU(s) a node are requested",
+                  file=sys.stderr)
         job_name = args.job_name or f"brainmt-{cfg.name}"
-        if args.dry_run:
-            print(sbatch_preview(cfg.cluster, run_dir / "slurm", job_name))
-            print("# resolved config\n" + yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-            return 0
         try:
             check_resume_config(run_dir, cfg)
         except TrainingError:
             if not args.force:
                 raise
-            print(f"--force: moved the run directory of the other configuration to {move_aside(run_dir)}", flush=True)
+            if args.dry_run:
+                print(f"# --force: the run directory {run_dir} (another configuration) would be moved aside")
+            else:
+                print(f"--force: moved the run directory of the other configuration to {move_aside(run_dir)}", flush=True)
+        if args.dry_run:
+            print(sbatch_preview(cfg.cluster, run_dir / "slurm", job_name))
+            print("# resolved config\n" + yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+            return 0
         executor, cluster = checked_executor(cfg.cluster, run_dir / "slurm", job_name)
         if cluster == "local" and args.cluster is None and cfg.cluster.cluster == "auto":
             print("no SLURM here (sbatch not found): running with submitit's local executor", flush=True)
         with clean_slurm_env():   # a submission from inside a SLURM job must not inherit its SLURM_*
             job = executor.submit(TrainJob(), config_to_dict(cfg), cfg.data.shards, str(run_dir))
-    except (ConfigError, LaunchError, TrainingError) as exc:
+    except (ConfigError, LaunchError, TrainingError, ShardError) as exc:
         print(f"jobs/launch.py: error: {exc}", file=sys.stderr)
         return 2
     except submitit.core.utils.FailedJobError as exc:
@@ -185,3 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"job {job.job_id}: training {result['status']} at step {result.get('step', '?')}; "
               f"test metrics: {json.dumps({k: v['value'] for k, v in ev.items() if isinstance(v, dict)})}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

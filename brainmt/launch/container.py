@@ -20,9 +20,9 @@ from pathlib import Path
 
 from brainmt import signals
 from brainmt.config import ClusterConfig, ConfigError, load_config
+from brainmt.signals import INTERRUPTED_EXIT
 
 log = logging.getLogger("brainmt.launch")
-INTERRUPTED_EXIT = 3   # `brainmt train` exits 3 when it stopped at a step boundary after SIGTERM / SIGUSR2
 
 
 def exec_command(runtime: str, image: str, binds: Sequence[str], nv: bool, args: Sequence[str]) -> list[str]:

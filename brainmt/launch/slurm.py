@@ -126,6 +126,6 @@ def checked_executor(c: ClusterConfig, folder: Path, job_name: str) -> tuple[sub
 
 def record_submission(folder: Path, **fields: object) -> None:
     """Append the submission (job ids, cluster, time) to ``folder/jobs.jsonl``: what ``--status`` and people read."""
-    from brainmt.train.logging import JsonlSink
+    from brainmt.train.runlog import JsonlSink
 
     JsonlSink(Path(folder) / "jobs.jsonl").log({**fields, "submitted": time.time()})

@@ -39,14 +39,17 @@ class BrainMT(nn.Module):
     Tokens are ordered time-first (all frames of spatial token 0, then of token 1, ...) after a
     class token at position 0, so the bidirectional Mamba stack scans each location's time course.
     ``attention="global"`` attends over all 1 + T*K tokens (as the official code);
-    ``attention="spatial"`` first averages each spatial token over time and attends over 1 + K tokens.
+    ``attention="spatial"`` first averages each spatial token over time and attends over 1 + K tokens;
+    ``attention="frame"`` attends over the 1 + K tokens of each frame (the class token copied to every frame) and
+    averages the class token's outputs over frames: regions are compared at each time point, each carrying its
+    own history from the Mamba scan (what coupling and lags between distant regions need), at T * (1 + K)^2 cost.
     The last attention block computes only the class token's row (the only one the head reads).
 
     Speed and memory options (the same model and weights): ``checkpointing`` recomputes Mamba blocks
     whole and attention blocks selectively (their attention kernels' outputs are kept). On CUDA only
     (the CPU path is unchanged): ``stem_chunk_frames`` runs the stem on that many frames at a time and
     recomputes it in the backward pass; ``fused_kernels`` runs the Mamba stage through
-    :mod:`brainmt.models.fused`; ``channels_last`` and ``compile`` speed up the stem; ``sdpa_backend``
+    :mod:`brainmt.models.ops.fused`; ``channels_last`` and ``compile`` speed up the stem; ``sdpa_backend``
     picks the attention kernel.
     """
 
@@ -196,11 +199,16 @@ class BrainMT(nn.Module):
         """The normalised class-token feature, (B, E)."""
         seq, k, frames = self.tokens(x)
         seq = self._run_mamba(seq)
+        batch = seq.shape[0]
         if self.cfg.attention == "spatial":
-            spatial = seq[:, 1:].view(seq.shape[0], k, frames, -1).mean(dim=2)  # (B, K, E)
+            spatial = seq[:, 1:].view(batch, k, frames, -1).mean(dim=2)  # (B, K, E)
             seq = torch.cat([seq[:, :1], spatial], dim=1)
+        elif self.cfg.attention == "frame":
+            per_frame = seq[:, 1:].view(batch, k, frames, -1).transpose(1, 2).reshape(batch * frames, k, -1)
+            seq = torch.cat([seq[:, :1].repeat_interleave(frames, dim=0), per_frame], dim=1)   # (B*T, 1 + K, E)
         seq = self._run_attention(seq)
-        return self.norm(seq[:, 0])
+        cls = seq[:, 0].view(batch, -1, seq.shape[-1]).mean(dim=1)                           # (B, E)
+        return self.norm(cls)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, C, D, H, W) -> (B, 1): a regression value or a classification logit."""

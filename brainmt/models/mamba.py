@@ -2,7 +2,7 @@
 
 The kernel backend is resolved once per mixer call path by :func:`get_kernels`: mamba-ssm's CUDA
 kernels (``selective_scan_fn`` and ``causal_conv1d_fn``) when they are installed and the input is on
-CUDA, otherwise the pure-PyTorch twins in :mod:`brainmt.models.scan`.
+CUDA, otherwise the pure-PyTorch twins in :mod:`brainmt.models.ops.scan`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from brainmt.models import fused, scan
+from brainmt.models.ops import fused, scan
 
 BACKENDS = ("auto", "cuda", "torch")
 
@@ -142,7 +142,7 @@ class BiMambaMixer(nn.Module):
     The forward branch scans positions 0..L-1, the backward branch L-1..0, each with its own conv,
     x_proj, dt_proj, A and D; the two outputs are averaged before the shared output projection.
     With ``bidirectional=False`` it is a plain (causal) Mamba mixer. With ``fused=True`` and the CUDA
-    kernels, both directions run as one autograd op (:func:`brainmt.models.fused.bimamba_inner_fn`):
+    kernels, both directions run as one autograd op (:func:`brainmt.models.ops.fused.bimamba_inner_fn`):
     the same arithmetic, a third of the saved activations, no transposed copies.
     """
 

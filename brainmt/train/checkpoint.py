@@ -1,13 +1,21 @@
-"""Checkpoints: atomic writes (temporary file, fsync, rename), keep the last k and the best, resume the latest."""
+"""Checkpoints: atomic writes (temporary file, fsync, rename), keep the last k and the best, resume the latest.
+
+Each ``step-N.pt`` has a ``step-N.json`` beside it with the file's SHA-256 (and the validation metric of an
+evaluation checkpoint): a checkpoint whose bytes changed after it was written is refused on load, and a damaged
+best falls back to the next-best intact one.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 from pathlib import Path
 
 import torch
+
+from brainmt.fileio import atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 _STEP = re.compile(r"^step-(\d{9})\.pt$")
@@ -30,8 +38,15 @@ def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_checkpoint(directory: Path, step: int, state: dict, keep_last: int, best_step: int | None) -> Path:
-    """Write ``state`` atomically as step-<step>.pt, then delete all but the last ``keep_last`` and the best."""
+def record_path(path: Path) -> Path:
+    """The JSON record beside a checkpoint file (its SHA-256 and validation metric)."""
+    return path.with_suffix(".json")
+
+
+def save_checkpoint(directory: Path, step: int, state: dict, keep_last: int, best_step: int | None,
+                    metric: dict | None = None) -> Path:
+    """Write ``state`` atomically as step-<step>.pt with its record (SHA-256, ``metric`` such as {"name", "mode",
+    "value"}), then delete all but the last ``keep_last`` and the best."""
     directory.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(directory, step)
     tmp = directory / f".tmp-{final.name}.{os.getpid()}"
@@ -44,15 +59,31 @@ def save_checkpoint(directory: Path, step: int, state: dict, keep_last: int, bes
     finally:
         if tmp.exists():
             tmp.unlink()
+    atomic_write_json(record_path(final), {"sha256": sha256_file(final), "metric": metric})
     keep = {s for s, _ in list_checkpoints(directory)[-keep_last:]} | ({best_step} if best_step is not None else set())
     for s, p in list_checkpoints(directory):
         if s not in keep:
             p.unlink(missing_ok=True)
+            record_path(p).unlink(missing_ok=True)
     return final
 
 
+def check_integrity(path: Path) -> None:
+    """CheckpointError when the file's SHA-256 differs from the one recorded when it was written (no record: no
+    check, as for checkpoints of older versions or copied without it)."""
+    record = record_path(path)
+    if not record.exists() or not path.exists():
+        return
+    expected = json.loads(record.read_text()).get("sha256")
+    actual = sha256_file(path)
+    if expected and actual != expected:
+        raise CheckpointError(f"{path}: damaged: its SHA-256 {actual[:16]}... differs from {expected[:16]}... "
+                              f"recorded in {record.name} when it was written")
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint with ``weights_only=True`` (no arbitrary pickles)."""
+    """Load a checkpoint with ``weights_only=True`` (no arbitrary pickles), after checking its SHA-256."""
+    check_integrity(Path(path))
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
@@ -72,23 +103,47 @@ def latest_checkpoint(directory: Path, map_location: str | torch.device = "cpu")
 
 
 def resolve_checkpoint(run_dir: Path, which: str) -> Path:
-    """``best`` | ``last`` | a path -> the checkpoint file."""
+    """``best`` | ``last`` | a path -> the checkpoint file; a damaged one is passed over with a warning (``best``:
+    for the next-best intact checkpoint by its recorded metric, else the newest intact one)."""
     directory = run_dir / "checkpoints"
     if which not in ("best", "last"):
         path = Path(which)
         if not path.is_file():
             raise CheckpointError(f"{path}: checkpoint not found")
+        check_integrity(path)
         return path
-    found = list_checkpoints(directory)
-    if not found:
-        raise CheckpointError(f"{directory}: no checkpoints; has this run trained?")
+    intact = []
+    for step, path in list_checkpoints(directory):
+        try:
+            check_integrity(path)
+            intact.append((step, path))
+        except CheckpointError as exc:
+            log.warning("%s; passed over", exc)
+    if not intact:
+        damaged = len(list_checkpoints(directory))
+        raise CheckpointError(f"{directory}: no checkpoints; has this run trained?" if not damaged else
+                              f"{directory}: no intact checkpoints ({damaged} damaged)")
     if which == "last":
-        return found[-1][1]
-    best = load_checkpoint(found[-1][1]).get("best_step")
+        return intact[-1][1]
+    best = load_checkpoint(intact[-1][1]).get("best_step")
     if best is None:
         log.warning("no validation has run yet: using the last checkpoint as the best")
-        return found[-1][1]
+        return intact[-1][1]
     path = checkpoint_path(directory, best)
-    if not path.exists():
-        raise CheckpointError(f"{path}: the best checkpoint (step {best}) is missing")
-    return path
+    if (best, path) in intact:
+        return path
+    fallback = _next_best(intact) or intact[-1][1]
+    log.warning("the best checkpoint (step %d) is missing or damaged: using %s instead", best, fallback.name)
+    return fallback
+
+
+def _next_best(intact: list[tuple[int, Path]]) -> Path | None:
+    """The intact evaluation checkpoint with the best recorded metric (ties: the earlier)."""
+    scored = []
+    for step, path in intact:
+        record = record_path(path)
+        metric = json.loads(record.read_text()).get("metric") if record.exists() else None
+        if metric and metric.get("value") is not None:
+            sign = -1.0 if metric.get("mode") == "max" else 1.0
+            scored.append((sign * metric["value"], step, path))
+    return min(scored)[2] if scored else None

@@ -89,3 +89,57 @@ def format_table(metrics: dict, title: str) -> str:
         elif isinstance(v, float):
             lines.append(f"  {k:20s} {v:>9.4f}")
     return "\n".join(lines)
+
+
+def target_stats(shards, scans: list[str], target: str, task: str) -> dict:
+    """The task, target and (regression) the training subjects' mean and std that targets are z-scored with."""
+    from brainmt.config import ConfigError
+
+    held = shards.manifest.get("targets") or sorted(shards.scans[scans[0]]["targets"])
+    if target not in held:
+        raise ConfigError(f"data.target: '{target}' is not a target in {shards.root}; the shards hold {held}")
+    values = {shards.scans[s]["subject"]: shards.target(s, target) for s in scans}
+    arr = np.array(list(values.values()), dtype=np.float64)
+    if task == "classification":
+        bad = sorted(set(arr.tolist()) - {0.0, 1.0})
+        if bad:
+            raise ConfigError(f"data.task=classification needs a 0/1 target; '{target}' has values {bad[:5]}")
+        return {"task": "classification", "target": target, "positive_fraction": float(arr.mean())}
+    std = float(arr.std())
+    return {"task": "regression", "target": target, "mean": float(arr.mean()), "std": std if std > 0 else 1.0}
+
+
+def to_predictions(outputs: np.ndarray, stats: dict, calibration: dict | None = None) -> np.ndarray:
+    """Model outputs (one per window) -> predictions in the target's units: probabilities (classification, through
+    the validation-fitted ``calibration`` if given) or de-z-scored values (regression); callers average per subject."""
+    outputs = np.asarray(outputs, dtype=np.float64)
+    if stats["task"] == "regression":
+        return outputs * stats["std"] + stats["mean"]
+    if calibration:
+        outputs = calibration["scale"] * outputs + calibration["bias"]
+    return 1.0 / (1.0 + np.exp(-outputs))
+
+
+def fit_platt(targets: np.ndarray, outputs: np.ndarray) -> dict | None:
+    """Platt scaling: the logistic fit p = sigmoid(scale * logit + bias) of 0/1 ``targets`` on window logits
+    (None with one class only)."""
+    from sklearn.linear_model import LogisticRegression
+
+    y = np.asarray(targets).astype(int)
+    if len(set(y.tolist())) < 2:
+        return None
+    fit = LogisticRegression(C=1e4).fit(np.asarray(outputs, dtype=np.float64).reshape(-1, 1), y)
+    return {"scale": float(fit.coef_[0, 0]), "bias": float(fit.intercept_[0])}
+
+
+def subject_metrics(subjects: list[str], targets: np.ndarray, outputs: np.ndarray, stats: dict,
+                    n_boot: int = 0, calibration: dict | None = None) -> tuple[dict, list[dict]]:
+    """Per-subject averaged predictions and the task's metrics (with bootstrap intervals if ``n_boot``)."""
+    fn = regression_metrics if stats["task"] == "regression" else classification_metrics
+    table = per_subject(subjects, targets, to_predictions(outputs, stats, calibration))
+    y = np.array([v[0] for v in table.values()])
+    p = np.array([v[1] for v in table.values()])
+    rows = [{"subject": s, "target": t, "prediction": pr, "windows": n} for s, (t, pr, n) in table.items()]
+    if n_boot:
+        return with_intervals(fn, y, p, n_boot=n_boot), rows
+    return fn(y, p), rows

@@ -12,17 +12,37 @@ import torch
 NO_DECAY_NAMES = ("pos_embed", "temporal_embed", "cls_token")
 
 
-def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on weight matrices and conv kernels; none on norms, biases, embeddings, A, D, dt bias."""
-    decay, no_decay = [], []
+def layer_id(name: str, mamba_depth: int, attention_depth: int) -> int:
+    """The depth of a BrainMT parameter for layer-wise LR decay: 0 stem and embeddings, 1..N the blocks (Mamba
+    first), N + 1 the final norm and head."""
+    parts = name.split(".")
+    if parts[0] == "mamba_blocks":
+        return int(parts[1]) + 1
+    if parts[0] == "attention_blocks":
+        return mamba_depth + int(parts[1]) + 1
+    if parts[0] in ("norm", "head"):
+        return mamba_depth + attention_depth + 1
+    return 0
+
+
+def optimizer_groups(model: torch.nn.Module, weight_decay: float, lr: float, layer_decay: float = 1.0) -> list[dict]:
+    """AdamW groups: weight decay on weight matrices and conv kernels, none on norms, biases, embeddings, A, D and dt
+    bias; with ``layer_decay`` < 1 each depth's own LR, lr * layer_decay^(N + 1 - depth) (BEiT's and the official
+    BrainMT code's scheme). Groups keep their order whatever the decay, so optimizer states resume."""
+    mamba = len(getattr(model, "mamba_blocks", []))
+    attention = len(getattr(model, "attention_blocks", []))
+    top = mamba + attention + 1
+    groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or getattr(p, "_no_weight_decay", False) or any(n in name for n in NO_DECAY_NAMES):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        no_decay = p.ndim <= 1 or getattr(p, "_no_weight_decay", False) or any(n in name for n in NO_DECAY_NAMES)
+        depth = layer_id(name, mamba, attention) if layer_decay < 1 else top
+        group = groups.setdefault((depth, no_decay), {
+            "params": [], "weight_decay": 0.0 if no_decay else weight_decay, "lr": lr * layer_decay ** (top - depth),
+            "layer": depth})
+        group["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:

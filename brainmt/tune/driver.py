@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from brainmt.fileio import atomic_write_json
-from brainmt.tune.preemption import INTERRUPTED_EXIT, TuneStopper
+from brainmt.signals import INTERRUPTED_EXIT
+from brainmt.tune.preemption import TuneStopper
 from brainmt.tune.ray_cluster import (
     RayNode,
     auth_environment,

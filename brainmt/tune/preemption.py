@@ -19,10 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from brainmt import signals
+from brainmt.signals import INTERRUPTED_EXIT
 
 log = logging.getLogger("brainmt.tune")
 
-INTERRUPTED_EXIT = 3            # the driver's exit status when Tune stopped before every trial had finished
 
 
 class DriverSupervisor:

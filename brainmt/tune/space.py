@@ -16,10 +16,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-from brainmt.config import Config, ConfigError, config_to_dict, load_config, set_value, validate
+from brainmt.config import LOWER_IS_BETTER as VAL_LOWER_IS_BETTER
+from brainmt.config import Config, ConfigError, config_to_dict, load_config, select_metric, set_value, validate
 
 KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
-LOWER_IS_BETTER = ("val_loss", "val_mse", "val_mae", "train_loss")
+LOWER_IS_BETTER = (*VAL_LOWER_IS_BETTER, "train_loss")
 HIGHER_IS_BETTER = ("val_accuracy", "val_balanced_accuracy", "val_auroc", "val_pearson_r")
 NOT_SWEPT = ("sweep", "cluster", "data.shards", "name")   # sections and keys a trial cannot change
 
@@ -85,6 +86,10 @@ def check_sweep(cfg: Config, source: str) -> dict[str, tuple[str, Any]]:
     """All checks of a sweep config: the space, the metric and its direction, ASHA and resources."""
     s = cfg.sweep
     space = check_space(cfg, source)
+    if s.metric == "auto":                 # the metric the trials pick their own best checkpoint by
+        s.metric = select_metric(cfg)[0]
+    if s.mode == "auto":
+        s.mode = "min" if s.metric in LOWER_IS_BETTER else "max"
     known = LOWER_IS_BETTER + HIGHER_IS_BETTER
     if s.metric not in known:
         raise ConfigError(f"{source}: sweep.metric: {s.metric!r} is not reported by the training loop "

@@ -15,7 +15,7 @@ import submitit
 from brainmt.config import config_from_dict
 from brainmt.distributed import detect
 from brainmt.fileio import atomic_write_json
-from brainmt.train.logging import JsonlSink
+from brainmt.train.runlog import JsonlSink
 from brainmt.tune.preemption import DriverSupervisor
 from brainmt.tune.ray_cluster import (
     RayNode,

@@ -35,10 +35,13 @@ class TuneSink:
             source = Path(record["checkpoint"])
             shutil.rmtree(self.staging, ignore_errors=True)   # the previous one was persisted by the last report
             self.staging.mkdir(parents=True)
-            try:
-                os.link(source, self.staging / source.name)   # no copy here; Tune copies it into its storage
-            except OSError:
-                shutil.copy2(source, self.staging / source.name)
+            for item in (source, source.with_suffix(".json")):   # the checkpoint and its SHA-256 record
+                if not item.exists():
+                    continue
+                try:
+                    os.link(item, self.staging / item.name)   # no copy here; Tune copies it into its storage
+                except OSError:
+                    shutil.copy2(item, self.staging / item.name)
             checkpoint = tune.Checkpoint.from_directory(str(self.staging))
         tune.report(metrics, checkpoint=checkpoint)
 
@@ -68,10 +71,15 @@ def restore_trial_checkpoint(run_dir: Path) -> int | None:
         for other_step, other in ckpt.list_checkpoints(local):
             if other_step != step:
                 other.unlink()
+                ckpt.record_path(other).unlink(missing_ok=True)
         target = ckpt.checkpoint_path(local, step)
         if not target.exists():
             local.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, target)
+            if ckpt.record_path(path).exists():
+                shutil.copy2(ckpt.record_path(path), ckpt.record_path(target))
+            else:
+                ckpt.record_path(target).unlink(missing_ok=True)
     _truncate_metrics(Path(run_dir) / "metrics.jsonl", step)
     return step
 
@@ -96,8 +104,8 @@ def trial_main(params: dict, base: dict, sweep_dir: str) -> None:
     from ray import tune
 
     from brainmt.distributed import DistEnv
-    from brainmt.train.logging import JsonlSink, MultiSink
     from brainmt.train.loop import train
+    from brainmt.train.runlog import JsonlSink, MultiSink
     from brainmt.tune.space import trial_config
 
     sweep = base["sweep"]

@@ -1,0 +1,80 @@
+"""A run's configuration resolved against its data once, saved as ``config.yaml``, and compared on resume."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from brainmt.config import Config, config_to_dict, load_config, validate
+from brainmt.data.loader import ShardSet, check_lengths
+from brainmt.data.shards import ShardError
+
+# keys that may change when a run resumes; anything else must match the run's config.yaml
+RESUMABLE_CHANGES = ("train.epochs", "train.log_every", "train.checkpoint_every_steps", "train.keep_last",
+                     "train.device", "data.shards", "data.num_workers", "cluster", "sweep", "analysis", "name")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, incompatible resume); the message says why and what was kept."""
+
+
+class ResumeConflict(TrainingError):
+    """The run directory holds a run of another configuration."""
+
+
+def resolve(cfg: Config, shards: ShardSet) -> Config:
+    """A new config with the data-derived settings filled in: the shard directory's absolute path and the token
+    grid of the shards' (cropped) volumes. ``cfg`` is left as it was."""
+    resolved = copy.deepcopy(cfg)
+    resolved.data.shards = str(Path(shards.root).resolve())
+    resolved.model.volume_shape = [int(s) for s in shards.volume_shape]
+    validate(resolved)
+    return resolved
+
+
+def check_splits(shards: ShardSet, splits: tuple[str, ...]) -> dict[str, list[str]]:
+    """The scans of each of ``splits``; ShardError naming splits.json when one is empty."""
+    scans = {name: shards.scans_of(name) for name in splits}
+    empty = [name for name, found in scans.items() if not found]
+    if empty:
+        counts = ", ".join(f"{name} {len(found)}" for name, found in scans.items())
+        raise ShardError(f"{Path(shards.root) / 'splits.json'}: split(s) {', '.join(empty)} have no scans ({counts}); "
+                         "re-shard with more subjects or other --split fractions")
+    return scans
+
+
+def check_data(cfg: Config, shards: ShardSet, splits: tuple[str, ...]) -> tuple[dict[str, list[str]], dict]:
+    """Everything the data must satisfy before step 0 (the launchers' dry runs check the same): the splits have
+    scans, every scan holds a window of ``data.num_frames``, the target exists and suits the task. Returns the
+    scans of each split and the target statistics."""
+    from brainmt.train.metrics import target_stats
+
+    scans = check_splits(shards, tuple(dict.fromkeys(("train", "validation", *splits))))
+    for found in scans.values():
+        check_lengths(shards, found, cfg.data.num_frames)
+    return scans, target_stats(shards, scans["train"], cfg.data.target, cfg.data.task)
+
+
+def check_resume_config(run_dir: Path, cfg: Config) -> None:
+    """Raise ResumeConflict if ``run_dir`` was started with settings that may not change on resume
+    (``cfg`` must be resolved with :func:`resolve`, as the saved one was)."""
+    stored_path = Path(run_dir) / "config.yaml"
+    if not stored_path.exists():
+        return
+    stored = config_to_dict(load_config(stored_path))
+    diffs = []
+    for section, values in config_to_dict(cfg).items():
+        if section in RESUMABLE_CHANGES:
+            continue
+        if not isinstance(values, dict):
+            if values != stored.get(section):
+                diffs.append(section)
+            continue
+        for key, value in values.items():
+            full = f"{section}.{key}"
+            if value != stored[section].get(key) and full not in RESUMABLE_CHANGES:
+                diffs.append(f"{full}: {stored[section].get(key)!r} -> {value!r}")
+    if diffs:
+        raise ResumeConflict(f"{stored_path}: this run was started with another configuration ({'; '.join(diffs)}). "
+                             "Resume it unchanged, train into a new --run-dir, or (jobs/launch.py) pass --force to move "
+                             "it aside")

@@ -1,0 +1,203 @@
+"""Issue 15/16/17 training behaviour: checkpoint selection by the task's metric, the learning levers, checkpoint
+integrity, evaluations that never replace others silently, Ctrl-C, and a config that is resolved, never mutated."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from brainmt.config import ConfigError, config_to_dict, load_config, select_metric
+from brainmt.data.shards import ShardError
+from brainmt.models import build_model
+from brainmt.train import checkpoint as ckpt
+from brainmt.train.evaluation import evaluate
+from brainmt.train.loop import train
+from brainmt.train.metrics import fit_platt, to_predictions
+from brainmt.train.state import optimizer_groups
+from brainmt.train.step import jitter_intensity, task_loss
+
+ROOT = Path(__file__).parent.parent
+OVERRIDES = ["data.num_frames=8", "model.num_frames=8", "train.epochs=3", "data.samples_per_epoch=16",
+             "train.log_every=1", "train.keep_last=1", "data.task=classification", "data.target=sex"]
+
+
+def _cfg(*extra):
+    return load_config("debug", OVERRIDES + list(extra))
+
+
+def test_select_metric_follows_the_task_and_refuses_the_other_tasks_metrics():
+    assert select_metric(_cfg()) == ("val_auroc", "max")
+    assert select_metric(load_config("debug", ["data.task=regression"])) == ("val_pearson_r", "max")
+    assert select_metric(_cfg("train.select_metric=val_loss")) == ("val_loss", "min")
+    with pytest.raises(ConfigError, match="train.select_metric.*data.task=regression"):
+        load_config("debug", ["data.task=regression", "train.select_metric=val_auroc"])
+
+
+def test_best_checkpoint_is_the_best_validation_auroc_and_the_run_records_it(small_shards, tmp_path):
+    cfg = _cfg()
+    before = copy.deepcopy(config_to_dict(cfg))
+    result = train(cfg, small_shards, tmp_path / "run")
+    assert config_to_dict(cfg) == before                               # the caller's config is not changed
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    vals = [r for r in records if "val_auroc" in r]
+    best = max(vals, key=lambda r: (r["val_auroc"], -r["val_loss"]))   # first of the maxima wins
+    best = next(r for r in vals if r["val_auroc"] == best["val_auroc"] and r["val_loss"] == best["val_loss"])
+    assert (result["select_metric"], result["select_mode"]) == ("val_auroc", "max")
+    assert result["best_step"] == best["step"] and result["best_metric"] == best["val_auroc"]
+    assert ckpt.resolve_checkpoint(tmp_path / "run", "best").name == f"step-{best['step']:09d}.pt"
+    saved = ckpt.load_checkpoint(ckpt.resolve_checkpoint(tmp_path / "run", "best"))
+    assert saved["select_metric"] == "val_auroc"
+    stored = load_config(tmp_path / "run" / "config.yaml")
+    assert stored.data.shards == str(small_shards.resolve()) and stored.model.volume_shape != [0, 0, 0]
+
+
+def test_layer_decay_gives_each_depth_its_learning_rate():
+    model = build_model(load_config("debug").model)        # 2 Mamba + 1 attention blocks: N = 3
+    groups = optimizer_groups(model, 0.05, lr=1e-3, layer_decay=0.5)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    expect = {"stem": 0.5 ** 4, "pos_embed": 0.5 ** 4, "temporal_embed": 0.5 ** 4, "cls_token": 0.5 ** 4,
+              "mamba_blocks.0": 0.5 ** 3, "mamba_blocks.1": 0.5 ** 2, "attention_blocks.0": 0.5, "norm": 1.0, "head": 1.0}
+    for name, p in named.items():
+        prefix = next(k for k in expect if name.startswith(k + ".") or name == k)
+        assert math.isclose(lr_of[id(p)], 1e-3 * expect[prefix]), name
+    wd = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    assert wd[id(named["head.weight"])] == 0.05 and wd[id(named["head.bias"])] == 0.0
+    plain = optimizer_groups(model, 0.05, lr=1e-3)          # no decay: two groups, as checkpoints of before hold
+    assert [g["weight_decay"] for g in plain] == [0.05, 0.0] and all(g["lr"] == 1e-3 for g in plain)
+
+
+def test_layer_decay_run_steps_every_group_at_its_own_rate(small_shards, tmp_path):
+    train(_cfg("optim.layer_decay=0.5", "train.epochs=1"), small_shards, tmp_path / "run")
+    saved = ckpt.load_checkpoint(ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")[-1][1])
+    initial = sorted({round(g["initial_lr"], 12) for g in saved["optimizer"]["param_groups"]})
+    assert initial == sorted({round(1e-3 * 0.5 ** k, 12) for k in range(5)})
+
+
+def test_head_bias_starts_at_the_training_prior(small_shards, tmp_path):
+    train(_cfg("train.epochs=1", "optim.lr=1e-12", "optim.min_lr=0"), small_shards, tmp_path / "run")
+    stats = json.loads((tmp_path / "run" / "target_stats.json").read_text())
+    bias = ckpt.load_checkpoint(ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")[-1][1])["model"]["head.bias"]
+    p = stats["positive_fraction"]
+    assert abs(float(bias) - math.log(p / (1 - p))) < 1e-4
+
+
+def test_label_smoothing_platt_and_jitter():
+    out, y = torch.tensor([8.0, -8.0]), torch.tensor([1.0, 0.0])
+    assert task_loss(out, y, "classification") < 0.01 < task_loss(out, y, "classification", label_smoothing=0.2)
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    logits = 6.0 * (y - 0.5) + 5.0 + rng.normal(0, 1.5, 400)     # well ranked, every logit too high
+    cal = fit_platt(y, logits)
+    raw, fixed = to_predictions(logits, {"task": "classification"}), to_predictions(logits, {"task": "classification"}, cal)
+    assert np.mean((raw >= 0.5) == y) < 0.7 < 0.9 < np.mean((fixed >= 0.5) == y)
+    x = torch.ones(3, 2, 1, 2, 2, 2)
+    torch.manual_seed(0)
+    j = jitter_intensity(x, 0.1)
+    assert jitter_intensity(x, 0.0) is x and j.shape == x.shape
+    assert all(torch.unique(j[i]).numel() == 1 for i in range(3)) and torch.unique(j).numel() == 3
+
+
+def test_damaged_best_checkpoint_falls_back_and_evaluation_refuses_to_replace(small_shards, tmp_path, caplog):
+    run_dir = tmp_path / "run"
+    train(_cfg("train.keep_last=3"), small_shards, run_dir)
+    first = evaluate(run_dir, "validation", "best", n_boot=0)
+    best = ckpt.resolve_checkpoint(run_dir, "best")
+    data = bytearray(best.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)               # 64 bytes of a tensor changed, same size
+    best.write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match="damaged"):
+        ckpt.load_checkpoint(best)
+    chosen = ckpt.resolve_checkpoint(run_dir, "best")
+    assert chosen != best and "missing or damaged" in caplog.text
+    with pytest.raises(ShardError, match="--force"):                    # another checkpoint: not silently replaced
+        evaluate(run_dir, "validation", "best", n_boot=0)
+    assert json.loads((run_dir / "metrics-validation.json").read_text())["checkpoint"] == first["checkpoint"]
+    again = evaluate(run_dir, "validation", "best", n_boot=0, force=True)
+    assert Path(again["checkpoint"]).name == chosen.name
+
+
+def test_non_finite_output_stops_evaluation_naming_scan_and_shard(small_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    train(_cfg("train.epochs=1"), small_shards, run_dir)
+    path = ckpt.list_checkpoints(run_dir / "checkpoints")[-1][1]
+    saved = ckpt.load_checkpoint(path)
+    saved["model"]["head.bias"].fill_(float("nan"))
+    torch.save(saved, path)
+    ckpt.record_path(path).unlink()                                      # as if written so: no integrity record
+    with pytest.raises(ShardError, match=r"shard-\d+-\d+\.tar: the model's output is not finite for scan sub-"):
+        evaluate(run_dir, "test", "last", n_boot=0)
+    assert not (run_dir / "metrics.json").exists()
+
+
+def test_ctrl_c_saves_at_the_step_and_exits_3_and_the_run_resumes(small_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "brainmt.cli", "train", "--config", "debug", "--shards", str(small_shards),
+           "--run-dir", str(run_dir), "--no-evaluate", *OVERRIDES, "train.epochs=200"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            stdin=subprocess.DEVNULL)
+    metrics = run_dir / "metrics.jsonl"
+    for line in proc.stdout:                                             # wait for a few steps
+        if "step 3/" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 3, out
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out
+    assert "stop requested (SIGINT)" in (run_dir / "logs" / "rank-0.log").read_text()
+    step = ckpt.list_checkpoints(run_dir / "checkpoints")[-1][0]
+    assert step >= 3 and metrics.exists()
+    result = train(load_config("debug", OVERRIDES + ["train.epochs=200"]), small_shards, run_dir, stop_at_step=step + 1)
+    assert result["status"] == "interrupted" and result["step"] == step + 1
+
+
+def test_launcher_compares_the_resolved_config_so_a_finished_run_is_reused(small_shards, tmp_path):
+    """The second `make demo`: a run whose grid came from the data is resumed, not refused."""
+    from brainmt.launch.cli import main as launch
+
+    run_dir = tmp_path / "run"
+    train(_cfg("train.epochs=1"), small_shards, run_dir)
+    assert load_config(run_dir / "config.yaml").model.volume_shape != list(_cfg().model.volume_shape)
+    code = launch(["--config", "debug", "--cluster", "debug", "--shards", str(small_shards), "--run-dir", str(run_dir),
+                   "--dry-run", *OVERRIDES, "train.epochs=1"])
+    assert code == 0
+
+
+def test_dry_run_checks_the_config_against_the_shards(small_shards, tmp_path, capsys):
+    """Scans shorter than a window, a target the shards lack, and bad scheduler options fail before the queue."""
+    from brainmt.launch.cli import main as launch
+
+    base = ["--config", "debug", "--cluster", "debug", "--shards", str(small_shards), "--run-dir", str(tmp_path / "r"),
+            "--dry-run"]
+    assert launch([*base, "data.num_frames=40", "model.num_frames=40"]) == 2
+    assert "fewer than num_frames=40" in capsys.readouterr().err
+    assert launch([*base, "data.target=iq"]) == 2
+    assert "data.target: 'iq' is not a target" in capsys.readouterr().err
+    assert launch([*base, "--nodes", "0", "--time", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "cluster.nodes: must be at least 1" in err and "cluster.time_min: must be at least 1 minute" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_sweeps_rank_trials_by_the_runs_selection_metric_unless_told():
+    from brainmt.tune.space import check_sweep
+
+    cfg = load_config("debug", ["data.task=classification", "sweep.space={model.mamba_depth: {choice: [1, 2]}}",
+                                "sweep.max_epochs=4", "sweep.gpus_per_trial=0"])
+    check_sweep(cfg, "test")
+    assert (cfg.sweep.metric, cfg.sweep.mode) == ("val_auroc", "max")
+    cfg = load_config("debug", ["sweep.space={model.mamba_depth: {choice: [1, 2]}}", "sweep.metric=val_loss",
+                                "sweep.max_epochs=4", "sweep.gpus_per_trial=0"])
+    check_sweep(cfg, "test")
+    assert (cfg.sweep.metric, cfg.sweep.mode) == ("val_loss", "min")

@@ -28,7 +28,7 @@ slurm-packages:
 	fi
 
 test: $(VENV)/.installed lint slurm-packages
-	$(PY) -m pytest -m "not gpu" tests
+	$(PY) -m pytest -m "not gpu" --durations=15 tests
 
 # on a CUDA machine with the compiled kernels installed (see docs/model.md, "GPU tests")
 test-gpu:

@@ -41,3 +41,7 @@ def test_demo_learns_the_planted_sex_effect(tmp_path):
     assert (work / "run" / "curves.png").stat().st_size > 10_000
     lines = (work / "run" / "predictions.csv").read_text().splitlines()
     assert len(lines) == 1 + metrics["subjects"] and metrics["subjects"] >= 40
+    again = _brainmt("demo", "--work-dir", str(work))     # the second `make demo`: data and finished run reused
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "(0 scans written, 300 already there)" in again.stdout and "resumed from" in again.stdout
+    assert json.loads((work / "run" / "metrics.json").read_text())["auroc"] == metrics["auroc"]

@@ -266,24 +266,30 @@ def _unknown_key(key: str, valid: list[str]) -> ConfigError:
     return ConfigError(f"unknown config key '{key}'{hint}")
 
 
-def _merge(obj: Any, updates: dict, prefix: str, source: str) -> None:
-    """Apply a nested mapping of updates to the dataclass ``obj`` in place, checking keys and types."""
+def _merge(obj: Any, updates: dict, prefix: str, source: str, errors: list[str] | None = None) -> None:
+    """Apply a nested mapping of updates to the dataclass ``obj`` in place, checking keys and types; with an
+    ``errors`` list every bad key is collected there (and skipped) instead of raising at the first."""
     hints = typing.get_type_hints(type(obj))
     names = [f.name for f in dataclasses.fields(obj)]
     for key, value in updates.items():
         full = f"{prefix}{key}"
-        if key not in hints:
-            raise ConfigError(f"{source}: {_unknown_key(full, names)}")
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{source}: {full}: expected a mapping of {tp.__name__} keys, got {value!r}")
-            _merge(getattr(obj, key), value, f"{full}.", source)
-        else:
+        try:
+            if key not in hints:
+                raise ConfigError(f"{source}: {_unknown_key(full, names)}")
+            tp = hints[key]
+            if dataclasses.is_dataclass(tp):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{source}: {full}: expected a mapping of {tp.__name__} keys, got {value!r}")
+                _merge(getattr(obj, key), value, f"{full}.", source, errors)
+                continue
             try:
                 setattr(obj, key, _coerce(value, tp, full))
             except ConfigError as exc:
                 raise ConfigError(f"{source}: {exc}") from None
+        except ConfigError as exc:
+            if errors is None:
+                raise
+            errors.append(str(exc))
 
 
 def _resolve_path(ref: str | Path, relative_to: Path | None = None) -> Path:
@@ -344,23 +350,32 @@ def set_value(cfg: Any, key: str, value: Any, source: str) -> None:
     _merge(cfg, _nest(key, value), "", source)
 
 
-def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
-    """Apply ``key=value`` overrides to ``cfg`` in place and return it."""
+def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...], errors: list[str] | None = None) -> Config:
+    """Apply ``key=value`` overrides to ``cfg`` in place and return it; every bad key is reported at once (with
+    those already in ``errors``)."""
+    errors = [] if errors is None else errors
     for item in overrides:
-        key, value = parse_override(item)
-        _merge(cfg, _nest(key, value), "", f"override '{item}'")
+        try:
+            key, value = parse_override(item)
+        except ConfigError as exc:
+            errors.append(str(exc))
+            continue
+        _merge(cfg, _nest(key, value), "", f"override '{item}'", errors)
+    if errors:
+        raise ConfigError("\n  ".join(errors) if len(errors) == 1 else
+                          f"{len(errors)} errors:\n  " + "\n  ".join(errors))
     validate(cfg)
     return cfg
 
 
 def load_config(path: str | Path | list[str | Path] | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load the typed config from YAML layers (``path`` may be a list, applied in order) and overrides."""
-    cfg = Config()
+    cfg, errors = Config(), []
     paths = [] if path is None else path if isinstance(path, list) else [path]
     for p in paths:
         for layer_path, data in _read_layers(_resolve_path(p)):
-            _merge(cfg, data, "", str(layer_path))
-    return apply_overrides(cfg, overrides)
+            _merge(cfg, data, "", str(layer_path), errors)
+    return apply_overrides(cfg, overrides, errors)
 
 
 def config_to_dict(cfg: Config) -> dict:

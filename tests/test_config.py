@@ -89,3 +89,17 @@ def test_bad_files_name_the_file_and_key(tmp_path):
 
 def test_defaults_are_the_schema():
     assert load_config() == Config()
+
+
+def test_every_bad_key_is_reported_at_once(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: debug\nmodel:\n  embd_dim: 3\ntrain:\n  epochs: many\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad, ["optim.lr=abc", "optim.betaz=1"])
+    text = str(err.value)
+    assert text.startswith("4 errors:")
+    for part in ("model.embd_dim", "train.epochs: expected an integer", "optim.lr: expected a number", "optim.betaz"):
+        assert part in text, part
+    with pytest.raises(ConfigError) as err:                 # cross-field checks: all of them too
+        load_config("debug", ["train.epochs=0", "optim.lr=-1", "cluster.nodes=0"])
+    assert all(k in str(err.value) for k in ("train.epochs", "optim.lr", "cluster.nodes"))

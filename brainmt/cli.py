@@ -140,16 +140,37 @@ def cmd_shard(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Check every shard against manifest.json (presence, size, SHA-256); name the damaged samples by CRC32."""
+    return 0 if verify_or_report(args.shards, "brainmt verify") else 1
+
+
+def verify_or_report(shards: str | Path, who: str) -> bool:
+    """``brainmt verify`` of ``shards``: True when every shard matches manifest.json, else the problems printed."""
     from brainmt.data.shards import verify_shards
 
-    checked, problems = verify_shards(args.shards)
+    checked, problems = verify_shards(shards)
     for problem in problems:
-        print(f"brainmt verify: {problem}", file=sys.stderr)
+        print(f"{who}: {problem}", file=sys.stderr)
     if problems:
-        print(f"brainmt verify: {len(problems)} bad or missing file(s) in {args.shards}", file=sys.stderr)
-        return 1
-    print(f"{args.shards}: every shard matches manifest.json ({checked / 1e9:.3f} GB checked)")
-    return 0
+        print(f"{who}: {len(problems)} bad or missing file(s) in {shards}; nothing was run", file=sys.stderr)
+        return False
+    print(f"{shards}: every shard matches manifest.json ({checked / 1e9:.3f} GB checked)", flush=True)
+    return True
+
+
+def add_verify_option(p: argparse.ArgumentParser) -> None:
+    """``--verify``: check the shards' SHA-256 and CRC32s (as ``brainmt verify``) before any work."""
+    p.add_argument("--verify", action="store_true",
+                   help="check every shard against manifest.json (SHA-256, chunk CRC32s) first, as brainmt verify")
+
+
+def run_shards(run_dir: str | Path, shards: str | None) -> str | None:
+    """The shard directory a command on a trained run reads: ``shards``, else the run's own."""
+    if shards:
+        return shards
+    from brainmt.config import load_config
+
+    path = Path(run_dir) / "config.yaml"
+    return load_config(path).data.shards if path.exists() else None
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -157,6 +178,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from brainmt.train.loop import run
 
     cfg = _load(args, "paper")
+    if args.verify and not verify_or_report(args.shards or cfg.data.shards, "brainmt train"):
+        return 1
     result = run(cfg, args.shards, args.run_dir, evaluate_split=None if args.no_evaluate else args.split)
     print(f"training {result['status']} at step {result['step']}/{result['total_steps']}; run directory {args.run_dir}")
     from brainmt.signals import INTERRUPTED_EXIT
@@ -168,6 +191,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate a run's checkpoint on a split."""
     from brainmt.train.evaluation import evaluate
 
+    if args.verify and not verify_or_report(run_shards(args.run, args.shards), "brainmt evaluate"):
+        return 1
     evaluate(args.run, args.split, args.checkpoint, args.shards, force=args.force)
     return 0
 
@@ -219,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="test", choices=["train", "validation", "test"],
                    help="split evaluated after training (default test)")
     p.add_argument("--no-evaluate", action="store_true")
+    add_verify_option(p)
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("evaluate", help="metrics and per-subject predictions of a run on a split")
     p.add_argument("--run", required=True, help="run directory (brainmt train --run-dir)")
@@ -228,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", help="shard directory (default: the run's)")
     p.add_argument("--force", action="store_true",
                    help="replace the split's metrics and predictions even if they came from another checkpoint or shards")
+    add_verify_option(p)
     p.set_defaults(func=cmd_evaluate)
     from brainmt.analysis.cli import add_parser as add_analyze_parser
     from brainmt.baseline.cli import add_parser as add_baseline_parser

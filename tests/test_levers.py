@@ -201,3 +201,25 @@ def test_sweeps_rank_trials_by_the_runs_selection_metric_unless_told():
                                 "sweep.max_epochs=4", "sweep.gpus_per_trial=0"])
     check_sweep(cfg, "test")
     assert (cfg.sweep.metric, cfg.sweep.mode) == ("val_loss", "min")
+
+
+def test_verify_option_stops_train_evaluate_and_analyze_on_a_damaged_shard(small_shards, tmp_path, capsys):
+    import shutil
+
+    from brainmt.cli import main
+
+    shards = tmp_path / "shards"
+    shutil.copytree(small_shards, shards)
+    run_dir = tmp_path / "run"
+    train(_cfg("train.epochs=1"), shards, run_dir)
+    tar = sorted((shards / "shards").glob("*.tar"))[0]
+    data = bytearray(tar.read_bytes())
+    data[-2048] ^= 0xFF                                                  # one flipped byte near the end, same size
+    tar.write_bytes(bytes(data))
+    common = ["--config", "debug", "--shards", str(shards), *OVERRIDES]
+    assert main(["train", "--verify", "--run-dir", str(tmp_path / "new"), *common]) == 1
+    assert f"{tar.name}" in capsys.readouterr().err and not (tmp_path / "new").exists()
+    for argv in (["evaluate", "--run", str(run_dir), "--verify"], ["analyze", "--run", str(run_dir), "--verify"]):
+        assert main(argv) == 1
+        assert "nothing was run" in capsys.readouterr().err
+    assert not (run_dir / "metrics.json").exists() and not (run_dir / "ig").exists()

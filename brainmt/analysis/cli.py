@@ -60,6 +60,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("analyze", help="Integrated Gradients: subject and group brain maps, region table, figures",
                        description=__doc__)
     add_analysis_options(p)
+    from brainmt.cli import add_verify_option
+
+    add_verify_option(p)
     stage = p.add_mutually_exclusive_group()
     stage.add_argument("--maps-only", action="store_true", help="subject maps only, no group step (array tasks)")
     stage.add_argument("--group-only", action="store_true", help="only the group step, from existing subject maps")
@@ -72,7 +75,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     A config error, or a run without checkpoints (CheckpointError), is reported by brainmt's main."""
     from brainmt.analysis.group import merge, summary_text
     from brainmt.analysis.pipeline import analyze_subjects
+    from brainmt.cli import run_shards, verify_or_report
 
+    if args.verify and not verify_or_report(run_shards(args.run, args.shards), "brainmt analyze"):
+        return 1
     try:
         settings = config_from_args(args).analysis
         failed: dict = {}

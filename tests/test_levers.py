@@ -223,3 +223,19 @@ def test_verify_option_stops_train_evaluate_and_analyze_on_a_damaged_shard(small
         assert main(argv) == 1
         assert "nothing was run" in capsys.readouterr().err
     assert not (run_dir / "metrics.json").exists() and not (run_dir / "ig").exists()
+
+
+def test_sweep_dry_run_checks_the_longest_window_against_the_shards(small_shards, tmp_path, capsys):
+    import yaml
+
+    from brainmt.tune.cli import main as tune
+
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(yaml.safe_dump({"base": "debug", "sweep": {
+        "space": {"data.num_frames": {"choice": [8, 40]}}, "max_epochs": 2, "gpus_per_trial": 0}}))
+    assert tune(["--sweep", str(sweep), "--shards", str(small_shards), "--run-dir", str(tmp_path / "sw"),
+                 "--cluster", "debug", "--dry-run"]) == 2
+    assert "fewer than num_frames=40" in capsys.readouterr().err
+    sweep.write_text(sweep.read_text().replace("- 40", "- 16"))
+    assert tune(["--sweep", str(sweep), "--shards", str(small_shards), "--run-dir", str(tmp_path / "sw"),
+                 "--cluster", "debug", "--dry-run"]) == 0

@@ -63,6 +63,7 @@ def resolve(args: argparse.Namespace) -> tuple[dict, Path, list[str]]:
         cfg.sweep.max_concurrent_trials = args.max_concurrent
     cfg.data.shards = shard_dir(args.shards or cfg.data.shards)
     space = check_sweep(cfg, str(source))
+    check_sweep_data(cfg, space)
     cfg_dict = config_to_dict(cfg)
     saved = sweep_dir / "sweep.yaml"
     if saved.is_file() and not args.resume:
@@ -75,11 +76,29 @@ def resolve(args: argparse.Namespace) -> tuple[dict, Path, list[str]]:
     return cfg_dict, sweep_dir, list(space)
 
 
+def check_sweep_data(cfg, space: dict) -> None:
+    """The checks a trial's training makes before step 0, before the queue: the splits, the target and task, and
+    windows of the longest data.num_frames the space can draw."""
+    from brainmt.data.loader import ShardSet
+    from brainmt.train.run_config import check_data, resolve
+
+    shards = ShardSet(cfg.data.shards)
+    frames = [cfg.data.num_frames]
+    if "data.num_frames" in space:
+        kind, values = space["data.num_frames"]
+        frames = [max(values) if kind in ("choice", "grid") else int(values[1]) - (kind == "randint")]
+    for n in frames:
+        trial = copy.deepcopy(cfg)
+        trial.data.num_frames = n
+        check_data(resolve(trial, shards), shards, ("train", "validation"))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of sweeps/tune.py; exit status 0 when the sweep finished, 3 when it was interrupted."""
     import submitit
 
     from brainmt.config import config_from_dict
+    from brainmt.data.shards import ShardError
     from brainmt.launch.slurm import LaunchError, checked_executor, clean_slurm_env, record_submission, sbatch_preview
     from brainmt.tune.sweep import SweepJob
 
@@ -99,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         executor, cluster = checked_executor(job_cluster, sweep_dir / "slurm", job_name)
         with clean_slurm_env():
             job = executor.submit(SweepJob(), cfg_dict, str(sweep_dir))
-    except (ConfigError, LaunchError) as exc:
+    except (ConfigError, LaunchError, ShardError) as exc:
         print(f"sweeps/tune.py: error: {exc}", file=sys.stderr)
         return 2
     except submitit.core.utils.FailedJobError as exc:

@@ -92,17 +92,18 @@ def test_learning_benchmark_smoke(tmp_path):
     work = tmp_path / "bench"
     assert main(["--subjects", "60", "--frames", "24", "--work-dir", str(work), "--tasks", "sex", "--n-boot", "50",
                  "--effects", "coupling", "--seeds", "2", "--parallel", "2", "--variant", "ld", "optim.layer_decay=0.75",
+                 "--shuffled", "coupling", "--variants-only",
                  "train.epochs=3", "data.num_frames=8", "model.num_frames=8"]) == 0
     record = json.loads((work / "learning.json").read_text())
     by = {(r["seed"], r["labels"], r["method"]): r["test"] for r in record["rows"]}
     assert set(by) == {(seed, labels, method) for seed in (0, 1) for labels, method in [
-        ("true", "brainmt"), ("true", "brainmt:ld"), ("true", "connectome-logreg"), ("true", "amplitude-logreg"),
+        ("true", "brainmt:ld"), ("true", "connectome-logreg"), ("true", "amplitude-logreg"),
         ("shuffled", "brainmt"), ("shuffled", "connectome-logreg")]}
     assert all(by[(seed, "true", "connectome-logreg")]["auroc"]["value"] >= 0.75 for seed in (0, 1))
     splits = [json.loads((work / "views" / f"coupling-s{seed}-true" / "splits.json").read_text()) for seed in (0, 1)]
     assert splits[0]["test"] != splits[1]["test"]                # each seed its own split
     summary = {(e["labels"], e["method"]): e for e in record["summary"]}
-    assert summary[("true", "brainmt")]["seeds"] == 2 and len(summary[("true", "brainmt")]["auroc"]["values"]) == 2
+    assert summary[("true", "brainmt:ld")]["seeds"] == 2 and len(summary[("true", "brainmt:ld")]["auroc"]["values"]) == 2
     for r in record["rows"]:
         assert r["seconds"] > 0
         if r["method"].startswith("brainmt"):

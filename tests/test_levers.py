@@ -239,3 +239,21 @@ def test_sweep_dry_run_checks_the_longest_window_against_the_shards(small_shards
     sweep.write_text(sweep.read_text().replace("- 40", "- 16"))
     assert tune(["--sweep", str(sweep), "--shards", str(small_shards), "--run-dir", str(tmp_path / "sw"),
                  "--cluster", "debug", "--dry-run"]) == 0
+
+
+def test_analysis_jobs_dry_run_refuses_scans_shorter_than_the_runs_window(small_shards, tmp_path, capsys):
+    """Other shards on the same grid but with 10-frame scans, for a run trained on 16-frame windows."""
+    from brainmt.analysis.jobs import main as analyze_jobs
+    from brainmt.data.shards import ShardOptions, shard_dataset
+    from brainmt.data.synthetic import write_synthetic_bids
+
+    run_dir = tmp_path / "run"
+    train(_cfg("train.epochs=1", "data.num_frames=16", "model.num_frames=16"), small_shards, run_dir)
+    raw = write_synthetic_bids(tmp_path / "raw", 20, 10, (20, 24, 20), seed=1)
+    shard_dataset(raw, raw / "participants.tsv", tmp_path / "short", options=ShardOptions(min_frames=4, chunk_frames=2),
+                  progress=False)
+    base = ["--run", str(run_dir), "--cluster", "debug", "--dry-run"]
+    assert analyze_jobs([*base, "--shards", str(small_shards)]) == 0
+    capsys.readouterr()
+    assert analyze_jobs([*base, "--shards", str(tmp_path / "short")]) == 2
+    assert "fewer than num_frames=16" in capsys.readouterr().err

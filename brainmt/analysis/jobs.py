@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     """Check the run and the subjects here, then submit the array of subject tasks and the merge job."""
     from brainmt.analysis.group import summary_text
     from brainmt.analysis.pipeline import open_run, subjects_of
+    from brainmt.data.loader import check_lengths
     from brainmt.launch.slurm import (
         LaunchError,
         checked_executor,
@@ -111,7 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.array_size < 1:
             raise ConfigError("--array-size must be at least 1")
         info = open_run(args.run, settings.checkpoint, args.shards)          # errors here, before anything is queued
-        chosen = list(subjects_of(info.shards, settings.split, args.subjects))
+        by_subject = subjects_of(info.shards, settings.split, args.subjects)
+        # each subject's windows are of the run's data.num_frames: a shorter scan would fail after the queue
+        check_lengths(info.shards, [scan for scans in by_subject.values() for scan in scans], info.cfg.data.num_frames)
+        chosen = list(by_subject)
         run, out = str(info.run_dir.resolve()), Path(args.out or info.run_dir / "ig").resolve()
         shards = str(Path(args.shards).resolve()) if args.shards else None
         merge_cluster = dataclasses.replace(c, gpus_per_node=0)

@@ -220,6 +220,7 @@ def test_bad_input_gives_clear_errors(demo, tmp_path, capsys):
                  f"sub-{train_subject}"]) == 1
     err = capsys.readouterr().err
     assert "'9999' is not in" in err and f"'{train_subject}' is in the train split (pass --split train)" in err
+    assert not (tmp_path / "ig").exists()                 # a refused analysis leaves no empty --out behind
     assert main(["analyze", "--run", str(demo["run"]), "--baseline", "mean", "analysis.steps=0"]) == 2
     assert "analysis.steps" in capsys.readouterr().err
 

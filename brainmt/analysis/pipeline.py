@@ -223,8 +223,8 @@ def analyze_subjects(run_dir: str | Path, out: str | Path | None, settings: Anal
     start = time.perf_counter()
     run = open_run(run_dir, settings.checkpoint, shards_dir)
     out = Path(out) if out else run.run_dir / "ig"
+    chosen = subjects_of(run.shards, settings.split, subjects)   # bad subjects fail before any folder is made
     (out / "subjects").mkdir(parents=True, exist_ok=True)
-    chosen = subjects_of(run.shards, settings.split, subjects)
     want = fingerprint(run, settings)
     todo = {s: scans for s, scans in chosen.items() if not _is_done(out / "subjects" / f"{s}_ig.json", want)}
     summary: dict = {"done": [], "failed": {}, "already_done": sorted(set(chosen) - set(todo)), "out": str(out)}

@@ -175,6 +175,7 @@ def run_shards(run_dir: str | Path, shards: str | None) -> str | None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train (or resume) a run, then evaluate its best checkpoint on the test split."""
+    from brainmt.signals import INTERRUPTED_EXIT
     from brainmt.train.loop import run
 
     cfg = _load(args, "paper")
@@ -182,8 +183,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 1
     result = run(cfg, args.shards, args.run_dir, evaluate_split=None if args.no_evaluate else args.split)
     print(f"training {result['status']} at step {result['step']}/{result['total_steps']}; run directory {args.run_dir}")
-    from brainmt.signals import INTERRUPTED_EXIT
-
     return 0 if result["status"] != "interrupted" else INTERRUPTED_EXIT
 
 

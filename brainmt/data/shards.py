@@ -424,9 +424,9 @@ def _make_dirs(out: Path) -> list[Path]:
     for d in [*[p for p in reversed([out, *out.parents]) if not p.exists()], out / "shards", out / "parts"]:
         try:
             d.mkdir()
-            created.append(d)
         except FileExistsError:   # there already, or made meanwhile by another part of an array job
-            pass
+            continue
+        created.append(d)
     return created
 
 

@@ -172,7 +172,7 @@ def evaluate(run_dir: str | Path, split: str = "test", checkpoint: str = "best",
 def check_overwrite(run_dir: Path, split: str, result: dict) -> None:
     """ShardError when the split's metrics file holds the evaluation of another checkpoint or other shards (the same
     one again, e.g. the end of a resumed run, may be rewritten)."""
-    path = Path(run_dir) / f"metrics{'' if split == 'test' else '-' + split}.json"
+    path = result_paths(run_dir, split)[1]
     if not path.exists():
         return
     old = json.loads(path.read_text())
@@ -186,11 +186,16 @@ def check_overwrite(run_dir: Path, split: str, result: dict) -> None:
 
 def write_evaluation(run_dir: str | Path, split: str, rows: list[dict], result: dict) -> None:
     """predictions[-split].csv (one row a subject) and metrics[-split].json, as ``brainmt evaluate`` writes them."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    suffix = "" if split == "test" else f"-{split}"
-    with (run_dir / f"predictions{suffix}.csv").open("w") as f:
+    predictions, metrics = result_paths(run_dir, split)
+    predictions.parent.mkdir(parents=True, exist_ok=True)
+    with predictions.open("w") as f:
         f.write("subject,target,prediction,windows\n")
         f.writelines(f"{r['subject']},{r['target']:.6g},{r['prediction']:.6g},{r['windows']}\n" for r in rows)
-    (run_dir / f"metrics{suffix}.json").write_text(json.dumps(result, indent=1) + "\n")
+    metrics.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def result_paths(run_dir: str | Path, split: str) -> tuple[Path, Path]:
+    """predictions[-split].csv and metrics[-split].json of a run (the test split's without a suffix)."""
+    suffix = "" if split == "test" else f"-{split}"
+    return Path(run_dir) / f"predictions{suffix}.csv", Path(run_dir) / f"metrics{suffix}.json"
 

@@ -214,9 +214,9 @@ def resume(s: Session) -> TrainState:
         s.scaler.load_state_dict(saved["scaler"])
     state = TrainState(**{f.name: saved[f.name] for f in dataclasses.fields(TrainState) if f.name in saved})
     s.calibration = saved.get("calibration")
-    if saved.get("select_metric", "val_loss") != select_metric(s.cfg)[0]:
-        log.warning("%s picked its best checkpoint by %s; from now on by %s", path, saved.get("select_metric", "val_loss"),
-                    select_metric(s.cfg)[0])
+    before, now = saved.get("select_metric", "val_loss"), select_metric(s.cfg)[0]
+    if before != now:
+        log.warning("%s picked its best checkpoint by %s; from now on by %s", path, before, now)
         state.best_metric = None
     if saved["world_size"] == s.env.world_size:
         restore_rng(saved["rng"][s.env.rank], s.device)

@@ -17,7 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from brainmt.config import LOWER_IS_BETTER as VAL_LOWER_IS_BETTER
-from brainmt.config import Config, ConfigError, config_to_dict, load_config, select_metric, set_value, validate
+from brainmt.config import (
+    Config,
+    ConfigError,
+    config_to_dict,
+    load_config,
+    select_metric,
+    set_value,
+    task_metrics,
+    validate,
+)
 
 KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
 LOWER_IS_BETTER = (*VAL_LOWER_IS_BETTER, "train_loss")
@@ -98,8 +107,7 @@ def check_sweep(cfg: Config, source: str) -> dict[str, tuple[str, Any]]:
         raise ConfigError(f"{source}: sweep.mode: {s.metric} is better when "
                           f"{'lower' if s.metric in LOWER_IS_BETTER else 'higher'}: use mode "
                           f"{'min' if s.metric in LOWER_IS_BETTER else 'max'}")
-    cls_only, reg_only = ("val_accuracy", "val_balanced_accuracy", "val_auroc"), ("val_mse", "val_mae", "val_pearson_r")
-    if (s.metric in cls_only and cfg.data.task != "classification") or (s.metric in reg_only and cfg.data.task != "regression"):
+    if s.metric.startswith("val_") and s.metric not in task_metrics(cfg.data.task):
         raise ConfigError(f"{source}: sweep.metric: {s.metric} is not reported for data.task={cfg.data.task}")
     checks = [
         (s.num_samples >= 1, "sweep.num_samples", "at least 1"),

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from brainmt.config import ConfigError, config_to_dict, load_config
+from brainmt.config import SPLIT_NAMES, ConfigError, Device, LocalCluster, config_to_dict, literal_values, load_config
 
 
 def _add_config_args(p: argparse.ArgumentParser, default: str) -> None:
@@ -101,7 +101,7 @@ def add_shard_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, help="shard directory")
     add_shard_options(p)
     p.add_argument("--mask-only", action="store_true", help="compute and save mask.nii.gz, then stop")
-    p.add_argument("--part", type=_parse_part, default=(0, 1), help="i/n: write slice i of n (array jobs)")
+    p.add_argument("--part", type=_parse_part, default=(0, 1), help="i/n: write slice i of n (the array tasks of jobs/shard.py)")
     p.add_argument("--merge", action="store_true", help="gather finished parts into manifest.json and splits.json")
     p.add_argument("--resplit", action="store_true", help="with --merge: rewrite splits.json")
     p.set_defaults(func=cmd_shard)
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_config_args(p, "demo")
     p.add_argument("--work-dir", default="runs/demo", help="data, shards and run directory of the demo")
     p.add_argument("--subjects", type=int, default=300)
-    p.add_argument("--cluster", choices=["local", "debug"], default="local",
+    p.add_argument("--cluster", choices=list(literal_values(LocalCluster)), default="local",
                    help="submitit executor: local (a separate process) or debug (in-process)")
     p.set_defaults(func=cmd_demo)
     from brainmt.data.synthetic import DEFAULT_LAG, EFFECTS
@@ -240,15 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     _add_config_args(p, "paper")
     p.add_argument("--shards", help="shard directory (default: data.shards of the config)")
     p.add_argument("--run-dir", required=True, help="run directory; an existing one is resumed")
-    p.add_argument("--split", default="test", choices=["train", "validation", "test"],
-                   help="split evaluated after training (default test)")
+    p.add_argument("--split", default="test", choices=list(SPLIT_NAMES), help="split evaluated after training (default test)")
     p.add_argument("--no-evaluate", action="store_true")
     add_verify_option(p)
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("evaluate", help="metrics and per-subject predictions of a run on a split")
     p.add_argument("--run", required=True, help="run directory (brainmt train --run-dir)")
-    p.add_argument("--split", default="test", choices=["train", "validation", "test"],
-                   help="split of splits.json to evaluate (default test)")
+    p.add_argument("--split", default="test", choices=list(SPLIT_NAMES), help="split of splits.json to evaluate (default test)")
     p.add_argument("--checkpoint", default="best", help="best | last | PATH")
     p.add_argument("--shards", help="shard directory (default: the run's)")
     p.add_argument("--force", action="store_true",
@@ -261,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     add_analyze_parser(sub)
     add_baseline_parser(sub)
     p = sub.add_parser("selftest", help="check the install: versions, the CUDA kernels if a GPU is visible, a training step")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", choices=list(literal_values(Device)), default="auto")
     p.add_argument("--require-kernels", action="store_true", help="fail unless the compiled Mamba kernels run")
     p.set_defaults(func=cmd_selftest)
     args = parser.parse_args(argv)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +30,19 @@ LOWER_IS_BETTER = ("val_loss", "val_mse", "val_mae")
 # global: every token of every frame (the official code); spatial: each location averaged over time first;
 # frame: the locations of each frame attend to one another, the class token's outputs averaged over frames
 AttentionScope = Literal["global", "spatial", "frame"]
+# the subject splits of a shard directory's splits.json, in their order
+SplitName = Literal["train", "validation", "test"]
+# a torch device type; Device adds auto (a GPU when torch sees one, else the CPU)
+DeviceType = Literal["cpu", "cuda"]
+Device = Literal["auto", DeviceType]
+# submitit's executors on this machine, without a scheduler: local (separate processes) or debug (this process)
+LocalCluster = Literal["local", "debug"]
+# where jobs run: auto (SLURM when sbatch is found, else local), SLURM, or a local executor
+ClusterKind = Literal["auto", "slurm", LocalCluster]
+# sharding: the value outside the brain (the scan's minimum z, as the paper; or 0) and the input's directory layout
+# (auto: whichever of BIDS, UK Biobank and HCP is found; glob: shard.glob and shard.subject_regex)
+ShardBackground = Literal["min", "zero"]
+ShardLayout = Literal["auto", "bids", "ukb", "hcp", "glob"]
 
 
 class ConfigError(ValueError):
@@ -127,7 +141,7 @@ class TrainConfig:
 class ClusterConfig:
     """How jobs are asked of the scheduler. Site specifics belong in a cluster profile YAML."""
 
-    cluster: Literal["auto", "slurm", "local", "debug"] = "auto"
+    cluster: ClusterKind = "auto"
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
@@ -177,12 +191,45 @@ class AnalysisConfig:
     baseline_scans: int = 64             # baseline=mean: averaged over at most this many training scans
     method: Literal["gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle"] = "gausslegendre"
     internal_batch_size: int | None = None   # None: chosen from the free memory of the device
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    split: str = "test"
+    device: Device = "auto"
+    split: SplitName = "test"
     checkpoint: str = "best"
     atlas: str | None = None             # integer-labelled NIfTI; None: the built-in coarse lobes
     atlas_labels: str | None = None
     top_regions: int = 20
+
+
+@dataclass
+class ShardConfig:
+    """How ``brainmt shard`` and ``jobs/shard.py`` turn scans into shards (docs/data.md).
+
+    Each key is the command-line option of the same name (``chunk_frames``: ``--chunk-frames``); an option given
+    on the command line wins over the ``shard:`` section of ``--config``. The Python API's form is
+    :class:`brainmt.data.shards.ShardOptions`, whose defaults come from here."""
+
+    # where the scans and their phenotype columns are
+    layout: ShardLayout = "auto"
+    glob: str | None = None                 # layout glob: file pattern relative to --input
+    subject_regex: str | None = None        # with glob: regex on the relative path; group 'subject' or group 1
+    bids_space: str | None = None           # BIDS/fMRIPrep: the space- entity (None: MNI*)
+    id_column: str | None = None            # None: participant_id, eid, ...
+    targets: list[str] | None = None        # None: sex + every numeric column
+    sex_column: str | None = None           # None: sex or gender
+    family_column: str | None = None        # None: family_id; a family never spans two splits
+    # the brain mask
+    mask: str | None = None                 # a mask NIfTI; None: computed from the data
+    mask_fraction: float = 0.9              # computed mask: voxels varying over time in at least this fraction of scans
+    mask_scans: int | None = None           # computed mask: from at most this many scans (None: all)
+    # what is stored
+    chunk_frames: int = 10
+    shard_size_gb: float = 1.0              # a new shard file when one would grow past this (a scan is never split)
+    background: ShardBackground = "min"
+    min_frames: int = 200                   # shorter scans are skipped
+    # the subject splits
+    split: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])   # train, validation, test fractions
+    split_seed: int = 0
+    min_split_subjects: int = 1             # refuse splits (of a fraction above 0) with fewer subjects; 0: only warn
+    strict: bool = False                    # stop at the first bad scan instead of skipping it
 
 
 @dataclass
@@ -197,6 +244,20 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    shard: ShardConfig = field(default_factory=ShardConfig)
+
+
+def literal_values(tp: Any) -> tuple:
+    """The values a ``Literal`` type allows, in order (nested ``Literal`` types flattened); () for any other type."""
+    return typing.get_args(tp) if typing.get_origin(tp) is Literal else ()
+
+
+def config_choices(section: type, key: str) -> list:
+    """The allowed values of a ``Literal``-typed config key (e.g. ``ClusterConfig``, ``"cluster"``): CLI choices."""
+    return list(literal_values(typing.get_type_hints(section)[key]))
+
+
+SPLIT_NAMES: tuple[str, ...] = literal_values(SplitName)
 
 
 # ---------------------------------------------------------------- typed merging
@@ -459,6 +520,7 @@ def validate(cfg: Config) -> None:
         validate_cluster(cfg.cluster)
     except ConfigError as exc:
         errors.append(str(exc))
+    errors += shard_problems(cfg.shard)
     if errors:
         raise ConfigError("; ".join(errors))
 
@@ -478,3 +540,50 @@ def validate_cluster(c: ClusterConfig) -> None:
     errors = [f"{key}: must be {want}" for ok, key, want in checks if not ok]
     if errors:
         raise ConfigError("; ".join(errors))
+
+
+def option_flag(key: str) -> str:
+    """The command-line option of a config key of the same name: ``shard.chunk_frames`` -> ``--chunk-frames``."""
+    return "--" + key.rsplit(".", 1)[-1].replace("_", "-")
+
+
+def option_text(value: Any) -> str:
+    """A value as it is typed after its option: a list space-separated, a float in short form (``0.7 0.15 0.15``)."""
+    if isinstance(value, (list, tuple)):
+        return " ".join(option_text(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def split_problems(fractions: list[float] | tuple[float, ...]) -> list[str]:
+    """What is wrong with three split fractions (train, validation, test), without naming them; empty if nothing."""
+    f = tuple(float(v) for v in fractions)
+    if len(f) != 3:
+        return ["needs three fractions (train, validation, test)"]
+    if not all(math.isfinite(v) and v >= 0 for v in f):
+        return ["each fraction must be a number >= 0"]
+    problems = ["the train fraction must be more than 0"] if f[0] == 0 else []
+    if abs(sum(f) - 1.0) > 1e-6:
+        problems.append(f"the fractions must sum to 1 (they sum to {sum(f):g})")
+    return problems
+
+
+def shard_problems(c: ShardConfig, as_options: bool = False) -> list[str]:
+    """What is wrong with sharding settings, every problem at once: each named by its key (``shard.chunk_frames: must
+    be at least 1, got 0``) or, with ``as_options``, by its option as typed (``--chunk-frames 0: must be at least 1``)."""
+    hints = typing.get_type_hints(ShardConfig)
+    size = c.shard_size_gb
+    checks = [
+        ("chunk_frames", c.chunk_frames >= 1, "must be at least 1"),
+        ("shard_size_gb", math.isfinite(size) and size > 0, "must be a finite number more than 0"),
+        ("min_frames", c.min_frames >= 2, "must be at least 2 (a scan is a time series)"),
+        ("mask_fraction", 0 < c.mask_fraction <= 1, "must be more than 0 and at most 1"),
+        ("mask_scans", c.mask_scans is None or c.mask_scans >= 1, "must be at least 1"),
+        ("min_split_subjects", c.min_split_subjects >= 0, "must be at least 0"),
+    ]
+    found = [(key, want) for key, ok, want in checks if not ok]
+    found += [(f.name, f"must be one of {list(literal_values(hints[f.name]))}") for f in dataclasses.fields(c)
+              if literal_values(hints[f.name]) and getattr(c, f.name) not in literal_values(hints[f.name])]
+    found += [("split", problem) for problem in split_problems(c.split)]
+    if as_options:
+        return [f"{option_flag(key)} {option_text(getattr(c, key))}: {want}" for key, want in found]
+    return [f"shard.{key}: {want}, got {getattr(c, key)!r}" for key, want in found]

@@ -24,6 +24,7 @@ from functools import partial
 import torch
 
 import brainmt
+from brainmt.config import Device, literal_values
 
 EXTENSIONS = ("selective_scan_cuda", "causal_conv1d_cuda")   # compiled; import torch first
 PACKAGES = {"mamba_ssm": "mamba-ssm", "causal_conv1d": "causal-conv1d"}
@@ -170,7 +171,7 @@ def run(device_name: str = "auto", require_kernels: bool = False, out: Callable[
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m brainmt.selftest [--device auto|cpu|cuda] [--require-kernels]``."""
     p = argparse.ArgumentParser(prog="python -m brainmt.selftest", description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+    p.add_argument("--device", choices=list(literal_values(Device)), default="auto",
                    help="auto: the GPU when torch sees one, else the CPU path")
     p.add_argument("--require-kernels", action="store_true",
                    help="fail unless the compiled mamba-ssm / causal-conv1d kernels import, even without a GPU")

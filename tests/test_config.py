@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
-from brainmt.config import Config, ConfigError, load_config, save_config
+from brainmt.config import Config, ConfigError, ShardConfig, load_config, save_config
 
 
 def test_builtin_configs_load():
@@ -103,3 +106,69 @@ def test_every_bad_key_is_reported_at_once(tmp_path):
     with pytest.raises(ConfigError) as err:                 # cross-field checks: all of them too
         load_config("debug", ["train.epochs=0", "optim.lr=-1", "cluster.nodes=0"])
     assert all(k in str(err.value) for k in ("train.epochs", "optim.lr", "cluster.nodes"))
+
+
+# ------------------------------------------------------------------ the shard: section and the Literal choices
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("shard:\n  background: bogus\n", "bad.yaml: shard.background: must be one of ['min', 'zero'], got 'bogus'"),
+        ("shard:\n  layout: nifti\n", "shard.layout: must be one of ['auto', 'bids', 'ukb', 'hcp', 'glob']"),
+        ("shard:\n  chunk_frames: ten\n", "bad.yaml: shard.chunk_frames: expected an integer, got 'ten'"),
+        ("shard:\n  chunk_frames: 0\n", "shard.chunk_frames: must be at least 1, got 0"),
+        ("shard:\n  split: [0.7, 0.7, 0.7]\n", "shard.split: the fractions must sum to 1 (they sum to 2.1)"),
+        ("shard:\n  split: [0.5, 0.5]\n", "shard.split: needs three fractions (train, validation, test)"),
+        ("shard:\n  shard_size_gb: .inf\n", "shard.shard_size_gb: must be a finite number more than 0, got inf"),
+        ("shard:\n  mask_fraction: 1.5\n", "shard.mask_fraction: must be more than 0 and at most 1, got 1.5"),
+        ("shard:\n  chunk_frams: 4\n", "unknown config key 'shard.chunk_frams'; did you mean 'chunk_frames'"),
+    ],
+)
+def test_a_bad_shard_section_names_the_file_and_key(tmp_path, text, message):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    assert message in str(err.value)
+
+
+def test_shard_section_loads_and_round_trips(tmp_path):
+    (tmp_path / "data.yaml").write_text("shard:\n  chunk_frames: 4\n  split: [1, 0, 0]\n  targets: [sex]\n"
+                                        "  background: zero\n")
+    cfg = load_config(tmp_path / "data.yaml", ["shard.min_frames=12", "shard.mask_scans=null"])
+    assert (cfg.shard.chunk_frames, cfg.shard.background, cfg.shard.min_frames) == (4, "zero", 12)
+    assert cfg.shard.split == [1.0, 0.0, 0.0] and all(isinstance(v, float) for v in cfg.shard.split)
+    assert cfg.shard.targets == ["sex"] and cfg.shard.mask_scans is None
+    assert load_config(save_config(cfg, tmp_path / "again.yaml")) == cfg
+    assert Config().shard == ShardConfig() and ShardConfig().min_split_subjects == 1
+
+
+def test_option_choices_have_one_literal_each():
+    from brainmt.config import (
+        SPLIT_NAMES,
+        AnalysisConfig,
+        ClusterConfig,
+        Device,
+        DeviceType,
+        LocalCluster,
+        TrainConfig,
+        config_choices,
+        literal_values,
+    )
+
+    assert SPLIT_NAMES == ("train", "validation", "test") and config_choices(AnalysisConfig, "split") == list(SPLIT_NAMES)
+    assert literal_values(Device) == ("auto", *literal_values(DeviceType)) == ("auto", "cpu", "cuda")
+    # TrainConfig.device still spells its Literal out (its owner may switch it to Device): it must stay the same set
+    assert config_choices(TrainConfig, "device") == config_choices(AnalysisConfig, "device") == list(literal_values(Device))
+    assert config_choices(ClusterConfig, "cluster") == ["auto", "slurm", *literal_values(LocalCluster)]
+    assert literal_values(int) == () and config_choices(ShardConfig, "background") == ["min", "zero"]
+    with pytest.raises(ConfigError, match="cluster.cluster: must be one of \\['auto', 'slurm', 'local', 'debug'\\]"):
+        load_config(None, ["cluster.cluster=pbs"])
+
+
+def test_importing_the_config_and_the_shard_options_stays_light():
+    code = ("import sys, brainmt.config, brainmt.data.shard_args; "
+            "print(sorted(m for m in ('torch', 'nibabel', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert out.strip() == "[]"

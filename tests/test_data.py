@@ -409,3 +409,25 @@ def test_synthetic_effects_are_planted_where_the_masks_say(tmp_path):
     assert np.mean(coupling["M"]) > np.mean(coupling["F"]) + 0.4          # sex changes the a-b coupling
     cog, amp = np.array(amplitude).T
     assert np.corrcoef(cog, amp)[0, 1] > 0.6                              # cognition scales region c
+
+
+def test_shard_command_takes_its_options_from_the_shard_section_of_a_config(tmp_path, capsys):
+    from brainmt.cli import main
+
+    raw = bids_dataset(tmp_path / "raw", 8)
+    (tmp_path / "data.yaml").write_text("shard:\n  chunk_frames: 4\n  min_frames: 10\n  mask_fraction: 0.5\n"
+                                        "  split: [0.5, 0.25, 0.25]\n  split_seed: 3\n  background: zero\n")
+    common = ["shard", "--input", str(raw), "--phenotypes", str(raw / "participants.tsv"), "--config",
+              str(tmp_path / "data.yaml")]
+    assert main([*common, "--output", str(tmp_path / "sh"), "--chunk-frames", "6"]) == 0, capsys.readouterr().err
+    manifest = json.loads((tmp_path / "sh" / "manifest.json").read_text())
+    assert manifest["preprocessing"]["chunk_frames"] == 6                     # the option given wins
+    assert manifest["preprocessing"]["background"] == "zero" and manifest["preprocessing"]["min_frames"] == 10
+    splits = json.loads((tmp_path / "sh" / "splits.json").read_text())
+    assert splits["seed"] == 3 and splits["fractions"] == {"train": 0.5, "validation": 0.25, "test": 0.25}
+    # a re-run through the options alone (no config) with the same values continues the output
+    again = ["--chunk-frames", "6", "--min-frames", "10", "--mask-fraction", "0.5", "--split", "0.5", "0.25", "0.25",
+             "--split-seed", "3", "--background", "zero"]
+    capsys.readouterr()
+    assert main([*common[:5], "--output", str(tmp_path / "sh"), *again]) == 0
+    assert "scans already in complete shards: 8" in capsys.readouterr().out

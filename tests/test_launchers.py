@@ -4,18 +4,22 @@ options, and each launcher runs from the package (python -m, console scripts). F
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
 
 from brainmt.cli import add_shard_parser
-from brainmt.data.shard_args import shard_arguments
-from brainmt.data.shards import ShardOptions
+from brainmt.config import ShardConfig, config_choices, literal_values, option_flag, option_text
+from brainmt.data.layouts import LAYOUTS
+from brainmt.data.shard_args import shard_arguments, shard_config, shard_option_argv
+from brainmt.data.shards import ShardOptionError, ShardOptions
 from brainmt.data.synthetic import write_synthetic_bids
 from brainmt.launch import shard_jobs
 from brainmt.launch.cli import add_cluster_arguments
@@ -67,6 +71,80 @@ def test_sharding_defaults_are_those_of_shard_options():
     assert options == ShardOptions(min_split_subjects=1)     # the command line refuses an empty split
     assert dataset_args == {"layout": "auto", "glob": None, "subject_regex": None, "bids_space": None, "mask": None,
                             "id_column": None, "targets": None, "sex_column": None, "family_column": None}
+
+
+def test_every_shard_config_key_is_the_option_of_the_same_name_with_its_default():
+    p = _brainmt_shard_parser()
+    actions = {a.dest: a for a in p._actions}
+    keys = [f.name for f in dataclasses.fields(ShardConfig)]
+    assert set(keys) <= set(actions)
+    for key in keys:
+        assert actions[key].option_strings == [option_flag(key)], key
+        assert actions[key].default is None, key              # not given: the config's value (ShardConfig's default)
+        default = getattr(ShardConfig(), key)
+        if isinstance(default, bool):
+            assert default is False and isinstance(actions[key], argparse._StoreTrueAction), key   # a flag turns it on
+        elif default is not None:
+            assert f"default {option_text(default)}" in actions[key].help, key
+        if literal_values(typing.get_type_hints(ShardConfig)[key]):
+            assert actions[key].choices == config_choices(ShardConfig, key), key
+    assert shard_config(p.parse_args(["--output", "out"])) == ShardConfig()
+    assert config_choices(ShardConfig, "layout") == ["auto", *LAYOUTS]
+    # the Python API's defaults are ShardConfig's, but for the empty-split refusal (0: only a warning)
+    assert ShardOptions.from_config(ShardConfig()) == ShardOptions(min_split_subjects=ShardConfig().min_split_subjects)
+    assert ShardOptions().to_config() == ShardConfig(min_split_subjects=0)
+
+
+def test_options_given_win_over_the_config_and_overrides(tmp_path):
+    (tmp_path / "data.yaml").write_text("base: debug\nshard:\n  chunk_frames: 4\n  split: [0.5, 0.25, 0.25]\n"
+                                        "  targets: [sex]\n  strict: true\n")
+    p = _brainmt_shard_parser()
+    args = p.parse_args(["--output", "o", "--config", str(tmp_path / "data.yaml"), "--chunk-frames", "6",
+                         "--min-frames", "12", "shard.split_seed=3", "shard.min_frames=30"])
+    settings = shard_config(args)
+    assert (settings.chunk_frames, settings.min_frames, settings.split_seed) == (6, 12, 3)
+    assert settings.split == [0.5, 0.25, 0.25] and settings.targets == ["sex"] and settings.strict
+    assert shard_option_argv(settings) == ["--targets", "sex", "--chunk-frames", "6", "--min-frames", "12", "--split",
+                                           "0.5", "0.25", "0.25", "--split-seed", "3", "--strict"]
+    options, _ = shard_arguments(args)
+    assert (options.chunk_frames, options.split_fractions, options.split_seed) == (6, (0.5, 0.25, 0.25), 3)
+    with pytest.raises(ShardOptionError, match="^--chunk-frames 0: must be at least 1$"):   # named as typed
+        shard_config(p.parse_args(["--output", "o", "--config", str(tmp_path / "data.yaml"), "--chunk-frames", "0"]))
+
+
+def test_brainmt_shard_refuses_a_bad_choice_a_bad_shard_section_and_other_keys(tmp_path, capsys):
+    from brainmt.cli import main
+
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        main(["shard", "--output", str(out), "--background", "bogus"])
+    assert exc.value.code == 2
+    assert "argument --background: invalid choice: 'bogus' (choose from 'min', 'zero')" in capsys.readouterr().err
+    (tmp_path / "bad.yaml").write_text("shard:\n  background: bogus\n  chunk_frames: 4\n")
+    assert main(["shard", "--output", str(out), "--config", str(tmp_path / "bad.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "config error: " in err and "bad.yaml: shard.background: must be one of ['min', 'zero'], got 'bogus'" in err
+    assert main(["shard", "--output", str(out), "shard.split=[0.7, 0.7, 0.7]"]) == 2
+    assert "shard.split: the fractions must sum to 1 (they sum to 2.1), got [0.7, 0.7, 0.7]" in capsys.readouterr().err
+    assert main(["shard", "--output", str(out), "model.embed_dim=64"]) == 2
+    assert "override 'model.embed_dim=64': only shard.* keys set sharding options" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_jobs_shard_takes_the_shard_section_of_a_config(tmp_path, capsys):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "participants.tsv").write_text("participant_id\tsex\n")
+    (tmp_path / "data.yaml").write_text("shard:\n  chunk_frames: 4\n  background: zero\n")
+    base = ["--input", str(raw), "--phenotypes", str(raw / "participants.tsv"), "--output", str(tmp_path / "out"),
+            "--cluster", "debug", "--config", str(tmp_path / "data.yaml")]
+    _, _, options, _, words = shard_jobs._plan(shard_jobs.parser().parse_args([*base, "--min-frames", "10"]))
+    assert (options.chunk_frames, options.background, options.min_frames) == (4, "zero", 10)
+    assert words == ["--chunk-frames", "4", "--background", "zero", "--min-frames", "10"]   # the re-run of one slice
+    (tmp_path / "data.yaml").write_text("shard:\n  background: bogus\n")
+    assert shard_jobs.main(base) == 2
+    assert "shard.background: must be one of ['min', 'zero'], got 'bogus'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def _content(manifest: dict) -> dict:

@@ -1,4 +1,4 @@
-"""The parts of an array sharding job write side by side: none may clear another part's shard in progress."""
+"""The parts of a sharding job array write side by side: none may clear another part's shard in progress."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def test_parts_sharded_at_the_same_time_all_land(tmp_path):
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
 
     assert cli("--mask-only").wait() == 0
-    parts = [cli("--part", f"{i}/4") for i in range(4)]          # started together, as an array job's tasks
+    parts = [cli("--part", f"{i}/4") for i in range(4)]          # started together, as the tasks of a job array
     outputs = [p.communicate()[0] for p in parts]
     assert [p.returncode for p in parts] == [0, 0, 0, 0], outputs
     assert cli("--merge").wait() == 0

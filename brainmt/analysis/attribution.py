@@ -19,10 +19,11 @@ import os
 import numpy as np
 import torch
 
+from brainmt.config import AnalysisConfig, config_choices
 from brainmt.data.loader import ShardSet
 
 log = logging.getLogger("brainmt.analysis")
-BASELINES = ("zeros", "mean", "temporal_mean", "background")
+BASELINES = tuple(config_choices(AnalysisConfig, "baseline"))   # analysis.baseline's values
 
 
 class AttributionError(RuntimeError):

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from brainmt.config import AnalysisConfig, Config, ConfigError, load_config, validate
+from brainmt.config import AnalysisConfig, Config, ConfigError, config_choices, load_config, validate
 
 log = logging.getLogger("brainmt.analysis")
 # command-line option -> config key (each set through set_value, then checked by validate)
@@ -18,8 +18,6 @@ OPTION_KEYS = {"checkpoint": "analysis.checkpoint", "split": "analysis.split", "
 
 def _choices(key: str) -> list:
     """The allowed values of an ``analysis`` key (its ``Literal`` type in the config): the option's choices."""
-    from brainmt.launch.cli import config_choices
-
     return config_choices(AnalysisConfig, key)
 
 
@@ -29,7 +27,7 @@ def add_analysis_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output directory (default RUN/ig)")
     p.add_argument("--shards", help="shard directory (default: the run's)")
     p.add_argument("--checkpoint", help="best | last | PATH (default best)")
-    p.add_argument("--split", help="split whose subjects are analysed (default test)")
+    p.add_argument("--split", choices=_choices("split"), help="split whose subjects are analysed (default test)")
     p.add_argument("--subjects", nargs="+", metavar="ID", help="only these subjects (default: all of the split)")
     p.add_argument("--steps", type=int, help="IG path steps (default 32)")
     p.add_argument("--baseline", choices=_choices("baseline"), help="IG baseline (default mean)")

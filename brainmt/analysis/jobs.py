@@ -74,7 +74,7 @@ class AnalyzeTask(submitit.helpers.Checkpointable):
 
 def merge_task(run: str, out: str, subjects: list[str] | None, settings: dict, shards: str | None, cluster: dict,
                config_path: str) -> dict:
-    """The merge job: group maps, tables and figures from the subject maps; returns the summary."""
+    """What the merge job runs: group maps, tables and figures from the subject maps; returns the summary."""
     c = ClusterConfig(**cluster)
     if c.container:
         extra = ["--subjects", *subjects] if subjects else []

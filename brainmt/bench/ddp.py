@@ -27,6 +27,8 @@ from pathlib import Path
 
 import submitit
 
+from brainmt.config import DeviceType, literal_values
+
 #: the issue's scaling targets (samples/s over one GPU's); other counts: 0.875 per GPU
 SCALING_TARGETS = {2: 1.8, 4: 3.5}
 
@@ -254,7 +256,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpus", type=int, nargs="+", default=[1, 2], help="GPU counts (processes with --device cpu)")
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--device", choices=list(literal_values(DeviceType)), default="cuda")
     p.add_argument("--config", default="paper")
     p.add_argument("--frames", type=int, default=200)
     p.add_argument("--steps", type=int, default=20, help="measured steps a count")

@@ -27,14 +27,22 @@ import json
 import math
 import statistics
 import time
-import typing
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from brainmt.config import AttentionScope, ModelConfig, apply_overrides, load_config
+from brainmt.config import (
+    AttentionScope,
+    Device,
+    ModelConfig,
+    TrainConfig,
+    apply_overrides,
+    config_choices,
+    literal_values,
+    load_config,
+)
 from brainmt.models import build_model
 from brainmt.models.layers import conv_output_size
 from brainmt.train.step import autocast, compute_loss
@@ -363,9 +371,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", default="paper", help="config name or YAML file (default paper)")
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="config overrides for every setting")
     p.add_argument("--frames", nargs="+", type=int, default=[50, 100, 200, 400, 800, 1200])
-    p.add_argument("--attention", nargs="+", choices=list(typing.get_args(AttentionScope)),
+    p.add_argument("--attention", nargs="+", choices=list(literal_values(AttentionScope)),
                    default=["global", "spatial"])
-    p.add_argument("--checkpointing", choices=["none", "mamba", "attention", "all"], default=None,
+    p.add_argument("--checkpointing", choices=config_choices(ModelConfig, "checkpointing"), default=None,
                    help="model.checkpointing (default: the config's)")
     p.add_argument("--compile", action="store_true", help="model.compile=true")
     p.add_argument("--batch", type=int, default=1)
@@ -373,8 +381,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a named set of model overrides (repeatable), e.g. --variant plain fused_kernels=false")
     p.add_argument("--steps", type=int, default=10, help="timed steps per setting (median reported)")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--device", default="auto", help="auto | cuda | cpu")
-    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None, help="default bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--device", choices=list(literal_values(Device)), default="auto",
+                   help="auto: the GPU when torch sees one, else the CPU")
+    p.add_argument("--precision", choices=config_choices(TrainConfig, "precision"), default=None,
+                   help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--peak-tflops", type=float, default=None, help="the card's dense peak for MFU (default: from its name)")
     p.add_argument("--inference-frames", type=int, default=200, help="frames of the inference and IG window (0: skip)")
     p.add_argument("--ig-steps", type=int, default=50, help="Integrated Gradients steps (0: skip)")

@@ -7,7 +7,7 @@ of T frames is one read of about T frames' bytes through the byte offsets kept i
 
 Restartable: a shard is written as ``.tmp`` and renamed when complete, then its index
 (``<shard>.json``) is written; a re-run skips scans found in complete shards. ``part=(i, n)`` writes
-one slice of the scans (for array jobs); ``merge_manifest`` gathers the parts.
+one slice of the scans (for the tasks of a job array); ``merge_manifest`` gathers the parts.
 
 Integrity: every shard's SHA-256 is in its index and the manifest (``verify_shards``, ``brainmt verify``),
 and every chunk's CRC32 in the scan's ``crc32`` list (checked by the loader). ``options.json`` records the
@@ -20,7 +20,6 @@ import contextlib
 import io
 import json
 import logging
-import math
 import sys
 import tarfile
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from brainmt import __version__
+from brainmt.config import SPLIT_NAMES, ShardBackground, ShardConfig, option_flag, option_text, shard_problems
 from brainmt.data.layouts import ScanSource, find_scans
 from brainmt.data.nifti import OpenScan, ScanError, bounding_box, load_mask, read_brain_series, save_mask, variation_mask
 from brainmt.data.phenotypes import make_splits, read_phenotypes
@@ -49,73 +49,55 @@ class ShardOptionError(ShardError):
     """An option's value cannot work (a usage error, exit status 2); the message names the option."""
 
 
-SPLIT_NAMES = ("train", "validation", "test")
 SMALL_SPLIT_SUBJECTS = 10  # fewer subjects than this in a split: a warning (its metrics are mostly noise)
-# options that change what is stored -> their command-line names; a re-run must repeat them (options.json)
-STORED_OPTIONS = {
-    "chunk_frames": "--chunk-frames", "background": "--background", "min_frames": "--min-frames",
-    "mask_fraction": "--mask-fraction", "mask_scans": "--mask-scans", "layout": "--layout",
-    "bids_space": "--bids-space", "targets": "--targets", "sex_column": "--sex-column",
-    "family_column": "--family-column",
-}
+# options that change what is stored (shard.* keys, each the option of the same name); a re-run must repeat them
+# (options.json)
+STORED_OPTIONS = ("chunk_frames", "background", "min_frames", "mask_fraction", "mask_scans", "layout", "bids_space",
+                  "targets", "sex_column", "family_column")
+_DEFAULTS = ShardConfig()
 
 
 def split_text(fractions) -> str:
     """``--split 0.7 0.15 0.15`` as the user would type it."""
-    return "--split " + " ".join(f"{v:g}" for v in fractions)
-
-
-def split_problems(fractions) -> list[str]:
-    """What is wrong with three split fractions (train, validation, test); empty if nothing."""
-    f = tuple(float(v) for v in fractions)
-    text = split_text(f)
-    if len(f) != 3:
-        return [f"{text}: needs three fractions (train, validation, test)"]
-    if not all(math.isfinite(v) and v >= 0 for v in f):
-        return [f"{text}: each fraction must be a number >= 0"]
-    problems = []
-    if f[0] == 0:
-        problems.append(f"{text}: the train fraction must be more than 0")
-    if abs(sum(f) - 1.0) > 1e-6:
-        problems.append(f"{text}: the fractions must sum to 1 (they sum to {sum(f):g})")
-    return problems
+    return f"{option_flag('split')} {option_text([float(v) for v in fractions])}"
 
 
 @dataclass
 class ShardOptions:
-    """How scans become shards."""
+    """How scans become shards: the Python API's form of :class:`~brainmt.config.ShardConfig` (less the input's
+    layout, columns and mask, which are :func:`shard_dataset`'s arguments), with its defaults."""
 
-    chunk_frames: int = 10
-    shard_bytes: int = 1_000_000_000
-    background: str = "min"            # "min" (paper) or "zero"
-    min_frames: int = 200
-    mask_fraction: float = 0.9         # data-derived mask: voxels varying in at least this fraction of scans
-    mask_scans: int | None = None      # data-derived mask from at most this many scans (None: all)
-    split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
-    split_seed: int = 0
-    strict: bool = False               # stop at the first skipped scan instead of counting it
-    # refuse splits (with a fraction above 0) of fewer subjects; `brainmt shard` uses 1: training or evaluating
-    # on an empty split fails. 0 (the default here, for small test data) only warns.
+    chunk_frames: int = _DEFAULTS.chunk_frames
+    shard_bytes: int = int(_DEFAULTS.shard_size_gb * 1e9)
+    background: ShardBackground = _DEFAULTS.background
+    min_frames: int = _DEFAULTS.min_frames
+    mask_fraction: float = _DEFAULTS.mask_fraction   # data-derived mask: voxels varying in at least this fraction
+    mask_scans: int | None = _DEFAULTS.mask_scans    # data-derived mask from at most this many scans (None: all)
+    split_fractions: tuple[float, float, float] = tuple(_DEFAULTS.split)
+    split_seed: int = _DEFAULTS.split_seed
+    strict: bool = _DEFAULTS.strict                  # stop at the first skipped scan instead of counting it
+    # refuse splits (with a fraction above 0) of fewer subjects. Deliberately not ShardConfig's 1 (the command
+    # line's and the config's: training or evaluating on an empty split fails): 0 here only warns (small test data)
     min_split_subjects: int = 0
+
+    @classmethod
+    def from_config(cls, c: ShardConfig) -> ShardOptions:
+        """The options of a (checked) ``shard:`` config section."""
+        return cls(chunk_frames=c.chunk_frames, shard_bytes=int(c.shard_size_gb * 1e9), background=c.background,
+                   min_frames=c.min_frames, mask_fraction=c.mask_fraction, mask_scans=c.mask_scans,
+                   split_fractions=tuple(c.split), split_seed=c.split_seed, strict=c.strict,
+                   min_split_subjects=c.min_split_subjects)
+
+    def to_config(self) -> ShardConfig:
+        """These options as a ``shard:`` config section (the input's layout, columns and mask at their defaults)."""
+        return ShardConfig(chunk_frames=self.chunk_frames, shard_size_gb=self.shard_bytes / 1e9,
+                           background=self.background, min_frames=self.min_frames, mask_fraction=self.mask_fraction,
+                           mask_scans=self.mask_scans, split=list(self.split_fractions), split_seed=self.split_seed,
+                           strict=self.strict, min_split_subjects=self.min_split_subjects)
 
     def check(self) -> None:
         """Raise ShardOptionError naming every option whose value cannot work (before any work is done)."""
-        problems = []
-        if self.chunk_frames < 1:
-            problems.append(f"--chunk-frames {self.chunk_frames}: must be at least 1")
-        if not self.shard_bytes > 0:
-            problems.append(f"--shard-size-gb {self.shard_bytes / 1e9:g}: must be more than 0")
-        if self.background not in ("min", "zero"):
-            problems.append(f"--background {self.background!r}: must be 'min' or 'zero'")
-        if self.min_frames < 2:
-            problems.append(f"--min-frames {self.min_frames}: must be at least 2 (a scan is a time series)")
-        if not 0 < self.mask_fraction <= 1:
-            problems.append(f"--mask-fraction {self.mask_fraction:g}: must be more than 0 and at most 1")
-        if self.mask_scans is not None and self.mask_scans < 1:
-            problems.append(f"--mask-scans {self.mask_scans}: must be at least 1")
-        if self.min_split_subjects < 0:
-            problems.append(f"--min-split-subjects {self.min_split_subjects}: must be at least 0")
-        problems += split_problems(self.split_fractions)
+        problems = shard_problems(self.to_config(), as_options=True)
         if problems:
             raise ShardOptionError("; ".join(problems))
 
@@ -307,8 +289,9 @@ def _check_output(out: Path, settings: dict, opts: ShardOptions) -> None:
     diffs = []
     stored = stored_settings(out) or {}
     both_data = stored.get("mask") == "data" and settings["mask"] == "data"
-    for key, flag in STORED_OPTIONS.items():
+    for key in STORED_OPTIONS:
         if key in stored and (both_data or not key.startswith("mask_")) and stored[key] != settings[key]:
+            flag = option_flag(key)
             diffs.append(f"{flag} {_show(settings[key])} (it was written with {flag} {_show(stored[key])})")
     splits_path = out / "splits.json"
     if splits_path.exists():
@@ -424,7 +407,7 @@ def _make_dirs(out: Path) -> list[Path]:
     for d in [*[p for p in reversed([out, *out.parents]) if not p.exists()], out / "shards", out / "parts"]:
         try:
             d.mkdir()
-        except FileExistsError:   # there already, or made meanwhile by another part of an array job
+        except FileExistsError:   # there already, or made meanwhile by another part (array task)
             continue
         created.append(d)
     return created
@@ -434,7 +417,7 @@ def _remove_empty(created: list[Path]) -> None:
     """Remove the folders of ``created`` that are still empty, deepest first (never a file)."""
     for d in reversed(created):
         if d.is_dir() and not any(d.iterdir()):
-            with contextlib.suppress(OSError):   # another part of an array job wrote into it meanwhile
+            with contextlib.suppress(OSError):   # another part (array task) wrote into it meanwhile
                 d.rmdir()
 
 
@@ -535,7 +518,7 @@ def _write_part(out: Path, mine: list[ScanSource], all_scans: list[ScanSource], 
 
 def _start_output(out: Path, settings: dict, mask_info: dict, new_mask: np.ndarray | None, affine, part: int) -> None:
     """Record the options (options.json, once) and a new mask; clear what an interrupted run of this part left
-    (never another part's: the parts of an array job write side by side)."""
+    (never another part's: the parts, one per array task, write side by side)."""
     if not (out / "options.json").exists():
         atomic_write_json(out / "options.json", settings)
     if new_mask is not None:
@@ -549,7 +532,7 @@ def _start_output(out: Path, settings: dict, mask_info: dict, new_mask: np.ndarr
             index_file.unlink()  # its shard was removed: those scans are written again
 
 
-def shard_dataset(input_dir: str | Path, phenotypes: str | Path, output: str | Path, *, layout: str = "auto",
+def shard_dataset(input_dir: str | Path, phenotypes: str | Path, output: str | Path, *, layout: str = _DEFAULTS.layout,
                   glob: str | None = None, subject_regex: str | None = None, bids_space: str | None = None,
                   mask: str | None = None, part: tuple[int, int] = (0, 1), mask_only: bool = False,
                   id_column: str | None = None, targets: list[str] | None = None, sex_column: str | None = None,
@@ -677,7 +660,7 @@ def _manifest(out: Path, infos: list[dict], mask_info: dict, scans: dict, shards
     }
 
 
-def draw_splits(manifest: dict, fractions=(0.7, 0.15, 0.15), seed: int = 0) -> dict:
+def draw_splits(manifest: dict, fractions=tuple(_DEFAULTS.split), seed: int = _DEFAULTS.split_seed) -> dict:
     """Family-grouped, sex-stratified (when a sex column exists) subject splits of a manifest."""
     subjects = sorted({m["subject"] for m in manifest["scans"].values()})
     fam = {m["subject"]: m["family"] for m in manifest["scans"].values() if m.get("family")}
@@ -686,7 +669,7 @@ def draw_splits(manifest: dict, fractions=(0.7, 0.15, 0.15), seed: int = 0) -> d
     return make_splits(subjects, fam or None, strata, tuple(fractions), seed)
 
 
-def write_splits(manifest: dict, path: str | Path, fractions=(0.7, 0.15, 0.15), seed: int = 0) -> dict:
+def write_splits(manifest: dict, path: str | Path, fractions=tuple(_DEFAULTS.split), seed: int = _DEFAULTS.split_seed) -> dict:
     """Family-grouped, sex-stratified (when a sex column exists) subject splits of a manifest, as JSON."""
     splits = draw_splits(manifest, fractions, seed)
     atomic_write_json(Path(path), splits)

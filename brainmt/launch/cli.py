@@ -1,4 +1,5 @@
-"""``python jobs/launch.py``: submit the training main as one submitit job (SLURM, local or in-process)."""
+"""``python jobs/launch.py``: submit one training job through submitit (SLURM, local or in-process); each of its
+tasks runs the training main (:class:`~brainmt.launch.job.TrainTask`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from brainmt.config import ClusterConfig, ConfigError, config_to_dict, load_config
+from brainmt.config import SPLIT_NAMES, ClusterConfig, ConfigError, config_choices, config_to_dict, load_config
 
 OPTION_KEYS = {  # command-line option -> cluster config key
     "partition": "partition", "nodes": "nodes", "gpus_per_node": "gpus_per_node", "tasks_per_node": "tasks_per_node",
@@ -20,13 +21,6 @@ OPTION_KEYS = {  # command-line option -> cluster config key
     "constraint": "constraint", "max_requeues": "max_requeues", "cluster": "cluster", "gpu_request": "gpu_request",
     "container": "container",
 }
-
-
-def config_choices(section: type, key: str) -> list:
-    """The allowed values of a ``Literal``-typed config key (e.g. ``ClusterConfig``, ``"cluster"``): CLI choices."""
-    import typing
-
-    return list(typing.get_args(typing.get_type_hints(section)[key]))
 
 
 def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
@@ -176,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from brainmt.data.loader import ShardSet
     from brainmt.data.shards import ShardError
-    from brainmt.launch.job import TrainJob
+    from brainmt.launch.job import TrainTask
     from brainmt.launch.slurm import (
         LaunchError,
         checked_executor,
@@ -198,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = Path(args.run_dir or f"runs/{cfg.name}").resolve()
         shards = ShardSet(shard_dir(args.shards or cfg.data.shards))
         cfg = resolve(cfg, shards)                      # as the job will: compare alike
-        check_data(cfg, shards, ("train", "validation", "test"))   # what the job would find after the queue
+        check_data(cfg, shards, SPLIT_NAMES)   # what the job would find after the queue
         if cfg.train.device == "cpu" and cfg.cluster.gpus_per_node > 0:
             print(f"warning: train.device=cpu, but {cfg.cluster.gpus_per_node} GPU(s) a node are requested",
                   file=sys.stderr)
@@ -220,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         if cluster == "local" and args.cluster is None and cfg.cluster.cluster == "auto":
             print("no SLURM here (sbatch not found): running with submitit's local executor", flush=True)
         with clean_slurm_env():   # a submission from inside a SLURM job must not inherit its SLURM_*
-            job = executor.submit(TrainJob(), config_to_dict(cfg), cfg.data.shards, str(run_dir))
+            job = executor.submit(TrainTask(), config_to_dict(cfg), cfg.data.shards, str(run_dir))
     except (ConfigError, LaunchError, TrainingError, ShardError) as exc:
         print(f"jobs/launch.py: error: {exc}", file=sys.stderr)
         return 2

@@ -1,4 +1,11 @@
-"""The submitit job callable: the same training main as ``brainmt train``, requeued on preemption."""
+"""What each task of a training job runs (:class:`TrainTask`): the same training main as ``brainmt train``.
+
+Words (docs/architecture.md): a *job* is one submission to the scheduler (SLURM, or submitit's local or debug
+executor), with an id, requeued as a whole; a *task* is one of its processes (a DDP rank, for training); a *job
+array* is one submission of many *array tasks* (``ID_0``, ``ID_1``, ...). What a job's tasks run is a callable
+named ``...Task`` (``TrainTask``, ``AnalyzeTask``, ``BenchTask``); the scripts that submit jobs are the
+*launchers* (``jobs/*.py``, ``sweeps/tune.py``).
+"""
 
 from __future__ import annotations
 
@@ -13,8 +20,9 @@ from brainmt.config import config_from_dict
 log = logging.getLogger("brainmt.launch")
 
 
-class TrainJob(submitit.helpers.Checkpointable):
-    """Train then evaluate one run; on SIGUSR2 (preemption, time limit) save at the step boundary, then requeue.
+class TrainTask(submitit.helpers.Checkpointable):
+    """Train then evaluate one run on every task of a job; on SIGUSR2 (preemption, time limit) save at the step
+    boundary, then requeue the job.
 
     ``brainmt.train.loop.train`` catches the signal itself so that the checkpoint is written by the loop
     at a step boundary; once it has returned, the signal is handed to submitit's own handler, which
@@ -43,3 +51,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             log.info("checkpoint written; handing the preemption to submitit to requeue")
             submitit_handler(signal.SIGUSR2, None)   # rank 0: checkpoint() + scontrol requeue + exit
         return result
+
+
+# the name jobs submitted before the rename were pickled with: a requeued one unpickles its callable by it
+TrainJob = TrainTask

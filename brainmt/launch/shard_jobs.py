@@ -1,14 +1,16 @@
 """``python jobs/shard.py`` (or ``brainmt-shard-jobs``): ``brainmt shard`` as a SLURM job array (one task per slice
 of the scans), after a mask job when no mask exists yet, then a merge job that writes manifest.json and splits.json.
 
-It takes every sharding option of ``brainmt shard`` with the same defaults (the result is the same manifest and
-splits) and the scheduler options of every launcher; a sharding task asks for no GPU, 2 CPUs and 4 hours unless
-the command line says otherwise (a --profile gives the site's partition, account, setup, ...).
+It takes every sharding option of ``brainmt shard`` with the same defaults, ``--config`` (its ``shard:`` section)
+and ``shard.*`` overrides (the result is the same manifest and splits), and the scheduler options of every launcher;
+each job of a sharding run asks for no GPU, 2 CPUs and 4 hours unless the command line says otherwise (a --profile
+gives the site's partition, account, setup, ...).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import sys
@@ -16,17 +18,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from brainmt.config import ClusterConfig, ConfigError, load_config
-from brainmt.data.shard_args import add_shard_options, shard_arguments, shard_option_argv
+from brainmt.data.shard_args import add_shard_options, shard_config, shard_option_argv, split_shard_config
 from brainmt.launch.cli import add_cluster_arguments, apply_cluster_arguments
 
 if TYPE_CHECKING:
     from brainmt.data.shards import ShardOptions
 
-# a sharding task's resources: set after the profile, before the command-line options (which win)
+# the resources of each job of a sharding run (mask, array tasks, merge): set after the profile, before the
+# command-line options (which win)
 SHARD_JOB_DEFAULTS = {"gpus_per_node": 0, "cpus_per_task": 2, "time_min": 240}
 
 
 def _shard_part(common: dict, options: ShardOptions, part: tuple[int, int]) -> dict:
+    """One array task: slice ``part`` of the scans (``brainmt shard --part i/n``)."""
     from brainmt.data.shards import shard_dataset
 
     summary = shard_dataset(part=part, options=options, progress=False, **common)
@@ -34,6 +38,7 @@ def _shard_part(common: dict, options: ShardOptions, part: tuple[int, int]) -> d
 
 
 def _mask_only(common: dict, options: ShardOptions) -> str:
+    """The mask job: compute and save mask.nii.gz (``brainmt shard --mask-only``)."""
     from brainmt.data.shards import shard_dataset
 
     shard_dataset(mask_only=True, options=options, progress=False, **common)
@@ -41,6 +46,7 @@ def _mask_only(common: dict, options: ShardOptions) -> str:
 
 
 def _merge(output: str, options: ShardOptions) -> str:
+    """The merge job: manifest.json and splits.json from the finished parts (``brainmt shard --merge``)."""
     from brainmt.data.shards import merge_manifest
 
     return str(merge_manifest(output, options))
@@ -63,7 +69,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def cluster_config(args: argparse.Namespace) -> ClusterConfig:
-    """The scheduler settings of a sharding task: the profile's, a CPU job's resources, then the command line."""
+    """The scheduler settings of each job of a sharding run: the profile's, a CPU job's resources, then the command
+    line."""
     c = load_config([args.profile]).cluster if args.profile else ClusterConfig()
     for key, value in SHARD_JOB_DEFAULTS.items():
         setattr(c, key, value)
@@ -72,25 +79,28 @@ def cluster_config(args: argparse.Namespace) -> ClusterConfig:
     return c
 
 
-def _plan(args: argparse.Namespace) -> tuple[ClusterConfig, dict, ShardOptions, Path]:
-    """Everything checked before a job is queued: the cluster settings, shard_dataset's arguments, options, output."""
+def _plan(args: argparse.Namespace) -> tuple[ClusterConfig, dict, ShardOptions, Path, list[str]]:
+    """Everything checked before a job is queued: the cluster settings, shard_dataset's arguments, options, output,
+    and the sharding options as ``brainmt shard`` words (for re-running one slice)."""
     from brainmt.data.shards import ShardOptionError
 
     if args.array_size < 1:
         raise ShardOptionError(f"--array-size {args.array_size}: must be at least 1")
-    options, dataset_args = shard_arguments(args)
+    settings = shard_config(args)
     c = cluster_config(args)
     out = Path(args.output).resolve()
     if out.exists() and not out.is_dir():
         raise ShardOptionError(f"--output {out}: exists and is not a directory")
     for flag, path, kind in (("--input", args.input, "directory"), ("--phenotypes", args.phenotypes, "file"),
-                             ("--mask", args.mask, "file")):
+                             ("--mask", settings.mask, "file")):
         if path and not (Path(path).is_dir() if kind == "directory" else Path(path).is_file()):
             raise ShardOptionError(f"{flag} {path}: no such {kind}")
+    if settings.mask:
+        settings = dataclasses.replace(settings, mask=str(Path(settings.mask).resolve()))
+    options, dataset_args = split_shard_config(settings)
     common = {**dataset_args, "input_dir": str(Path(args.input).resolve()),
-              "phenotypes": str(Path(args.phenotypes).resolve()), "output": str(out),
-              "mask": str(Path(args.mask).resolve()) if args.mask else None}
-    return c, common, options, out
+              "phenotypes": str(Path(args.phenotypes).resolve()), "output": str(out)}
+    return c, common, options, out, shard_option_argv(settings)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,10 +112,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser().parse_args(argv)
     try:
-        c, common, options, out = _plan(args)
+        c, common, options, out, option_words = _plan(args)
         if args.dry_run:
             print(sbatch_preview(c, out / "slurm", args.job_name))
-            needs_mask = not args.mask and not (out / "mask.nii.gz").exists()
+            needs_mask = not common["mask"] and not (out / "mask.nii.gz").exists()
             print(f"# {'a mask job, then ' if needs_mask else ''}{args.array_size} array tasks, then a merge job; "
                   f"shard_dataset arguments: {json.dumps({k: v for k, v in common.items() if v is not None})}")
             return 0
@@ -117,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jobs/shard.py: the scheduler refused the job: {exc}", file=sys.stderr)
         return 2
     rerun = shlex.join(["brainmt", "shard", "--input", common["input_dir"], "--phenotypes", common["phenotypes"],
-                        "--output", str(out), *shard_option_argv(args)])
+                        "--output", str(out), *option_words])
     return _submit(executor, cluster, common, options, out, args.array_size, rerun, args.wait)
 
 
@@ -138,7 +148,7 @@ def _submit(executor, cluster: str, common: dict, options: ShardOptions, out: Pa
             executor.update_parameters(array_parallelism=k, **({"dependency": f"afterok:{after.job_id}"} if after else {}))
         parts = executor.map_array(_shard_part, [common] * k, [options] * k, [(i, k) for i in range(k)])
         array_id = parts[0].job_id.split("_")[0]
-        print(f"array of {k} slices: jobs {array_id}_[0-{k - 1}]", flush=True)
+        print(f"array of {k} slices: array tasks {array_id}_[0-{k - 1}]", flush=True)
         if slurm:
             executor.update_parameters(dependency=f"afterok:{array_id}", array_parallelism=1)
         elif wait_in_order(parts) is None:

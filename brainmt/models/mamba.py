@@ -16,9 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from brainmt.config import ModelConfig, config_choices
 from brainmt.models.ops import fused, scan
 
-BACKENDS = ("auto", "cuda", "torch")
+BACKENDS = tuple(config_choices(ModelConfig, "backend"))   # model.backend's values
 
 
 class Kernels(NamedTuple):

@@ -10,6 +10,12 @@ block's input, the small ``x_proj`` outputs and the scan outputs are kept for th
 ``in_proj`` output, conv outputs, Δ and gated outputs are recomputed there. :func:`add_rms_norm` is
 mamba-ssm's Triton ``residual + x -> RMSNorm`` with the residual stream kept in float32. Both need
 mamba-ssm and causal-conv1d (imported lazily, on first use).
+
+Each has a pure-PyTorch reference twin here, as mamba-ssm keeps ``selective_scan_ref`` beside
+``selective_scan_fn``: :func:`bimamba_inner_ref` and :func:`add_rms_norm_ref` take the same arguments and
+compute the same function in the same dtypes, on any device and without mamba-ssm (plain autograd: no end
+padding, no recomputation). Without autocast the first is the unfused mixer's arithmetic op for op (bit-equal
+in float32); under autocast it keeps the kernels' precision (the causal conv in float32).
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from brainmt.models.ops import scan
 
 BRANCH_TENSORS = 7  # conv weight (d, 1, w), conv bias, x_proj weight, dt_proj weight, A (fp32), D, dt bias
 
@@ -183,3 +191,63 @@ def add_rms_norm(hidden: torch.Tensor, residual: torch.Tensor | None, weight: to
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """residual' = hidden + residual (float32); returns (RMSNorm(residual') in hidden's dtype, residual')."""
     return _ops()["rms_norm_fn"](hidden, weight, None, residual=residual, eps=eps, prenorm=True, residual_in_fp32=True)
+
+
+# ---- pure-PyTorch reference twins: the same arguments and results, on any device, without mamba-ssm ----
+
+
+def _causal_conv_silu_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """silu(causal depthwise conv1d) of x (b, d, L), weight (d, 1, w): float32 or wider arithmetic, x's dtype out."""
+    compute = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)  # as causal-conv1d
+    width = weight.shape[-1]
+    out = F.conv1d(x.to(compute), weight.to(compute), bias.to(compute), padding=width - 1, groups=x.shape[1])
+    return F.silu(out[..., : x.shape[-1]]).to(x.dtype)
+
+
+def _branch_ref(x: torch.Tensor, z: torch.Tensor, params: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
+    """One direction on x, z (b, d_inner, L): causal conv -> x_proj -> dt_proj -> gated selective scan."""
+    if len(params) != BRANCH_TENSORS:
+        raise ValueError(f"each direction takes {BRANCH_TENSORS} tensors, got {len(params)}")
+    conv_w, conv_b, x_proj_w, dt_proj_w, A, D, dt_bias = params
+    rank, n_state = dt_proj_w.shape[1], A.shape[1]
+    x = _causal_conv_silu_ref(x, conv_w, conv_b)
+    x_dbl = F.linear(x.transpose(1, 2), x_proj_w.to(dtype))                      # (b, L, rank + 2N)
+    dt, B, C = torch.split(x_dbl, [rank, n_state, n_state], dim=-1)
+    delta = F.linear(dt, dt_proj_w.to(dtype)).transpose(1, 2)                     # Δ bias added in the scan
+    return scan.selective_scan(x.contiguous(), delta.contiguous(), A, B.transpose(1, 2).contiguous(),
+                               C.transpose(1, 2).contiguous(), D, z=z.contiguous(), delta_bias=dt_bias,
+                               delta_softplus=True)
+
+
+def bimamba_inner_ref(hidden: torch.Tensor, in_proj_weight: torch.Tensor, out_proj_weight: torch.Tensor,
+                      branches: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
+    """Pure-PyTorch twin of :func:`bimamba_inner_fn`: the same arguments and result, any device, plain autograd."""
+    if not branches:
+        raise ValueError("bimamba_inner_ref needs at least one direction")
+    device = hidden.device.type
+    # the fused op's precision: autocast's dtype (or hidden's) for the projections and the scan's inputs and
+    # outputs; the conv and the scan's recurrence in float32
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    with torch.autocast(device, enabled=False):
+        xz = F.linear(hidden.to(dtype), in_proj_weight.to(dtype)).transpose(1, 2)    # (b, 2*d_inner, L)
+        x, z = xz.chunk(2, dim=1)
+        out = _branch_ref(x, z, branches[0], dtype)
+        for params in branches[1:]:  # every later direction scans the time-reversed sequence
+            out = out + _branch_ref(x.flip(-1), z.flip(-1), params, dtype).flip(-1)
+        if len(branches) > 1:
+            out = (1.0 / len(branches)) * out
+        return F.linear(out.transpose(1, 2), out_proj_weight.to(dtype))
+
+
+def add_rms_norm_ref(hidden: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pure-PyTorch twin of :func:`add_rms_norm`: (RMSNorm(hidden + residual) in hidden's dtype, the sum)."""
+    # as mamba-ssm's kernel: the sum and the norm in float32 (float64 inputs stay float64); the sum is returned
+    # in residual's dtype, float32 (or wider) when there is no residual yet
+    compute = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
+    if residual is not None:
+        compute = torch.promote_types(compute, residual.dtype)
+    summed = hidden.to(compute) if residual is None else hidden.to(compute) + residual.to(compute)
+    normed = summed * torch.rsqrt(summed.square().mean(-1, keepdim=True) + eps) * weight.to(compute)
+    residual_dtype = torch.promote_types(hidden.dtype, torch.float32) if residual is None else residual.dtype
+    return normed.to(hidden.dtype), summed.to(residual_dtype)

@@ -30,6 +30,9 @@ LOWER_IS_BETTER = ("val_loss", "val_mse", "val_mae")
 # global: every token of every frame (the official code); spatial: each location averaged over time first;
 # frame: the locations of each frame attend to one another, the class token's outputs averaged over frames
 AttentionScope = Literal["global", "spatial", "frame"]
+# the order of the Mamba scan: time (each location's whole time course, then the next location: the paper's)
+# or space (every location of frame 0, then of frame 1, ...: regions of the same frame are neighbours)
+ScanOrder = Literal["time", "space"]
 # the subject splits of a shard directory's splits.json, in their order
 SplitName = Literal["train", "validation", "test"]
 # a torch device type; Device adds auto (a GPU when torch sees one, else the CPU)
@@ -67,6 +70,7 @@ class ModelConfig:
     dt_min: float = 0.001
     dt_max: float = 0.1
     bidirectional: bool = True
+    scan_order: ScanOrder = "time"
     attention_depth: int = 8
     attention: AttentionScope = "spatial"
     num_heads: int = 8

@@ -36,8 +36,10 @@ def _keep_attention_context() -> tuple[Any, Any]:
 class BrainMT(nn.Module):
     """BrainMT for one scalar per scan: ``model(x)`` maps (B, T, C, D, H, W) to (B, 1).
 
-    Tokens are ordered time-first (all frames of spatial token 0, then of token 1, ...) after a
-    class token at position 0, so the bidirectional Mamba stack scans each location's time course.
+    Tokens follow a class token at position 0. ``scan_order="time"`` (the paper's) orders them time-first (all
+    frames of spatial token 0, then of token 1, ...), so the bidirectional Mamba stack scans each location's time
+    course; ``"space"`` orders them frame by frame (all K tokens of frame 0, then of frame 1, ...), so the scan
+    meets every region of a frame within K tokens and can relate regions' co-temporal signals.
     ``attention="global"`` attends over all 1 + T*K tokens (as the official code);
     ``attention="spatial"`` first averages each spatial token over time and attends over 1 + K tokens;
     ``attention="frame"`` attends over the 1 + K tokens of each frame (the class token copied to every frame) and
@@ -178,7 +180,7 @@ class BrainMT(nn.Module):
         return seq
 
     def tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        """Embed (B, T, C, D, H, W) into the time-first sequence (B, 1 + K*T, E); returns it with K and T."""
+        """Embed (B, T, C, D, H, W) into the sequence (B, 1 + K*T, E) in ``scan_order``; returns it with K and T."""
         if x.dim() != 6:
             raise ValueError(f"BrainMT expects (B, T, C, D, H, W), got shape {tuple(x.shape)}")
         batch, frames = x.shape[:2]
@@ -186,9 +188,16 @@ class BrainMT(nn.Module):
         feats = feats.view(batch, frames, -1, feats.shape[-1])                   # (B, T, K, E)
         feats = feats + self._spatial_embedding(grid) + self._temporal_embedding(frames)
         k = feats.shape[2]
-        seq = feats.transpose(1, 2).reshape(batch, k * frames, -1)               # time-first
+        if self.cfg.scan_order == "time":
+            feats = feats.transpose(1, 2)                                        # (B, K, T, E): time-first
+        seq = feats.reshape(batch, k * frames, -1)
         cls = self.cls_token.expand(batch, -1, -1)
         return self.pos_drop(torch.cat([cls, seq], dim=1)), k, frames
+
+    def _location_major(self, seq: torch.Tensor, k: int, frames: int) -> torch.Tensor:
+        """The Mamba output without the class token as (B, K, T, E), whatever the scan order."""
+        grid = seq[:, 1:].view(seq.shape[0], *((k, frames) if self.cfg.scan_order == "time" else (frames, k)), -1)
+        return grid if self.cfg.scan_order == "time" else grid.transpose(1, 2)
 
     def mamba_features(self, x: torch.Tensor) -> torch.Tensor:
         """Output of the Mamba stack, (B, 1 + K*T, E); position 0 is the class token."""
@@ -201,10 +210,10 @@ class BrainMT(nn.Module):
         seq = self._run_mamba(seq)
         batch = seq.shape[0]
         if self.cfg.attention == "spatial":
-            spatial = seq[:, 1:].view(batch, k, frames, -1).mean(dim=2)  # (B, K, E)
+            spatial = self._location_major(seq, k, frames).mean(dim=2)                    # (B, K, E)
             seq = torch.cat([seq[:, :1], spatial], dim=1)
         elif self.cfg.attention == "frame":
-            per_frame = seq[:, 1:].view(batch, k, frames, -1).transpose(1, 2).reshape(batch * frames, k, -1)
+            per_frame = self._location_major(seq, k, frames).transpose(1, 2).reshape(batch * frames, k, -1)
             seq = torch.cat([seq[:, :1].repeat_interleave(frames, dim=0), per_frame], dim=1)   # (B*T, 1 + K, E)
         seq = self._run_attention(seq)
         cls = seq[:, 0].view(batch, -1, seq.shape[-1]).mean(dim=1)                           # (B, E)

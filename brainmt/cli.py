@@ -255,9 +255,11 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_evaluate)
     from brainmt.analysis.cli import add_parser as add_analyze_parser
     from brainmt.baseline.cli import add_parser as add_baseline_parser
+    from brainmt.predict import add_parser as add_predict_parser
 
     add_analyze_parser(sub)
     add_baseline_parser(sub)
+    add_predict_parser(sub)
     p = sub.add_parser("selftest", help="check the install: versions, the CUDA kernels if a GPU is visible, a training step")
     p.add_argument("--device", choices=list(literal_values(Device)), default="auto")
     p.add_argument("--require-kernels", action="store_true", help="fail unless the compiled Mamba kernels run")

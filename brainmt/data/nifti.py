@@ -6,6 +6,7 @@ gzip file is kept open between blocks so that it is decompressed once.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import zlib
 from collections.abc import Iterator
@@ -90,6 +91,34 @@ class OpenScan:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ResampledScan(OpenScan):
+    """A 4-D scan whose frames are resampled onto another grid (``shape`` with canonical ``affine``), frame by frame
+    with nibabel's ``resample_from_to`` (spline ``order``; 0 outside the scan's field of view).
+
+    ``header`` describes the target grid (``source_header`` the file's own), so :func:`read_brain_series` reads it
+    like a scan on that grid.
+    """
+
+    def __init__(self, path: str | Path, shape: tuple[int, int, int], affine: np.ndarray, order: int = 1) -> None:
+        super().__init__(path)
+        self.source_header = self.header
+        self.target = (tuple(int(s) for s in shape), np.asarray(affine, dtype=float))
+        self.order = order
+        zooms = nib.affines.voxel_sizes(self.target[1])
+        self.header = dataclasses.replace(self.header, shape=self.target[0], affine=self.target[1],
+                                          voxel_size=tuple(round(float(z), 5) for z in zooms))
+
+    def frames(self, start: int = 0, stop: int | None = None, block: int = FRAME_BLOCK) -> Iterator[np.ndarray]:
+        """Yield float32 blocks (t, X, Y, Z) of frames [start, stop) on the target grid."""
+        from nibabel.processing import resample_from_to
+
+        source_affine = self.source_header.affine
+        for data in super().frames(start, stop, block):
+            yield np.stack([np.asarray(resample_from_to(nib.Nifti1Image(frame, source_affine), self.target,
+                                                        order=self.order).dataobj, dtype=np.float32)
+                            for frame in data])
 
 
 def _tr_seconds(img: nib.Nifti1Image) -> float | None:

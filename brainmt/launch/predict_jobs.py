@@ -1,0 +1,173 @@
+"""``python jobs/predict.py``: ``brainmt predict`` as a SLURM job array over the scans, then a merge job (or locally).
+
+Task i of n predicts slice i of the scans (``brainmt predict --part i/n --no-merge``) into its own part file
+(``OUT/parts/part-<i>-of-<n>.jsonl``; one GPU a task unless ``--gpus-per-node 0``); the merge job runs after the
+whole array has ended (``afterany``) and writes ``predictions.csv``, ``windows.csv``, ``skipped.csv`` and
+``summary.json`` from every part file. A requeued task, or a re-run of the whole command, skips the scans already
+predicted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+import sys
+from pathlib import Path
+
+import submitit
+
+from brainmt.config import ClusterConfig, ConfigError, load_config
+from brainmt.launch.cli import add_cluster_arguments, apply_cluster_arguments
+from brainmt.predict.cli import add_predict_options, expected_errors, request_from_args
+
+
+def parser() -> argparse.ArgumentParser:
+    """Arguments of jobs/predict.py: those of ``brainmt predict`` (less --part and the merge switches), the array and
+    the scheduler."""
+    p = argparse.ArgumentParser(prog="jobs/predict.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_predict_options(p)
+    p.add_argument("--array-size", type=int, default=8, help="array tasks (each predicts a slice of the scans)")
+    p.add_argument("--profile", help="cluster profile YAML (a 'cluster:' section: partition, account, setup, ...)")
+    add_cluster_arguments(p)   # each array task is one process on one node: --nodes is not used here
+    p.add_argument("--job-name", default="brainmt-predict")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script and the task plan; submit nothing")
+    p.add_argument("--wait", action="store_true", help="wait for the merge and print its summary")
+    return p
+
+
+def cluster_config(args: argparse.Namespace) -> ClusterConfig:
+    """The scheduler settings of a task: the profile's (one GPU at most), then the command line; one process a task."""
+    c = load_config([args.profile]).cluster if args.profile else ClusterConfig()
+    if args.gpus_per_node is None:
+        c.gpus_per_node = min(1, c.gpus_per_node)      # a training profile's GPUs a node: one a task here
+    apply_cluster_arguments(c, args)
+    c.nodes, c.tasks_per_node = 1, 1
+    return c
+
+
+class PredictTask(submitit.helpers.Checkpointable):
+    """One array task: predict slice ``part`` of the scans; requeued on preemption (predicted scans are skipped)."""
+
+    def __call__(self, request: dict, part: tuple[int, int]) -> dict:
+        """Predict this task's scans into its part file; returns what it did."""
+        from brainmt.predict.core import PredictRequest, run_part
+
+        return run_part(PredictRequest(**request), tuple(part), progress=False)  # type: ignore[arg-type]
+
+
+def merge_task(out: str, phenotypes: str | None, id_column: str | None) -> dict:
+    """The merge job: the tables and summary from every part file; returns the summary."""
+    from brainmt.predict.merge import merge
+
+    return merge(out, phenotypes, id_column)
+
+
+def _absolute(request) -> None:
+    """The paths of a request made absolute: the tasks run in the scheduler's working directory."""
+    for key in ("run", "out", "input", "shards", "phenotypes"):
+        value = getattr(request, key)
+        if value:
+            setattr(request, key, str(Path(value).resolve()))
+    if request.checkpoint not in ("best", "last"):
+        request.checkpoint = str(Path(request.checkpoint).resolve())
+
+
+def rerun_command(request, part: str) -> str:
+    """The ``brainmt predict`` command that redoes one slice (``part`` like ``i/n``) by hand."""
+    words = ["brainmt", "predict", "--run", request.run, "--input", request.input, "--out", request.out]
+    for key in ("checkpoint", "shards", "layout", "glob", "subject_regex", "bids_space", "device"):
+        value = getattr(request, key)
+        if value and value != {"checkpoint": "best", "layout": "auto", "device": "auto"}.get(key):
+            words += [f"--{key.replace('_', '-')}", value]
+    return shlex.join(words + (["--resample"] if request.resample else []) + ["--part", part, "--no-merge"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Check the run, the scans and the table here, then submit the array of slices and the merge job."""
+    from brainmt.launch.slurm import LaunchError, checked_executor, make_executor, record_submission, sbatch_preview
+    from brainmt.predict.core import check_request
+    from brainmt.predict.merge import summary_text
+    from brainmt.predict.parts import done_scans, start_output
+
+    args = parser().parse_args(argv)
+    try:
+        c = cluster_config(args)                                   # the options first, then the run
+        if args.array_size < 1:
+            raise ConfigError(f"--array-size {args.array_size}: must be at least 1")
+        request = request_from_args(args)
+        _absolute(request)
+        settings, sources = check_request(request)                 # errors here, before anything is queued
+        n, out = min(args.array_size, len(sources)), Path(request.out)
+        done = done_scans(out, sources)
+        if args.dry_run:
+            print(sbatch_preview(c, out / "slurm", args.job_name))
+            print(f"# {n} array tasks over {len(sources)} scans ({len(done)} already predicted), then a merge job")
+            return 0
+        if c.container:
+            print(f"warning: cluster.container ({c.container}) is not used by jobs/predict.py: its tasks run on this "
+                  "Python", file=sys.stderr)
+        start_output(out, settings)
+        executor, cluster = checked_executor(c, out / "slurm", args.job_name)
+        merger, _ = make_executor(dataclasses.replace(c, gpus_per_node=0), out / "slurm", f"{args.job_name}-merge")
+        array_id, merge_job = _submit(executor, merger, cluster, request, n, len(sources), len(done))
+    except ConfigError as exc:
+        print(f"jobs/predict.py: config error: {exc}", file=sys.stderr)
+        return 2
+    except (*expected_errors(), LaunchError) as exc:
+        print(f"jobs/predict.py: error: {exc}", file=sys.stderr)
+        return 2
+    except submitit.core.utils.FailedJobError as exc:
+        print(f"jobs/predict.py: the scheduler refused the job: {exc}", file=sys.stderr)
+        return 2
+    record_submission(out / "slurm", array=array_id, merge=merge_job.job_id, cluster=cluster, scans=len(sources))
+    print(f"merge job {merge_job.job_id} (after the array); predictions in {out / 'predictions.csv'}; logs in "
+          f"{out / 'slurm'}\na failed slice i can be re-run alone: {rerun_command(request, f'i/{n}')}, then "
+          f"brainmt predict --run {shlex.quote(request.run)} --out {shlex.quote(request.out)} --merge-only", flush=True)
+    if not args.wait:
+        return 0
+    try:
+        summary = merge_job.result()
+    except Exception as exc:   # submitit raises its own errors with the job's log tail
+        print(f"jobs/predict.py: the merge job failed: {exc}", file=sys.stderr)
+        return 1
+    print(summary_text(summary), flush=True)
+    return 0
+
+
+def _submit(executor, merger, cluster: str, request, n: int, total: int, done: int) -> tuple[str, object]:
+    """Queue the n slices, then the merge (after the array on SLURM; locally once the slices have ended)."""
+    from brainmt.launch.slurm import clean_slurm_env
+
+    with clean_slurm_env():   # a submission from inside a SLURM job must not inherit its SLURM_*
+        if cluster == "slurm":
+            executor.update_parameters(array_parallelism=n)
+        parts = executor.map_array(PredictTask(), [dataclasses.asdict(request)] * n, [(i, n) for i in range(n)])
+        array_id = parts[0].job_id.split("_")[0]
+        print(f"array of {n} tasks over {total} scans ({done} already predicted): job {array_id} ({cluster})", flush=True)
+        if cluster == "slurm":
+            merger.update_parameters(dependency=f"afterany:{array_id}")
+        else:
+            _wait_local(parts)
+        return array_id, merger.submit(merge_task, request.out, request.phenotypes, request.id_column)
+
+
+def _wait_local(parts: list) -> None:
+    """Wait for local tasks; a task that failed as a whole is reported (its scans show as not predicted)."""
+    from brainmt.predict.merge import part_summary
+
+    for part in parts:
+        try:
+            result = part.result()
+        except Exception as exc:
+            print(f"task {part.job_id} failed: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}",
+                  file=sys.stderr, flush=True)
+            continue
+        print(f"task {part.job_id}: {part_summary(result)}", flush=True)
+
+
+if __name__ == "__main__":   # as the package's module, so the submitted task and merge pickle by reference
+    from brainmt.launch.predict_jobs import main as _main
+
+    sys.exit(_main())

@@ -132,7 +132,7 @@ class TrainConfig:
     early_stopping_patience: int = 5
     keep_last: int = 3
     checkpoint_every_steps: int | None = None         # besides every evaluation; None: only then
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Device = "auto"
     # the validation metric that picks the "best" checkpoint and drives early stopping; auto: val_auroc for
     # classification, val_pearson_r for regression (docs/training.md says why)
     select_metric: SelectMetric = "auto"
@@ -198,9 +198,11 @@ class AnalysisConfig:
     device: Device = "auto"
     split: SplitName = "test"
     checkpoint: str = "best"
-    atlas: str | None = None             # integer-labelled NIfTI; None: the built-in coarse lobes
+    atlas: str | None = None             # None: lobes; a named atlas (harvard-oxford, schaefer-400, aal...); a labelled NIfTI
     atlas_labels: str | None = None
     top_regions: int = 20
+    figure_percentile: float = 90.0      # nilearn figures draw a map where |value| reaches this percentile of its brain voxels
+    subject_figures: int = 4             # nilearn figures of the first N analysed subjects' signed maps (0: none)
 
 
 @dataclass
@@ -518,6 +520,8 @@ def validate(cfg: Config) -> None:
          "at least 1 or null"),
         (cfg.analysis.baseline_scans >= 1 and cfg.analysis.top_regions >= 1, "analysis.baseline_scans/top_regions",
          "at least 1"),
+        (0 <= cfg.analysis.figure_percentile < 100, "analysis.figure_percentile", "in [0, 100)"),
+        (cfg.analysis.subject_figures >= 0, "analysis.subject_figures", "zero or more"),
     ]
     errors = [f"{key}: must be {want}" for ok, key, want in checks if not ok]
     try:

@@ -6,6 +6,7 @@ One demo-size model (synthetic scans with planted regions, the ``demo`` config, 
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -254,6 +255,69 @@ def test_region_table_with_a_user_atlas(demo, tmp_path, capsys):
 def _save(data: np.ndarray, affine: np.ndarray, path: Path) -> Path:
     nib.save(nib.Nifti1Image(data, affine), path)
     return path
+
+
+def test_nilearn_figures_of_subjects_and_group(demo):
+    """Stat map over the MNI template and glass brain: the group |IG| map, each class's t-map, the first 4 subjects;
+    each thresholded at the 90th percentile of the map's |values| over the brain."""
+    out = demo["ig"]
+    stems = ["group_mean_abs_ig", "group_female_t_ig", "group_male_t_ig"] + [f"subjects/{s}_ig" for s in demo["subjects"][:4]]
+    for stem in stems:
+        for kind in ("stat", "glass"):
+            assert (out / f"{stem}_{kind}.png").stat().st_size > 20_000, (stem, kind)
+    assert not list((out / "subjects").glob(f"{demo['subjects'][4]}_*.png"))       # --subject-figures: 4 by default
+    assert not (out / "group_t_ig_stat.png").exists()                                # classes' signs differ: per class
+    brain = json.loads((out / "summary.json").read_text())["brain_figures"]
+    assert brain["percentile"] == 90 and "MNI152" in brain["template"]
+    assert sorted({r["map"] for r in brain["figures"]}) == sorted(stems) and len(brain["figures"]) == 2 * len(stems)
+    grid = BrainGrid(ShardSet(demo["shards"]))
+    for record in brain["figures"]:
+        if record["map"] in ("group_mean_abs_ig", "group_male_t_ig", f"subjects/{demo['subjects'][0]}_ig"):
+            values = grid.load(out / f"{record['map']}.nii.gz")
+            assert record["threshold"] == pytest.approx(np.percentile(np.abs(values), 90), rel=1e-5), record
+
+
+def test_region_table_with_a_named_atlas(demo, tmp_path, monkeypatch, capsys):
+    """--atlas harvard-oxford with nilearn's fetcher replaced by a synthetic labelled atlas (image + labels list, as
+    a fetcher returns them): the regions, voxel counts and mean |IG| follow the group map."""
+    import nilearn.datasets
+
+    source = nib.load(demo["raw"] / "derivatives" / "planted" / "region-a_mask.nii.gz")
+    ijk = np.indices(source.shape).reshape(3, -1)
+    x, y, _ = source.affine[:3, :3] @ ijk + source.affine[:3, 3:4]
+    atlas = np.where(x < 0, 1, np.where(y >= 0, 2, 3)).reshape(source.shape).astype(np.int16)
+    names = ["Background", "left half", "right anterior", "right posterior", "not in the image"]
+    asked = []
+
+    def fake_fetch(atlas_name: str, verbose: int = 1) -> dict:
+        asked.append(atlas_name)
+        return {"maps": nib.Nifti1Image(atlas, source.affine), "labels": names}
+
+    monkeypatch.setattr(nilearn.datasets, "fetch_atlas_harvard_oxford", fake_fetch)
+    out = tmp_path / "ig"
+    subjects = demo["subjects"][:3]
+    (out / "subjects").mkdir(parents=True)
+    for subject in subjects:
+        for suffix in ("_ig.nii.gz", "_abs_ig.nii.gz", "_ig.json"):
+            shutil.copy(demo["ig"] / "subjects" / f"{subject}{suffix}", out / "subjects")
+    assert main(["analyze", "--run", str(demo["run"]), "--out", str(out), "--group-only", "--subjects", *subjects,
+                 "--atlas", "harvard-oxford"]) == 0
+    assert "top regions by mean |IG| (Harvard-Oxford cortical atlas" in capsys.readouterr().out
+    assert asked == ["cortl-maxprob-thr25-2mm"]
+    grid = BrainGrid(ShardSet(demo["shards"]))
+    labels, group = grid.pack(grid.from_source(atlas)), grid.load(out / "group_mean_abs_ig.nii.gz")
+    with (out / "regions.csv").open() as f:
+        rows = {row["name"]: row for row in csv.DictReader(f)}
+    assert set(rows) == {"left half", "right anterior", "right posterior"}
+    for value, name in enumerate(names[1:4], start=1):
+        inside = labels == value
+        assert int(rows[name]["label"]) == value and int(rows[name]["voxels"]) == inside.sum() > 0
+        assert float(rows[name]["mean_abs_ig"]) == pytest.approx(group[inside].mean(), rel=1e-5)
+        assert float(rows[name]["share_abs_ig"]) == pytest.approx(group[inside].sum() / group.sum(), rel=1e-5)
+    assert [int(r["rank"]) for r in sorted(rows.values(), key=lambda r: -float(r["mean_abs_ig"]))] == [1, 2, 3]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["atlas"].startswith("Harvard-Oxford cortical atlas") and summary["regions"] == 3
+    assert (out / "group_mean_abs_ig_glass.png").exists() and (out / f"subjects/{subjects[2]}_ig_stat.png").exists()
 
 
 def test_label_files_and_builtin_lobes(tmp_path):

@@ -13,7 +13,8 @@ log = logging.getLogger("brainmt.analysis")
 OPTION_KEYS = {"checkpoint": "analysis.checkpoint", "split": "analysis.split", "steps": "analysis.steps",
                "baseline": "analysis.baseline", "method": "analysis.method",
                "internal_batch_size": "analysis.internal_batch_size", "device": "analysis.device",
-               "atlas": "analysis.atlas", "atlas_labels": "analysis.atlas_labels", "top": "analysis.top_regions"}
+               "atlas": "analysis.atlas", "atlas_labels": "analysis.atlas_labels", "top": "analysis.top_regions",
+               "figure_percentile": "analysis.figure_percentile", "subject_figures": "analysis.subject_figures"}
 
 
 def _choices(key: str) -> list:
@@ -35,9 +36,17 @@ def add_analysis_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--internal-batch-size", type=int, metavar="B",
                    help="scaled inputs through the model at once (default: chosen from the free memory)")
     p.add_argument("--device", choices=_choices("device"), help="default auto: a GPU when there is one")
-    p.add_argument("--atlas", help="integer-labelled atlas NIfTI in the scans' space (default: built-in coarse lobes)")
-    p.add_argument("--atlas-labels", help="its label file (TSV/CSV, FSL XML, lookup table, or one name a line)")
+    p.add_argument("--atlas", metavar="NAME|PATH",
+                   help="region table atlas: lobes (built-in, the default), harvard-oxford, harvard-oxford-sub, aal, "
+                        "schaefer-100 ... schaefer-1000 (add -17 for 17 networks; fetched by nilearn into its data "
+                        "directory), or an integer-labelled NIfTI in the scans' space")
+    p.add_argument("--atlas-labels", help="label file of a NIfTI atlas (TSV/CSV, FSL XML, lookup table, or one name a line)")
     p.add_argument("--top", type=int, help="regions printed and charted (default 20)")
+    p.add_argument("--figure-percentile", type=float, metavar="P",
+                   help="nilearn figures draw the voxels whose |value| reaches this percentile of the map's brain "
+                        "voxels (default 90)")
+    p.add_argument("--subject-figures", type=int, metavar="N",
+                   help="nilearn figures of the first N analysed subjects' signed maps (default 4; 0: none)")
     p.add_argument("--config", action="append", help="YAML layers whose 'analysis:' section sets the defaults")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. analysis.baseline_scans=32")
 
@@ -71,6 +80,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     """Run the analysis; exit 1 on an error or when a subject failed (the others' maps are kept).
 
     A config error, or a run without checkpoints (CheckpointError), is reported by brainmt's main."""
+    from brainmt.analysis.atlases import check_atlas
     from brainmt.analysis.group import merge, summary_text
     from brainmt.analysis.pipeline import analyze_subjects
     from brainmt.cli import run_shards, verify_or_report
@@ -80,6 +90,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     try:
         settings = config_from_args(args).analysis
         failed: dict = {}
+        if not args.maps_only and not args.group_only:
+            check_atlas(settings.atlas, settings.atlas_labels)   # a bad or unavailable atlas stops before the subjects
         if not args.group_only:
             result = analyze_subjects(args.run, args.out, settings, args.subjects, args.shards)
             failed = result["failed"]

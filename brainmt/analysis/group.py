@@ -19,6 +19,7 @@ from brainmt.analysis.pipeline import (
     COMPLETENESS_ATOL,
     COMPLETENESS_RTOL,
     AnalysisError,
+    RunInfo,
     baseline_scans,
     fingerprint,
     open_run,
@@ -26,6 +27,7 @@ from brainmt.analysis.pipeline import (
     subjects_of,
 )
 from brainmt.config import AnalysisConfig
+from brainmt.data.loader import ShardSet
 from brainmt.fileio import atomic_write_json
 
 log = logging.getLogger("brainmt.analysis")
@@ -78,12 +80,80 @@ def _write_completeness(done: dict, path: Path) -> dict:
                          f"{COMPLETENESS_ATOL:g} in every window"}
 
 
+def _accumulate(out: Path, shards: ShardSet, chosen: dict[str, list[str]], done: dict, names: dict[float, str],
+                keep: int) -> tuple[dict[str, GroupMaps], dict[str, tuple[BrainGrid, np.ndarray]]]:
+    """Group statistics over the subject maps (all subjects, and each class); the signed maps of the first ``keep``
+    subjects (with their grids) are kept for figures."""
+    n_brain = shards.n_brain
+    groups = {"all": GroupMaps(n_brain)} | {name: GroupMaps(n_brain) for name in names.values()}
+    kept: dict[str, tuple[BrainGrid, np.ndarray]] = {}
+    for subject, record in done.items():
+        own = BrainGrid(shards, chosen[subject])
+        signed = own.load(out / "subjects" / f"{subject}_ig.nii.gz")
+        absolute = own.load(out / "subjects" / f"{subject}_abs_ig.nii.gz")
+        groups["all"].add(signed, absolute)
+        if names:
+            groups[names[float(record["target"])]].add(signed, absolute)
+        if len(kept) < keep:
+            kept[subject] = (own, signed)
+    return groups, kept
+
+
+def _t_groups(maps: dict, names: dict) -> list[str]:
+    """The groups whose t-map is drawn: each class for a classification target (signs differ between classes),
+    else all subjects."""
+    return [g for g in maps if g != "all" or not names]
+
+
+def _slice_figures(out: Path, run: RunInfo, settings: AnalysisConfig, grid: BrainGrid, maps: dict, groups: dict,
+                   names: dict) -> list[Path]:
+    """The hand-drawn slices (over the training subjects' mean image, in the scans' own grid)."""
+    from brainmt.analysis.attribution import training_mean
+    from brainmt.analysis.figures import orthogonal_slices
+
+    shards = run.shards
+    mean_brain = training_mean(shards, baseline_scans(shards, shards.scans_of(settings.split)), settings.baseline_scans)
+    underlay = grid.to_canonical(mean_brain)
+    mask = grid.to_canonical(np.ones(grid.n_brain, dtype=bool))
+    figures = [orthogonal_slices(grid.to_canonical(maps["all"]["mean_abs_ig"]), underlay, mask, grid.canonical_affine,
+                                 out / "group_mean_abs_ig.png", f"mean |IG| of {groups['all'].n} subjects "
+                                 f"({settings.split} split), target '{run.stats['target']}'")]
+    for group in _t_groups(maps, names):
+        figures.append(orthogonal_slices(grid.to_canonical(maps[group]["t_ig"]), underlay, mask, grid.canonical_affine,
+                                         _map_path(out, group, "t_ig").with_suffix("").with_suffix(".png"),
+                                         f"t of signed IG, {group} ({groups[group].n} subjects); > 0: toward a higher "
+                                         f"{'class' if names else 'prediction'}", signed=True))
+    return figures
+
+
+def _brain_figures(out: Path, grid: BrainGrid, maps: dict, groups: dict, names: dict, kept: dict, done: dict,
+                   percentile: float) -> list[dict]:
+    """nilearn stat-map and glass-brain figures of the group |IG| map, the t-maps and the kept subjects' signed maps."""
+    from brainmt.analysis.figures import brain_map_figures
+
+    def stem(group: str, kind: str) -> Path:
+        return _map_path(out, group, kind).with_suffix("").with_suffix("")
+
+    jobs = [(grid, maps["all"]["mean_abs_ig"], stem("all", "mean_abs_ig"), f"mean |IG|, {groups['all'].n} subjects",
+             False, "group_mean_abs_ig")]
+    jobs += [(grid, maps[g]["t_ig"], stem(g, "t_ig"), f"t of IG, {g} ({groups[g].n} subjects)", True, stem(g, "t_ig").name)
+             for g in _t_groups(maps, names)]
+    for subject, (own, signed) in kept.items():
+        target = float(done[subject]["target"])
+        title = f"IG of {subject} ({names.get(target, f'target {target:g}')}, prediction {done[subject]['prediction']:.3g})"
+        jobs.append((own, signed, out / "subjects" / f"{subject}_ig", title, True, f"subjects/{subject}_ig"))
+    records = []
+    for on_grid, values, path, title, signed, name in jobs:
+        records += [{"map": name, **r} for r in brain_map_figures(on_grid, values, path, title, signed, percentile)]
+    return records
+
+
 def merge(run_dir: str | Path, out: str | Path | None, settings: AnalysisConfig, subjects: list[str] | None = None,
           shards_dir: str | Path | None = None) -> dict:
     """Group maps, completeness table, region table, figures and ``summary.json`` from the subject maps."""
-    from brainmt.analysis.attribution import training_mean
-    from brainmt.analysis.figures import orthogonal_slices, top_regions_chart
-    from brainmt.analysis.regions import builtin_lobes, load_atlas, region_table, write_region_table
+    from brainmt.analysis.atlases import resolve_atlas
+    from brainmt.analysis.figures import FIGURE_PERCENTILE, SUBJECT_FIGURES, top_regions_chart
+    from brainmt.analysis.regions import region_table, write_region_table
 
     start = time.perf_counter()
     run = open_run(run_dir, settings.checkpoint, shards_dir)
@@ -96,53 +166,31 @@ def merge(run_dir: str | Path, out: str | Path | None, settings: AnalysisConfig,
         raise AnalysisError(f"{out / 'subjects'}: no subject maps for these settings ({len(failed)} failed, "
                             f"{len(missing)} not run{reasons})")
     grid = BrainGrid(shards, [s for subject in done for s in chosen[subject]])
+    parcellation = resolve_atlas(settings.atlas, settings.atlas_labels, grid)   # a bad atlas stops before any file
+    # analysis.figure_percentile / analysis.subject_figures (docs/analysis.md); the defaults when the config has none
+    percentile = float(getattr(settings, "figure_percentile", FIGURE_PERCENTILE))
     names = class_names(shards.manifest, run.stats)
-    groups = {"all": GroupMaps(grid.n_brain)} | {name: GroupMaps(grid.n_brain) for name in names.values()}
-    for subject, record in done.items():
-        own = BrainGrid(shards, chosen[subject])
-        signed = own.load(out / "subjects" / f"{subject}_ig.nii.gz")
-        absolute = own.load(out / "subjects" / f"{subject}_abs_ig.nii.gz")
-        groups["all"].add(signed, absolute)
-        if names:
-            groups[names[float(record["target"])]].add(signed, absolute)
+    groups, kept = _accumulate(out, shards, chosen, done, names, int(getattr(settings, "subject_figures", SUBJECT_FIGURES)))
     maps = {g: acc.result() for g, acc in groups.items() if acc.n}
-    files = []
-    for group, result in maps.items():
-        for kind in MAP_KINDS:
-            files.append(str(grid.save(result[kind], _map_path(out, group, kind))))
+    files = [str(grid.save(result[kind], _map_path(out, group, kind))) for group, result in maps.items() for kind in MAP_KINDS]
     completeness = _write_completeness(done, out / "completeness.csv")
-
-    if settings.atlas:
-        labels, label_names = load_atlas(settings.atlas, settings.atlas_labels, grid)
-        atlas = str(settings.atlas)
-    else:
-        labels, label_names = builtin_lobes(grid)
-        atlas = "built-in coarse lobes (brainmt.analysis.regions.builtin_lobes)"
-    rows = region_table(labels, label_names, maps["all"], {g: m["mean_ig"] for g, m in maps.items() if g != "all"})
+    rows = region_table(parcellation.labels, parcellation.names, maps["all"],
+                        {g: m["mean_ig"] for g, m in maps.items() if g != "all"})
     write_region_table(rows, out / "regions.csv")
 
-    mean_brain = training_mean(shards, baseline_scans(shards, shards.scans_of(settings.split)), settings.baseline_scans)
-    underlay = grid.to_canonical(mean_brain)
-    mask = grid.to_canonical(np.ones(grid.n_brain, dtype=bool))
-    target = run.stats["target"]
-    figures = [orthogonal_slices(grid.to_canonical(maps["all"]["mean_abs_ig"]), underlay, mask, grid.canonical_affine,
-                                 out / "group_mean_abs_ig.png",
-                                 f"mean |IG| of {groups['all'].n} subjects ({settings.split} split), target '{target}'")]
-    for group, result in maps.items():
-        if group != "all" or not names:
-            figures.append(orthogonal_slices(grid.to_canonical(result["t_ig"]), underlay, mask, grid.canonical_affine,
-                                             _map_path(out, group, "t_ig").with_suffix("").with_suffix(".png"),
-                                             f"t of signed IG, {group} ({groups[group].n} subjects); > 0: toward a higher "
-                                             f"{'class' if names else 'prediction'}", signed=True))
+    figures = _slice_figures(out, run, settings, grid, maps, groups, names)
     figures.append(top_regions_chart(rows, out / "top_regions.png", settings.top_regions,
-                                     f"top regions by mean |IG| ({Path(atlas).name if settings.atlas else 'built-in lobes'})"))
+                                     f"top regions by mean |IG| ({parcellation.short})"))
+    brain = _brain_figures(out, grid, maps, groups, names, kept, done, percentile)
     summary = {"run": str(run.run_dir), "checkpoint": str(run.checkpoint), "step": run.step, "task": run.stats["task"],
-               "target": target, "split": settings.split, "settings": settings_to_dict(settings),
+               "target": run.stats["target"], "split": settings.split, "settings": settings_to_dict(settings),
                "subjects": len(chosen), "analysed": len(done), "failed": failed, "missing": missing,
-               "groups": {g: acc.n for g, acc in groups.items()}, "completeness": completeness, "atlas": atlas,
-               "regions": len(rows), "top_regions": rows[:settings.top_regions], "maps": files,
-               "figures": [str(f) for f in figures], "grid": {"shape": list(grid.shape), "affine": grid.affine.tolist()},
-               "seconds": time.perf_counter() - start}
+               "groups": {g: acc.n for g, acc in groups.items()}, "completeness": completeness,
+               "atlas": parcellation.description, "regions": len(rows), "top_regions": rows[:settings.top_regions],
+               "maps": files, "figures": [str(f) for f in figures] + [r["file"] for r in brain],
+               "brain_figures": {"template": "MNI152 (ICBM 2009a nonlinear symmetric, 1 mm; bundled with nilearn)",
+                                 "percentile": percentile, "figures": brain},
+               "grid": {"shape": list(grid.shape), "affine": grid.affine.tolist()}, "seconds": time.perf_counter() - start}
     atomic_write_json(out / "summary.json", summary)
     return summary
 

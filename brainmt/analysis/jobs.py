@@ -91,6 +91,7 @@ def merge_task(run: str, out: str, subjects: list[str] | None, settings: dict, s
 
 def main(argv: list[str] | None = None) -> int:
     """Check the run and the subjects here, then submit the array of subject tasks and the merge job."""
+    from brainmt.analysis.atlases import check_atlas
     from brainmt.analysis.group import summary_text
     from brainmt.analysis.pipeline import open_run, subjects_of
     from brainmt.data.loader import check_lengths
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         c = _cluster_config(args, cfg.cluster)                              # the options first, then the run
         if args.array_size < 1:
             raise ConfigError("--array-size must be at least 1")
+        check_atlas(settings.atlas, settings.atlas_labels)   # a named atlas is fetched here, on the login node
         info = open_run(args.run, settings.checkpoint, args.shards)          # errors here, before anything is queued
         by_subject = subjects_of(info.shards, settings.split, args.subjects)
         # each subject's windows are of the run's data.num_frames: a shorter scan would fail after the queue

@@ -1,7 +1,8 @@
 """Region tables: attribution averaged inside the parcels of an atlas, ranked.
 
 An atlas is any integer-labelled 3-D NIfTI (Schaefer, HCP-MMP, AAL, Harvard-Oxford, ...) in the scans'
-space; it is resampled to the scans' grid by nearest neighbour through the two affines. Its label file
+space, or one that nilearn fetches by name (:mod:`brainmt.analysis.atlases`); it is resampled to the scans'
+grid by nearest neighbour through the two affines. Its label file
 may be a TSV/CSV with an index and a name column, an FSL atlas XML, a FreeSurfer-style lookup table or
 any text of ``<integer> <name> ...`` lines (Schaefer's ``*_order.txt``), or one name a line.
 
@@ -78,25 +79,41 @@ def load_atlas(path: str | Path, labels_path: str | Path | None, grid: BrainGrid
         data, img = read_volume(path, "atlas")
     except ScanError as exc:   # a 4-D probabilistic atlas needs thresholding into labels first
         raise AtlasError(str(exc)) from None
+    packed = labels_on_grid(data, img.affine, grid, str(path))
+    return packed, named_labels(packed, read_label_file(labels_path) if labels_path else {})
+
+
+def labels_on_grid(data: np.ndarray, affine: np.ndarray, grid: BrainGrid, source: str) -> np.ndarray:
+    """A 3-D integer label volume with ``affine`` -> (n_brain,) labels of the brain voxels, by nearest neighbour
+    through the two affines (0 where the atlas does not reach); ``source`` names the atlas in errors."""
+    data = np.asarray(data)
+    if data.ndim != 3:
+        raise AtlasError(f"{source}: an atlas must be a 3-D label volume, got shape {data.shape} (a probabilistic "
+                         "atlas needs thresholding into labels first)")
     if not np.allclose(data, np.round(data)):
-        raise AtlasError(f"{path}: values are not integers; an atlas must be an integer-labelled parcellation")
+        raise AtlasError(f"{source}: values are not integers; an atlas must be an integer-labelled parcellation")
     data = np.round(data).astype(np.int64)
     # world coordinates of every canonical grid voxel -> the atlas's voxel indices
     ijk = np.indices(grid.canonical_shape).reshape(3, -1)
     world = grid.canonical_affine[:3, :3] @ ijk + grid.canonical_affine[:3, 3:4]
-    inv = np.linalg.inv(img.affine)
+    inv = np.linalg.inv(np.asarray(affine, dtype=float))
     idx = np.round(inv[:3, :3] @ world + inv[:3, 3:4]).astype(np.int64)
     inside = np.all((idx >= 0) & (idx < np.array(data.shape)[:, None]), axis=0)
     labels = np.zeros(idx.shape[1], dtype=np.int64)
     labels[inside] = data[idx[0, inside], idx[1, inside], idx[2, inside]]
     packed = grid.pack(labels.reshape(grid.canonical_shape))
     if not (packed > 0).any():
-        raise AtlasError(f"{path}: no labelled atlas voxel falls inside the brain mask; is the atlas in the scans' "
+        raise AtlasError(f"{source}: no labelled atlas voxel falls inside the brain mask; is the atlas in the scans' "
                          "space (MNI)?")
-    names = read_label_file(labels_path) if labels_path else {}
+    return packed
+
+
+def named_labels(packed: np.ndarray, names: dict[int, str]) -> dict[int, str]:
+    """``names`` with 'label <value>' added for every value in ``packed`` that has none."""
+    names = dict(names)
     for value in np.unique(packed[packed > 0]):
         names.setdefault(int(value), f"label {int(value)}")
-    return packed, names
+    return names
 
 
 def mni_coordinates(grid: BrainGrid) -> np.ndarray:

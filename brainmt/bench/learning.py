@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from brainmt.config import DeviceType, literal_values
+
 TASKS = {"sex": ("classification", "sex"), "score": ("regression", "cognition")}
 BASELINES = {"classification": ["connectome-logreg", "amplitude-logreg"], "regression": ["connectome-ridge", "amplitude-ridge"]}
 SHOWN = {"classification": ["auroc", "balanced_accuracy", "accuracy"], "regression": ["pearson_r", "mse", "mae"]}
@@ -34,7 +36,7 @@ CPU_OVERRIDES = {"sex": ["train.epochs=20", "train.early_stopping_patience=20"],
 
 
 @dataclass
-class Job:
+class BenchRun:
     """One row of the table: a method trained and tested on one effect's cohort, one seed's split, one task."""
 
     effect: str
@@ -71,7 +73,7 @@ def seed_view(shards: Path, out: Path, seed: int, shuffle: bool = False) -> Path
     return out
 
 
-def train_brainmt(job: Job, shards: Path, out: Path, device: str, window: int, log_dir: Path) -> dict:
+def train_brainmt(job: BenchRun, shards: Path, out: Path, device: str, window: int, log_dir: Path) -> dict:
     """``brainmt train`` (the demo config on the CPU, the paper's model on CUDA) in its own process; the test metrics
     of its best checkpoint and its validation curve."""
     task, target = TASKS[job.task]
@@ -91,7 +93,7 @@ def train_brainmt(job: Job, shards: Path, out: Path, device: str, window: int, l
     return {"test": ev, "validation": curve, "best_step": ev["step"], "selected_by": ev.get("selected_by")}
 
 
-def fit_baseline(job: Job, shards: Path, out: Path, n_boot: int) -> dict:
+def fit_baseline(job: BenchRun, shards: Path, out: Path, n_boot: int) -> dict:
     """A baseline fitted on the split's training subjects, tested on its test subjects."""
     from brainmt.baseline.fit import run_baseline
 
@@ -99,25 +101,25 @@ def fit_baseline(job: Job, shards: Path, out: Path, n_boot: int) -> dict:
 
 
 def plan(effects: list[str], seeds: int, tasks: list[str], variants: dict[str, list[str]], shuffled: list[str],
-         baselines: bool, default_run: bool = True) -> list[Job]:
+         baselines: bool, default_run: bool = True) -> list[BenchRun]:
     """Every job of the benchmark, BrainMT runs first (the long ones start early)."""
     jobs = []
     for effect in effects:
         for seed in range(seeds):
             for task_name in tasks:
                 if default_run:
-                    jobs.append(Job(effect, seed, task_name, "true", "brainmt"))
-                jobs += [Job(effect, seed, task_name, "true", f"brainmt:{v}", o) for v, o in variants.items()]
+                    jobs.append(BenchRun(effect, seed, task_name, "true", "brainmt"))
+                jobs += [BenchRun(effect, seed, task_name, "true", f"brainmt:{v}", o) for v, o in variants.items()]
                 if effect in shuffled and task_name == "sex":
-                    jobs.append(Job(effect, seed, task_name, "shuffled", "brainmt"))
+                    jobs.append(BenchRun(effect, seed, task_name, "shuffled", "brainmt"))
     if baselines:
         for effect in effects:
             for seed in range(seeds):
                 for task_name in tasks:
                     task = TASKS[task_name][0]
-                    jobs += [Job(effect, seed, task_name, "true", m) for m in BASELINES[task]]
+                    jobs += [BenchRun(effect, seed, task_name, "true", m) for m in BASELINES[task]]
                     if effect in shuffled and task_name == "sex":
-                        jobs.append(Job(effect, seed, task_name, "shuffled", BASELINES[task][0]))
+                        jobs.append(BenchRun(effect, seed, task_name, "shuffled", BASELINES[task][0]))
     return jobs
 
 
@@ -171,7 +173,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", type=int, nargs=3, default=[20, 24, 20], help="volume grid of the synthetic scans")
     p.add_argument("--window", type=int, help="CUDA: frames a training window (default --frames; shorter windows are "
                    "random crops in time)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--device", choices=list(literal_values(DeviceType)), default="cpu")
     p.add_argument("--effects", nargs="+", default=["mixed"], help="kinds of planted effect (brainmt synth --effect)")
     p.add_argument("--seeds", type=int, default=1, help="splits and initialisations per effect")
     p.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
@@ -205,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     done = {r["name"]: r for r in json.loads(record_path.read_text())["rows"]} if record_path.exists() else {}
     rows, lock = list(done.values()), threading.Lock()
 
-    def one(job: Job) -> None:
+    def one(job: BenchRun) -> None:
         if job.name in done:
             return
         view = work / "views" / f"{job.effect}-s{job.seed}-{job.labels}"

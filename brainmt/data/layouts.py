@@ -6,9 +6,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from brainmt.config import ShardLayout, literal_values
 from brainmt.data.phenotypes import normalise_id
 
-LAYOUTS = ("bids", "ukb", "hcp", "glob")
+LAYOUTS = tuple(v for v in literal_values(ShardLayout) if v != "auto")   # the layouts a directory can have
 UKB_GLOB = "*/fMRI/filtered_func_data_clean_MNI.nii*"
 HCP_GLOB = "*/MNINonLinear/Results/rfMRI_REST1_LR/rfMRI_REST1_LR.nii*"
 _BIDS_ENTITY = re.compile(r"(?:^|_)(sub|ses|task|run|space)-([A-Za-z0-9]+)")

@@ -9,6 +9,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from brainmt.config import SPLIT_NAMES
+
 MISSING = {"", "na", "n/a", "nan", "none", "null", "."}
 ID_COLUMNS = ("participant_id", "subject_id", "subject", "eid", "id", "sub")
 FAMILY_COLUMNS = ("family_id", "family", "familyid", "family_ID")
@@ -206,7 +208,7 @@ def make_splits(
             key = "all"
         by_stratum[key].append(gid)
     rng = random.Random(seed)
-    names = ("train", "validation", "test")
+    names = SPLIT_NAMES
     out: dict[str, list[str]] = {n: [] for n in names}
     for key in sorted(by_stratum):
         gids = by_stratum[key]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from brainmt.config import Device, literal_values
 from brainmt.data.layouts import LAYOUTS
 
 
@@ -41,7 +42,7 @@ def add_predict_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--phenotypes", help="optional participants table (.tsv/.csv) with the run's target column: the "
                                         "metrics of brainmt evaluate are computed too")
     p.add_argument("--id-column", help="subject id column of --phenotypes (default: participant_id, eid, ...)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+    p.add_argument("--device", choices=list(literal_values(Device)), default="auto",
                    help="default auto: a GPU when there is one")
     p.add_argument("--resample", action="store_true",
                    help="resample scans not on the run's grid onto it (nibabel resample_from_to, trilinear) instead "

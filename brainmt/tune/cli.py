@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     from brainmt.config import config_from_dict
     from brainmt.data.shards import ShardError
     from brainmt.launch.slurm import LaunchError, checked_executor, clean_slurm_env, record_submission, sbatch_preview
-    from brainmt.tune.sweep import SweepJob
+    from brainmt.tune.sweep import SweepTask
 
     args = parser().parse_args(argv)
     try:
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         save_config(cfg, sweep_dir / "sweep.yaml")
         executor, cluster = checked_executor(job_cluster, sweep_dir / "slurm", job_name)
         with clean_slurm_env():
-            job = executor.submit(SweepJob(), cfg_dict, str(sweep_dir))
+            job = executor.submit(SweepTask(), cfg_dict, str(sweep_dir))
     except (ConfigError, LaunchError, ShardError) as exc:
         print(f"sweeps/tune.py: error: {exc}", file=sys.stderr)
         return 2

@@ -127,7 +127,7 @@ def _check_resources(resources: dict) -> None:
                                f"or lower sweep.{kind}s_per_trial")
 
 
-class SweepJob(submitit.helpers.Checkpointable):
+class SweepTask(submitit.helpers.Checkpointable):
     """One task per node: task 0 runs Ray's head and the driver, the others Ray workers. On SIGUSR2 (preemption,
     time limit) Tune stops gracefully and saves its state, then submitit requeues the job, which continues
     with ``Tuner.restore``."""
@@ -168,6 +168,11 @@ class SweepJob(submitit.helpers.Checkpointable):
                                       lambda event, **extra: _event(sweep_dir, event, node.job_id, **extra),
                                       env=_child_environment(), fit_returned_path=fit_returned)
         return supervisor.run()
+
+
+
+# the name sweeps submitted before the rename were pickled with: a requeued one unpickles its callable by it
+SweepJob = SweepTask
 
 
 def _child_environment() -> dict[str, str]:

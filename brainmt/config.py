@@ -33,6 +33,12 @@ AttentionScope = Literal["global", "spatial", "frame"]
 # the order of the Mamba scan: time (each location's whole time course, then the next location: the paper's)
 # or space (every location of frame 0, then of frame 1, ...: regions of the same frame are neighbours)
 ScanOrder = Literal["time", "space"]
+# where training metrics go besides metrics.jsonl (always written): TensorBoard event files, Weights & Biases
+# (offline without a network), MLflow (a file store); the last two are optional extras
+Logger = Literal["jsonl", "tensorboard", "wandb", "mlflow"]
+# fine-tuning: the parts of the model kept frozen at the weights of train.init_from (none; the stem; stem and Mamba
+# blocks; everything but the head: a linear probe)
+Freeze = Literal["none", "stem", "stem+mamba", "all-but-head"]
 # the subject splits of a shard directory's splits.json, in their order
 SplitName = Literal["train", "validation", "test"]
 # a torch device type; Device adds auto (a GPU when torch sees one, else the CPU)
@@ -139,6 +145,10 @@ class TrainConfig:
     label_smoothing: float = 0.0    # classification: targets 0/1 become eps/2 and 1 - eps/2
     head_bias: Literal["zero", "prior"] = "prior"   # prior: the head's bias starts at the training set's log-odds
     calibration: Literal["none", "platt"] = "none"  # platt: probabilities recalibrated on the validation split
+    loggers: list[Logger] = field(default_factory=lambda: ["jsonl"])
+    init_from: str | None = None        # fine-tuning: a run directory or checkpoint whose weights start this run
+    init_head: Literal["keep", "reset"] = "reset"   # with init_from: the head's weights kept, or newly initialised
+    freeze: Freeze = "none"             # with init_from: parts kept at the loaded weights
 
 
 @dataclass
@@ -513,6 +523,10 @@ def validate(cfg: Config) -> None:
         (0 < cfg.optim.layer_decay <= 1, "optim.layer_decay", "in (0, 1] (1: no decay)"),
         (0 <= cfg.train.label_smoothing < 1, "train.label_smoothing", "in [0, 1)"),
         (cfg.data.intensity_jitter >= 0, "data.intensity_jitter", "zero or more"),
+        ("jsonl" in cfg.train.loggers and len(set(cfg.train.loggers)) == len(cfg.train.loggers), "train.loggers",
+         "a list with jsonl and no repeats (e.g. [jsonl, tensorboard])"),
+        (cfg.train.freeze == "none" or cfg.train.init_from is not None, "train.freeze",
+         "none unless train.init_from is set (freezing randomly initialised weights trains nothing useful)"),
         (cfg.train.select_metric in ("auto", *task_metrics(cfg.data.task)), "train.select_metric",
          f"auto or one of {list(task_metrics(cfg.data.task))} for data.task={cfg.data.task}"),
         (cfg.analysis.steps >= 1, "analysis.steps", "at least 1"),

@@ -25,11 +25,13 @@ from brainmt.data.loader import ShardSet, TrainStream
 from brainmt.distributed import DistEnv, cleanup, detect, device_for, init_distributed
 from brainmt.models import build_model
 from brainmt.train import checkpoint as ckpt
+from brainmt.train import finetune
 from brainmt.train.evaluation import dense_batch, evaluate, open_shards, param_digest, validate
 from brainmt.train.run_config import TrainingError, check_data, check_resume_config, resolve
-from brainmt.train.runlog import JsonlSink, MetricsSink, setup_run_logging
+from brainmt.train.runlog import MetricsSink, setup_run_logging
 from brainmt.train.state import capture_rng, optimizer_groups, restore_rng, warmup_cosine
 from brainmt.train.step import compute_loss, jitter_intensity, normalise, replicas_agree
+from brainmt.train.trackers import RunSink, make_sink
 
 log = logging.getLogger("brainmt.train")
 FORMAT = 1
@@ -156,6 +158,7 @@ def setup(cfg: Config, shards_dir: str | Path | None, run_dir: Path, sink: Metri
     cfg = resolve(cfg, shards)
     scans, stats = check_data(cfg, shards, splits)
     check_resume_config(run_dir, cfg)
+    init_source = finetune.open_init_source(cfg, run_dir)   # a bad train.init_from fails before config.yaml is written
     setup_run_logging(run_dir, env.rank)
     device = device_for(env, cfg.train.device)
     init_distributed(env, device)
@@ -167,6 +170,7 @@ def setup(cfg: Config, shards_dir: str | Path | None, run_dir: Path, sink: Metri
         log.info("train.precision=%s applies on GPUs; training on %s in fp32", cfg.train.precision, device)
     torch.manual_seed(cfg.train.seed)                    # identical initial weights on every rank
     model = build_model(cfg.model).to(device)
+    finetune.prepare_model(model, cfg, init_source)      # train.init_from weights, train.freeze (before optimizer, DDP)
     init_head_bias(model, cfg, stats)
     o = cfg.optim
     opt = torch.optim.AdamW(optimizer_groups(model, o.weight_decay, o.lr, o.layer_decay), lr=o.lr,
@@ -187,7 +191,7 @@ def setup(cfg: Config, shards_dir: str | Path | None, run_dir: Path, sink: Metri
              len(scans["train"]), len(scans["validation"]), select_metric(cfg)[0])
     return Session(cfg, run_dir, env, device, precision, shards, scans, stats, model, ddp_model, opt, sched,
                    torch.amp.GradScaler("cuda", enabled=precision == "fp16"), steps_per_epoch, total,
-                   sink or (JsonlSink(run_dir / "metrics.jsonl") if env.is_main else None))
+                   make_sink(cfg, run_dir, sink, main=env.is_main))
 
 
 def init_head_bias(model: torch.nn.Module, cfg: Config, stats: dict) -> None:
@@ -388,6 +392,8 @@ def finish(s: Session, state: TrainState, status: str, meter: Throughput) -> dic
             plot_curves(s.run_dir / "metrics.jsonl", s.run_dir / "curves.png")
         except Exception:  # a figure is not worth failing a finished run for
             log.exception("could not draw %s", s.run_dir / "curves.png")
+        if isinstance(s.sink, RunSink):
+            s.sink.end_training(status)      # closes the trackers setup() opened; run() closes its own after evaluating
     name, mode = select_metric(s.cfg)
     return {"status": status, "step": state.step, "epoch": state.epoch, "select_metric": name, "select_mode": mode,
             "best_metric": state.best_metric, "best_val_loss": state.best_val_loss, "best_step": state.best_step,
@@ -397,14 +403,24 @@ def finish(s: Session, state: TrainState, status: str, meter: Throughput) -> dic
 
 def run(cfg: Config, shards_dir: str | Path | None, run_dir: str | Path, evaluate_split: str | None = "test",
         sink: MetricsSink | None = None) -> dict:
-    """The one main: train (resuming), then evaluate the best checkpoint unless the run was interrupted."""
+    """The one main: train (resuming), then evaluate the best checkpoint unless the run was interrupted.
+
+    On rank 0 the trackers of ``train.loggers`` (started by setup from the resolved config) also receive the
+    evaluation, and are closed here at the end, whatever the outcome."""
     env = detect()
+    tracked = RunSink(sink) if env.is_main else sink
+    status = "failed"
     try:
-        result = train(cfg, shards_dir, run_dir, sink=sink, env=env,
+        result = train(cfg, shards_dir, run_dir, sink=tracked, env=env,
                        splits=("train", "validation", *([evaluate_split] if evaluate_split else [])))
         if result["status"] != "interrupted" and evaluate_split:
             # the run's own evaluation: a resumed run that trained further replaces it
             result["evaluation"] = evaluate(run_dir, evaluate_split, "best", shards_dir, env=env, force=True)
+            if isinstance(tracked, RunSink):
+                tracked.log_evaluation(result["evaluation"], result["step"], result["epoch"])
+        status = result["status"]
         return result
     finally:
+        if isinstance(tracked, RunSink):
+            tracked.close(status)
         cleanup()

@@ -11,7 +11,8 @@ from brainmt.data.shards import ShardError
 
 # keys that may change when a run resumes; anything else must match the run's config.yaml
 RESUMABLE_CHANGES = ("train.epochs", "train.log_every", "train.checkpoint_every_steps", "train.keep_last",
-                     "train.device", "data.shards", "data.num_workers", "cluster", "sweep", "analysis", "name")
+                     "train.device", "train.loggers", "data.shards", "data.num_workers", "cluster", "sweep", "analysis",
+                     "shard", "name")
 
 
 class TrainingError(RuntimeError):

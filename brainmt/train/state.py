@@ -28,7 +28,8 @@ def layer_id(name: str, mamba_depth: int, attention_depth: int) -> int:
 def optimizer_groups(model: torch.nn.Module, weight_decay: float, lr: float, layer_decay: float = 1.0) -> list[dict]:
     """AdamW groups: weight decay on weight matrices and conv kernels, none on norms, biases, embeddings, A, D and dt
     bias; with ``layer_decay`` < 1 each depth's own LR, lr * layer_decay^(N + 1 - depth) (BEiT's and the official
-    BrainMT code's scheme). Groups keep their order whatever the decay, so optimizer states resume."""
+    BrainMT code's scheme). Groups keep their order whatever the decay, so optimizer states resume. Frozen parameters
+    (``requires_grad`` False: ``train.freeze``) are in no group: no optimizer state, no weight decay."""
     mamba = len(getattr(model, "mamba_blocks", []))
     attention = len(getattr(model, "attention_blocks", []))
     top = mamba + attention + 1

@@ -81,19 +81,10 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_part(text: str) -> tuple[int, int]:
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--part must look like i/n (e.g. 0/8), got {text!r}") from None
-    if n < 1 or not 0 <= i < n:
-        raise argparse.ArgumentTypeError(f"--part {text}: need 0 <= i < n")
-    return i, n
-
-
 def add_shard_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``brainmt shard``: the shared sharding options plus its own input, output and part options."""
     from brainmt.data.shard_args import add_shard_options
+    from brainmt.launch.cli import parse_part
 
     p = sub.add_parser("shard", help="NIfTI scans + phenotypes -> WebDataset shards, manifest.json, splits.json")
     p.add_argument("--input", help="directory of scans")
@@ -101,7 +92,7 @@ def add_shard_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, help="shard directory")
     add_shard_options(p)
     p.add_argument("--mask-only", action="store_true", help="compute and save mask.nii.gz, then stop")
-    p.add_argument("--part", type=_parse_part, default=(0, 1), help="i/n: write slice i of n (the array tasks of jobs/shard.py)")
+    p.add_argument("--part", type=parse_part, default=(0, 1), help="i/n: write slice i of n (the array tasks of jobs/shard.py)")
     p.add_argument("--merge", action="store_true", help="gather finished parts into manifest.json and splits.json")
     p.add_argument("--resplit", action="store_true", help="with --merge: rewrite splits.json")
     p.set_defaults(func=cmd_shard)

@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         make_executor,
         record_submission,
         sbatch_preview,
+        wait_for_tasks,
     )
     from brainmt.train.checkpoint import CheckpointError
 
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             if cluster == "slurm":
                 merger.update_parameters(dependency=f"afterany:{array_id}")
             else:
-                _wait_local(parts)
+                wait_for_tasks(parts, _describe_task)
             merge_job = merger.submit(merge_task, run, str(out), chosen if args.subjects else None, settings_dict, shards,
                                       dataclasses.asdict(merge_cluster), config_path)
     except ConfigError as exc:
@@ -169,18 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if summary["failed"] or summary["missing"] else 0
 
 
-def _wait_local(parts: list) -> None:
-    """Wait for local tasks; a task that failed as a whole is reported (its subjects show as not run in the merge)."""
-    for part in parts:
-        try:
-            result = part.result()
-        except Exception as exc:
-            print(f"task {part.job_id} failed: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}",
-                  file=sys.stderr, flush=True)
-            continue
-        failed = result.get("failed") or {}
-        print(f"task {part.job_id}: {len(result.get('done', []))} subjects done, {len(failed)} failed"
-              + "".join(f"\n  {s}: {e}" for s, e in failed.items()), flush=True)
+def _describe_task(result: dict) -> str:
+    """One line (and a line per failed subject) for a finished analysis task."""
+    failed = result.get("failed") or {}
+    return (f"{len(result.get('done', []))} subjects done, {len(failed)} failed"
+            + "".join(f"\n  {s}: {e}" for s, e in failed.items()))
 
 
 if __name__ == "__main__":   # as the package's module, so the submitted task and merge pickle by reference

@@ -15,6 +15,18 @@ import yaml
 
 from brainmt.config import SPLIT_NAMES, ClusterConfig, ConfigError, config_choices, config_to_dict, load_config
 
+
+def parse_part(text: str) -> tuple[int, int]:
+    """``--part i/n`` (one slice of an array job: brainmt shard, brainmt predict) -> (i, n), 0 <= i < n."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--part must look like i/n (e.g. 0/8), got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"--part {text}: need 0 <= i < n")
+    return i, n
+
+
 OPTION_KEYS = {  # command-line option -> cluster config key
     "partition": "partition", "nodes": "nodes", "gpus_per_node": "gpus_per_node", "tasks_per_node": "tasks_per_node",
     "cpus_per_task": "cpus_per_task", "mem_gb": "mem_gb", "time": "time_min", "account": "account", "qos": "qos",

@@ -149,22 +149,11 @@ def _submit(executor, merger, cluster: str, request, n: int, total: int, done: i
         if cluster == "slurm":
             merger.update_parameters(dependency=f"afterany:{array_id}")
         else:
-            _wait_local(parts)
+            from brainmt.launch.slurm import wait_for_tasks
+            from brainmt.predict.merge import part_summary
+
+            wait_for_tasks(parts, part_summary)
         return array_id, merger.submit(merge_task, request.out, request.phenotypes, request.id_column)
-
-
-def _wait_local(parts: list) -> None:
-    """Wait for local tasks; a task that failed as a whole is reported (its scans show as not predicted)."""
-    from brainmt.predict.merge import part_summary
-
-    for part in parts:
-        try:
-            result = part.result()
-        except Exception as exc:
-            print(f"task {part.job_id} failed: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}",
-                  file=sys.stderr, flush=True)
-            continue
-        print(f"task {part.job_id}: {part_summary(result)}", flush=True)
 
 
 if __name__ == "__main__":   # as the package's module, so the submitted task and merge pickle by reference

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import submitit
@@ -129,3 +131,16 @@ def record_submission(folder: Path, **fields: object) -> None:
     from brainmt.train.runlog import JsonlSink
 
     JsonlSink(Path(folder) / "jobs.jsonl").log({**fields, "submitted": time.time()})
+
+
+def wait_for_tasks(parts: list, describe: Callable[[dict], str]) -> None:
+    """Wait for local array tasks in order, printing ``describe(result)`` for each; a task that failed as a whole is
+    reported with the last line of its error (its items then show as missing in the merge)."""
+    for part in parts:
+        try:
+            result = part.result()
+        except Exception as exc:
+            print(f"task {part.job_id} failed: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}",
+                  file=sys.stderr, flush=True)
+            continue
+        print(f"task {part.job_id}: {describe(result)}", flush=True)

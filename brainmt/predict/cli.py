@@ -13,17 +13,7 @@ import sys
 
 from brainmt.config import Device, literal_values
 from brainmt.data.layouts import LAYOUTS
-
-
-def parse_part(text: str) -> tuple[int, int]:
-    """``--part i/n`` -> (i, n), with 0 <= i < n."""
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--part must look like i/n (e.g. 0/8), got {text!r}") from None
-    if n < 1 or not 0 <= i < n:
-        raise argparse.ArgumentTypeError(f"--part {text}: need 0 <= i < n")
-    return i, n
+from brainmt.launch.cli import parse_part
 
 
 def add_predict_options(p: argparse.ArgumentParser) -> None:

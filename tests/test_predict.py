@@ -268,3 +268,23 @@ def test_python_m_brainmt_predict_is_the_command():
     proc = subprocess.run([sys.executable, "-m", "brainmt.predict", "--help"], capture_output=True, text=True,
                           timeout=120, cwd=ROOT)
     assert proc.returncode == 0 and proc.stdout.startswith("usage: brainmt predict") and "--resample" in proc.stdout
+
+
+def test_job_array_runs_each_slice_in_the_container(runs, new, sex_predictions, tmp_path, capsys, monkeypatch):
+    """--container with the stand-in runtime (tests/fake_apptainer.sh): each slice is `brainmt predict --part i/n`
+    inside the image, the merge on the host; the tables equal the single command's."""
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.setenv("FAKE_APPTAINER_LOG", str(tmp_path / "calls.log"))
+    monkeypatch.setenv("FAKE_APPTAINER_PYTHON", sys.executable)
+    profile = tmp_path / "site.yaml"
+    profile.write_text(f"cluster:\n  container_runtime: {root / 'tests' / 'fake_apptainer.sh'}\n  binds: ['/data:/data']\n")
+    out = tmp_path / "out"
+    assert predict_jobs.main(["--run", str(runs["sex"]), "--input", str(new["raw"]), "--out", str(out), "--device", "cpu",
+                              "--cluster", "debug", "--array-size", "2", "--gpus-per-node", "0", "--profile", str(profile),
+                              "--container", "brainmt.sif", "--wait"]) == 0
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    assert len(calls) == 2 and all(c.startswith("exec --bind /data:/data brainmt.sif python3 -m brainmt.cli predict --run ")
+                                   for c in calls)
+    assert [c.split("--part ")[1] for c in calls] == ["0/2 --no-merge", "1/2 --no-merge"] and "--nv" not in calls[0]
+    assert capsys.readouterr().out.count("ran in brainmt.sif") == 2
+    assert (out / "predictions.csv").read_text() == (sex_predictions / "predictions.csv").read_text()

@@ -31,6 +31,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--array-size", type=int, default=8, help="array tasks (each predicts a slice of the scans)")
     p.add_argument("--profile", help="cluster profile YAML (a 'cluster:' section: partition, account, setup, ...)")
     add_cluster_arguments(p)   # each array task is one process on one node: --nodes is not used here
+    p.add_argument("--container", metavar="IMAGE", help="run each slice inside this Apptainer image (binds: cluster.binds)")
     p.add_argument("--job-name", default="brainmt-predict")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script and the task plan; submit nothing")
     p.add_argument("--wait", action="store_true", help="wait for the merge and print its summary")
@@ -48,13 +49,31 @@ def cluster_config(args: argparse.Namespace) -> ClusterConfig:
 
 
 class PredictTask(submitit.helpers.Checkpointable):
-    """One array task: predict slice ``part`` of the scans; requeued on preemption (predicted scans are skipped)."""
+    """One array task: predict slice ``part`` of the scans; requeued on preemption (predicted scans are skipped).
+    With ``cluster.container`` the slice runs as ``brainmt predict --part i/n --no-merge`` inside the image."""
 
-    def __call__(self, request: dict, part: tuple[int, int]) -> dict:
+    def __call__(self, request: dict, part: tuple[int, int], cluster: dict | None = None) -> dict:
         """Predict this task's scans into its part file; returns what it did."""
         from brainmt.predict.core import PredictRequest, run_part
 
-        return run_part(PredictRequest(**request), tuple(part), progress=False)  # type: ignore[arg-type]
+        req, c = PredictRequest(**request), ClusterConfig(**(cluster or {}))
+        if c.container:
+            from brainmt.launch.container import exec_command, run_in_container
+
+            args = ["predict", *predict_argv(req, f"{part[0]}/{part[1]}")]
+            run_in_container(exec_command(c.container_runtime, str(c.container), c.binds, c.gpus_per_node > 0, args),
+                             Path(req.out))
+            return {"part": list(part), "container": str(c.container)}
+        return run_part(req, tuple(part), progress=False)  # type: ignore[arg-type]
+
+
+def describe_part(result: dict) -> str:
+    """One line of what a finished array task did."""
+    from brainmt.predict.merge import part_summary
+
+    if "container" in result:
+        return f"part {result['part'][0]}/{result['part'][1]} ran in {result['container']}"
+    return part_summary(result)
 
 
 def merge_task(out: str, phenotypes: str | None, id_column: str | None) -> dict:
@@ -76,12 +95,17 @@ def _absolute(request) -> None:
 
 def rerun_command(request, part: str) -> str:
     """The ``brainmt predict`` command that redoes one slice (``part`` like ``i/n``) by hand."""
-    words = ["brainmt", "predict", "--run", request.run, "--input", request.input, "--out", request.out]
+    return shlex.join(["brainmt", "predict", *predict_argv(request, part)])
+
+
+def predict_argv(request, part: str) -> list[str]:
+    """The ``brainmt predict`` arguments of one slice (``part`` like ``i/n``) of ``request``, without the merge."""
+    words = ["--run", request.run, "--input", request.input, "--out", request.out]
     for key in ("checkpoint", "shards", "layout", "glob", "subject_regex", "bids_space", "device"):
         value = getattr(request, key)
         if value and value != {"checkpoint": "best", "layout": "auto", "device": "auto"}.get(key):
             words += [f"--{key.replace('_', '-')}", value]
-    return shlex.join(words + (["--resample"] if request.resample else []) + ["--part", part, "--no-merge"])
+    return words + (["--resample"] if request.resample else []) + ["--part", part, "--no-merge"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,13 +129,10 @@ def main(argv: list[str] | None = None) -> int:
             print(sbatch_preview(c, out / "slurm", args.job_name))
             print(f"# {n} array tasks over {len(sources)} scans ({len(done)} already predicted), then a merge job")
             return 0
-        if c.container:
-            print(f"warning: cluster.container ({c.container}) is not used by jobs/predict.py: its tasks run on this "
-                  "Python", file=sys.stderr)
         start_output(out, settings)
         executor, cluster = checked_executor(c, out / "slurm", args.job_name)
         merger, _ = make_executor(dataclasses.replace(c, gpus_per_node=0), out / "slurm", f"{args.job_name}-merge")
-        array_id, merge_job = _submit(executor, merger, cluster, request, n, len(sources), len(done))
+        array_id, merge_job = _submit(executor, merger, cluster, request, c, n, (len(sources), len(done)))
     except ConfigError as exc:
         print(f"jobs/predict.py: config error: {exc}", file=sys.stderr)
         return 2
@@ -136,23 +157,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _submit(executor, merger, cluster: str, request, n: int, total: int, done: int) -> tuple[str, object]:
-    """Queue the n slices, then the merge (after the array on SLURM; locally once the slices have ended)."""
-    from brainmt.launch.slurm import clean_slurm_env
+def _submit(executor, merger, cluster: str, request, c: ClusterConfig, n: int, counts: tuple[int, int]) -> tuple[str, object]:
+    """Queue the n slices, then the merge (after the array on SLURM; locally once the slices have ended); ``counts``:
+    the scans in all and those already predicted."""
+    from brainmt.launch.slurm import clean_slurm_env, wait_for_tasks
+
+    total, done = counts
 
     with clean_slurm_env():   # a submission from inside a SLURM job must not inherit its SLURM_*
         if cluster == "slurm":
             executor.update_parameters(array_parallelism=n)
-        parts = executor.map_array(PredictTask(), [dataclasses.asdict(request)] * n, [(i, n) for i in range(n)])
+        parts = executor.map_array(PredictTask(), [dataclasses.asdict(request)] * n, [(i, n) for i in range(n)],
+                                   [dataclasses.asdict(c)] * n)
         array_id = parts[0].job_id.split("_")[0]
         print(f"array of {n} tasks over {total} scans ({done} already predicted): job {array_id} ({cluster})", flush=True)
         if cluster == "slurm":
             merger.update_parameters(dependency=f"afterany:{array_id}")
         else:
-            from brainmt.launch.slurm import wait_for_tasks
-            from brainmt.predict.merge import part_summary
-
-            wait_for_tasks(parts, part_summary)
+            wait_for_tasks(parts, describe_part)
         return array_id, merger.submit(merge_task, request.out, request.phenotypes, request.id_column)
 
 

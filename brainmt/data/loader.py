@@ -296,17 +296,19 @@ class TrainStream(IterableDataset):
             yield self.shards.sample(scan, start, self.num_frames, self.target, self.dense)
 
 
+def window_starts(frames: int, num_frames: int) -> list[int]:
+    """The evaluation windows of a scan of ``frames`` frames: starts 0, T, 2T, ... and one last window ending at the
+    scan's end (``frames >= num_frames``)."""
+    starts = list(range(0, frames - num_frames + 1, num_frames))
+    if starts[-1] + num_frames < frames:
+        starts.append(frames - num_frames)
+    return starts
+
+
 def eval_windows(shards: ShardSet, scan_ids: list[str], num_frames: int) -> list[tuple[str, int]]:
-    """Every window of every scan, in order: starts 0, T, 2T, ... and one last window ending at the scan's end."""
+    """Every window of every scan, in order (:func:`window_starts` of each)."""
     check_lengths(shards, scan_ids, num_frames)
-    out = []
-    for scan in sorted(scan_ids):
-        frames = shards.scans[scan]["frames"]
-        starts = list(range(0, frames - num_frames + 1, num_frames))
-        if starts[-1] + num_frames < frames:
-            starts.append(frames - num_frames)
-        out += [(scan, s) for s in starts]
-    return out
+    return [(scan, s) for scan in sorted(scan_ids) for s in window_starts(shards.scans[scan]["frames"], num_frames)]
 
 
 class EvalWindows(Dataset):

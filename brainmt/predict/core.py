@@ -1,6 +1,6 @@
 """Apply a trained run to new scans: every evaluation window of each scan through the run's model, one part file.
 
-The windows are those ``brainmt evaluate`` averages (:func:`brainmt.data.loader.eval_windows`: starts 0, T, 2T, ...
+The windows are those ``brainmt evaluate`` averages (:func:`brainmt.data.loader.window_starts`: starts 0, T, 2T, ...
 and one window ending at the last frame, T = the run's ``data.num_frames``), built into dense volumes by the run's
 own :meth:`ShardSet.unpack <brainmt.data.loader.ShardSet.unpack>` and put through the checkpoint's model under the
 run's precision, as :func:`brainmt.train.evaluation.predict` does.
@@ -14,13 +14,12 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from brainmt.data.layouts import ScanSource, find_scans
-from brainmt.data.loader import eval_windows
+from brainmt.data.loader import window_starts
 from brainmt.data.phenotypes import Phenotypes, read_phenotypes
 from brainmt.predict.parts import PartWriter, PredictError, done_scans, start_output
 from brainmt.predict.scans import KIND_OUTPUT, ReadScan, RunGrid, SkipScan, read_scan
@@ -134,8 +133,7 @@ def window_outputs(p: Predictor, scan: ReadScan) -> list[tuple[int, float]]:
     """(start, model output) of every evaluation window of one scan, in order; SkipScan if an output is not finite."""
     cfg, shards = p.loaded.cfg, p.loaded.shards
     frames, T = scan.series.data, cfg.data.num_frames
-    lengths = SimpleNamespace(scans={scan.source.scan_id: {"frames": len(frames)}})   # what eval_windows reads
-    starts = [start for _, start in eval_windows(lengths, [scan.source.scan_id], T)]  # type: ignore[arg-type]
+    starts = window_starts(len(frames), T)
     outputs: list[float] = []
     for i in range(0, len(starts), cfg.train.batch_size):
         x = torch.stack([shards.unpack(torch.from_numpy(frames[s:s + T]).to(p.device), scan.series.background)

@@ -33,6 +33,20 @@ def _keep_attention_context() -> tuple[Any, Any]:
     return create_selective_checkpoint_contexts(_keep_attention_policy)
 
 
+def resize_temporal(table: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """A temporal embedding table (1, E, T) linearly interpolated to ``num_frames`` entries (corners aligned)."""
+    if table.shape[-1] == num_frames:
+        return table
+    return F.interpolate(table, size=num_frames, mode="linear", align_corners=True)
+
+
+def resize_spatial(table: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+    """A spatial embedding grid (1, E, D, H, W) trilinearly resized to ``grid`` (corners aligned)."""
+    if tuple(grid) == tuple(table.shape[2:]):
+        return table
+    return F.interpolate(table, size=tuple(grid), mode="trilinear", align_corners=True)
+
+
 class BrainMT(nn.Module):
     """BrainMT for one scalar per scan: ``model(x)`` maps (B, T, C, D, H, W) to (B, 1).
 
@@ -113,17 +127,11 @@ class BrainMT(nn.Module):
         """(1, T, 1, E): the learned table, linearly interpolated when T differs from its length."""
         if num_frames > self.cfg.max_frames:
             raise ValueError(f"input has {num_frames} frames, more than model.max_frames={self.cfg.max_frames}")
-        table = self.temporal_embed
-        if num_frames != table.shape[-1]:
-            table = F.interpolate(table, size=num_frames, mode="linear", align_corners=True)
-        return table.transpose(1, 2).unsqueeze(2)
+        return resize_temporal(self.temporal_embed, num_frames).transpose(1, 2).unsqueeze(2)
 
     def _spatial_embedding(self, grid: tuple[int, int, int]) -> torch.Tensor:
         """(1, 1, K, E): the learned grid, trilinearly resized when the input volume gives another grid."""
-        pos = self.pos_embed
-        if tuple(grid) != tuple(pos.shape[2:]):
-            pos = F.interpolate(pos, size=grid, mode="trilinear", align_corners=True)
-        return pos.flatten(2).transpose(1, 2).unsqueeze(1)
+        return resize_spatial(self.pos_embed, grid).flatten(2).transpose(1, 2).unsqueeze(1)
 
     def _checkpointed_stem(self, frames: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """The stem with its activations dropped after the forward and recomputed in the backward."""

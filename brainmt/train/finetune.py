@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from brainmt.config import Config, ConfigError, config_from_dict, config_to_dict
 from brainmt.fileio import sha256_file
 from brainmt.models import build_model
+from brainmt.models.brainmt import resize_spatial, resize_temporal
 from brainmt.train import checkpoint as ckpt
 from brainmt.train.checkpoint import CheckpointError
 from brainmt.train.run_config import TrainingError
@@ -122,10 +122,10 @@ def _resized_embedding(name: str, have: torch.Tensor, shape: torch.Size) -> tupl
     if have.dim() != len(shape) or have.shape[:2] != shape[:2]:
         return None
     if name == "temporal_embed" and have.dim() == 3:
-        out = F.interpolate(have.float(), size=int(shape[2]), mode="linear", align_corners=True)
+        out = resize_temporal(have.float(), int(shape[2]))
         return out.to(have.dtype), f"temporal embedding {have.shape[2]} -> {shape[2]} frames interpolated (linear)"
     if name == "pos_embed" and have.dim() == 5:
-        out = F.interpolate(have.float(), size=tuple(int(s) for s in shape[2:]), mode="trilinear", align_corners=True)
+        out = resize_spatial(have.float(), tuple(int(s) for s in shape[2:]))
         grids = ["x".join(str(int(s)) for s in t[2:]) for t in (have.shape, shape)]
         return out.to(have.dtype), f"spatial embedding {grids[0]} -> {grids[1]} token grid interpolated (trilinear)"
     return None

@@ -33,6 +33,10 @@ AttentionScope = Literal["global", "spatial", "frame"]
 # the order of the Mamba scan: time (each location's whole time course, then the next location: the paper's)
 # or space (every location of frame 0, then of frame 1, ...: regions of the same frame are neighbours)
 ScanOrder = Literal["time", "space"]
+# what the model does to each voxel's time course within a window before the stem: nothing (the paper), subtract
+# its mean over the window's frames (center: the static anatomy goes, the fluctuations stay at their scale), or
+# also divide by its standard deviation over the frames (zscore: each voxel's fluctuations at unit variance)
+InputNorm = Literal["none", "center", "zscore"]
 # where training metrics go besides metrics.jsonl (always written): TensorBoard event files, Weights & Biases
 # (offline without a network), MLflow (a file store); the last two are optional extras
 Logger = Literal["jsonl", "tensorboard", "wandb", "mlflow"]
@@ -77,6 +81,7 @@ class ModelConfig:
     dt_max: float = 0.1
     bidirectional: bool = True
     scan_order: ScanOrder = "time"
+    input_norm: InputNorm = "none"
     attention_depth: int = 8
     attention: AttentionScope = "spatial"
     num_heads: int = 8

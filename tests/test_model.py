@@ -127,6 +127,26 @@ def test_scan_order_changes_only_what_the_mamba_stack_sees(attention):
         assert torch.allclose(outs[0], outs[1], atol=1e-5) == same, (depth, outs)
 
 
+@pytest.mark.parametrize("norm", ["none", "center", "zscore"])
+def test_input_norm_removes_what_it_says_per_voxel(norm):
+    """center: a static volume added to every frame changes nothing; zscore: nor does a per-voxel positive scale."""
+    torch.manual_seed(0)
+    model = build_model(_debug(f"model.input_norm={norm}")).eval()
+    x = torch.randn(2, 5, 1, 20, 24, 20)
+    static = 3 * torch.randn(1, 1, 1, 20, 24, 20)
+    scale = torch.rand(1, 1, 1, 20, 24, 20) + 0.5
+    with torch.no_grad():
+        out, shifted, scaled = model(x), model(x + static), model(x * scale)
+    assert torch.allclose(out, shifted, atol=1e-5) == (norm != "none")
+    assert torch.allclose(out, scaled, atol=1e-5) == (norm == "zscore")
+    with torch.no_grad():
+        centred = model.normalise_input(x + static)
+    if norm != "none":
+        torch.testing.assert_close(centred.mean(dim=1), torch.zeros_like(centred[:, 0]), atol=1e-5, rtol=0)
+    constant = torch.ones(1, 4, 1, 20, 24, 20)      # a voxel constant in time (outside the brain) maps to 0, not NaN
+    assert torch.isfinite(model.normalise_input(constant)).all()
+
+
 @pytest.mark.parametrize("options", [["model.checkpointing=all"], ["model.checkpointing=attention"],
                                      ["model.stem_chunk_frames=3", "model.channels_last=true"],
                                      ["model.sdpa_backend=math", "model.compile=true"]])

@@ -187,12 +187,22 @@ class BrainMT(nn.Module):
                 seq = fn(seq)
         return seq
 
+    def normalise_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``model.input_norm`` on (B, T, C, D, H, W): each voxel's time course centred (and scaled) over the T frames."""
+        if self.cfg.input_norm == "none":
+            return x
+        xf = x.float()
+        xf = xf - xf.mean(dim=1, keepdim=True)
+        if self.cfg.input_norm == "zscore":    # constant voxels (outside the brain) stay 0
+            xf = xf / xf.std(dim=1, keepdim=True, correction=0).clamp_min(1e-6)
+        return xf.to(x.dtype)
+
     def tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         """Embed (B, T, C, D, H, W) into the sequence (B, 1 + K*T, E) in ``scan_order``; returns it with K and T."""
         if x.dim() != 6:
             raise ValueError(f"BrainMT expects (B, T, C, D, H, W), got shape {tuple(x.shape)}")
         batch, frames = x.shape[:2]
-        feats, grid = self._run_stem(x.flatten(0, 1))                            # (B*T, K, E)
+        feats, grid = self._run_stem(self.normalise_input(x).flatten(0, 1))      # (B*T, K, E)
         feats = feats.view(batch, frames, -1, feats.shape[-1])                   # (B, T, K, E)
         feats = feats + self._spatial_embedding(grid) + self._temporal_embedding(frames)
         k = feats.shape[2]

@@ -41,7 +41,7 @@ _FREE_MODEL_KEYS = ("volume_shape", "num_frames", "max_frames", "checkpointing",
                     "stem_chunk_frames", "fused_kernels", "sdpa_backend", "channels_last", "compile", "drop_rate",
                     "attn_drop_rate", "drop_path_rate", "head_dropout", "dt_min", "dt_max")
 # model keys that leave every shape as it is but change what the loaded weights compute
-_SEMANTIC_MODEL_KEYS = ("scan_order", "attention")
+_SEMANTIC_MODEL_KEYS = ("scan_order", "attention", "input_norm")
 _MAX_LISTED = 20
 
 

@@ -108,3 +108,23 @@ def test_learning_benchmark_smoke(tmp_path):
         assert r["seconds"] > 0
         if r["method"].startswith("brainmt"):
             assert r["selected_by"] == "val_auroc" and r["validation"]
+    _learning_benchmark_refuses_mixing(work, main, common=["--n-boot", "50", "--tasks", "sex", "--effects", "coupling",
+                                                               "--seeds", "2", "--variants-only", "--no-baselines"])
+
+
+def _learning_benchmark_refuses_mixing(work, main, common):
+    """A rerun in the same work dir with other overrides or another cohort stops before training, naming why;
+    overrides swallowed by --shuffled are an argparse error, not a silent plain run."""
+    import contextlib
+    import io
+
+    for extra, needle in ((["--subjects", "60", "--frames", "24", "--variant", "ld", "optim.layer_decay=0.5"],
+                           "already has coupling-s0-sex-true-brainmt_ld trained with overrides"),
+                          (["--subjects", "61", "--frames", "24"], "cohort.json: the cohort there was made with")):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            assert main(["--work-dir", str(work), *common, *extra, "train.epochs=3", "data.num_frames=8",
+                         "model.num_frames=8"]) == 2
+        assert needle in err.getvalue(), err.getvalue()
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+        main(["--work-dir", str(work), "--shuffled", "coupling", "train.epochs=3"])

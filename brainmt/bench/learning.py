@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from brainmt.config import DeviceType, literal_values
+from brainmt.data.synthetic import EFFECTS
 
 TASKS = {"sex": ("classification", "sex"), "score": ("regression", "cognition")}
 BASELINES = {"classification": ["connectome-logreg", "amplitude-logreg"], "regression": ["connectome-ridge", "amplitude-ridge"]}
@@ -174,10 +175,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, help="CUDA: frames a training window (default --frames; shorter windows are "
                    "random crops in time)")
     p.add_argument("--device", choices=list(literal_values(DeviceType)), default="cpu")
-    p.add_argument("--effects", nargs="+", default=["mixed"], help="kinds of planted effect (brainmt synth --effect)")
+    p.add_argument("--effects", nargs="+", choices=EFFECTS, default=["mixed"],
+                   help="kinds of planted effect (brainmt synth --effect)")
     p.add_argument("--seeds", type=int, default=1, help="splits and initialisations per effect")
     p.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
-    p.add_argument("--shuffled", nargs="*", default=None, metavar="EFFECT",
+    p.add_argument("--shuffled", nargs="*", choices=EFFECTS, default=None, metavar="EFFECT",
                    help="effects whose sex task is repeated with shuffled labels (default: the first effect)")
     p.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"),
                    help="an extra BrainMT run per seed with these overrides (repeatable)")
@@ -202,9 +204,14 @@ def main(argv: list[str] | None = None) -> int:
         if job.method.startswith("brainmt"):
             job.overrides = [*args.overrides, *job.overrides]
     started = time.perf_counter()
-    cohorts = prepare_cohorts(work, args)
     record_path = work / "learning.json"
     done = {r["name"]: r for r in json.loads(record_path.read_text())["rows"]} if record_path.exists() else {}
+    try:
+        check_reuse(jobs, done, record_path)
+        cohorts = prepare_cohorts(work, args)
+    except ReuseError as exc:
+        print(f"python -m brainmt.bench.learning: {exc}", file=sys.stderr)
+        return 2
     rows, lock = list(done.values()), threading.Lock()
 
     def one(job: BenchRun) -> None:
@@ -237,6 +244,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if len(rows) == len(jobs) else 1
 
 
+class ReuseError(ValueError):
+    """The work directory holds results or a cohort made with other settings than this call's."""
+
+
+def check_reuse(jobs: list[BenchRun], done: dict[str, dict], record_path: Path) -> None:
+    """A finished row is reused only for the same job with the same overrides; anything else is an error."""
+    for job in jobs:
+        row = done.get(job.name)
+        if row is not None and row.get("overrides", []) != job.overrides:
+            raise ReuseError(f"{record_path} already has {job.name} trained with overrides {row.get('overrides', [])}, "
+                             f"not {job.overrides}: use another --work-dir (or remove that one)")
+
+
+def _cohort_settings(effect: str, args: argparse.Namespace) -> dict:
+    return {"effect": effect, "subjects": args.subjects, "frames": args.frames, "shape": list(args.shape),
+            "data_seed": args.data_seed}
+
+
 def prepare_cohorts(work: Path, args: argparse.Namespace) -> dict[str, Path]:
     """One synthetic cohort per effect (``brainmt synth``, then ``brainmt shard`` as an array of parts and a merge,
     as on a cluster), the effects side by side; each step is skipped when its output exists."""
@@ -248,6 +273,12 @@ def prepare_cohorts(work: Path, args: argparse.Namespace) -> dict[str, Path]:
 
     def one(effect: str) -> Path:
         raw, shards = work / "data" / effect / "raw", work / "data" / effect / "shards"
+        settings, stamp = _cohort_settings(effect, args), work / "data" / effect / "cohort.json"
+        if stamp.exists() and json.loads(stamp.read_text()) != settings:
+            raise ReuseError(f"{stamp}: the cohort there was made with {json.loads(stamp.read_text())}, this call asks "
+                             f"for {settings}: use another --work-dir")
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps(settings) + "\n")
         if not (raw / "participants.tsv").exists():
             cli("synth", str(raw), "--effect", effect, "--subjects", str(args.subjects), "--frames", str(args.frames),
                 "--shape", *map(str, args.shape), "--seed", str(args.data_seed), "--workers", str(cpus))

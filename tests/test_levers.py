@@ -257,3 +257,19 @@ def test_analysis_jobs_dry_run_refuses_scans_shorter_than_the_runs_window(small_
     capsys.readouterr()
     assert analyze_jobs([*base, "--shards", str(tmp_path / "short")]) == 2
     assert "fewer than num_frames=16" in capsys.readouterr().err
+
+
+def test_demo_recipe_learns_sex_in_five_of_five_seeds(tmp_path):
+    """The demo as shipped (its config, epochs and patience; its 300 subjects of 20x24x20x40) learns the planted sex
+    effect on the CPU in every one of five seeds, each with its own family-grouped split and initialisation."""
+    from brainmt.bench.learning import main
+
+    demo = load_config("demo").train
+    work = tmp_path / "bench"
+    assert main(["--subjects", "300", "--frames", "40", "--effects", "mixed", "--seeds", "5", "--tasks", "sex",
+                 "--no-baselines", "--shuffled", "--parallel", "1", "--n-boot", "50", "--work-dir", str(work),
+                 f"train.epochs={demo.epochs}", f"train.early_stopping_patience={demo.early_stopping_patience}"]) == 0
+    rows = json.loads((work / "learning.json").read_text())["rows"]
+    aurocs = {r["seed"]: r["test"]["auroc"]["value"] for r in rows}
+    print("demo recipe, test AUROC by seed:", aurocs)
+    assert sorted(aurocs) == [0, 1, 2, 3, 4] and all(v >= 0.8 for v in aurocs.values()), aurocs

@@ -69,6 +69,9 @@ class ModelConfig:
     volume_shape: list[int] = field(default_factory=lambda: [91, 109, 91])
     in_channels: int = 1
     stem_channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
+    # group: GroupNorm over each frame after every stem convolution (the paper); none: no normalisation in the stem,
+    # so no region's signal rescales every other token of its frame (docs/model.md)
+    stem_norm: Literal["group", "none"] = "group"
     embed_dim: int = 512
     num_frames: int = 200          # length of the learned temporal embedding table (frames per training window)
     max_frames: int = 1200         # longest input accepted; other lengths interpolate the table

@@ -147,6 +147,21 @@ def test_input_norm_removes_what_it_says_per_voxel(norm):
     assert torch.isfinite(model.normalise_input(constant)).all()
 
 
+@pytest.mark.parametrize("stem_norm", ["group", "none"])
+def test_stem_norm_none_keeps_a_regions_signal_out_of_distant_tokens(stem_norm):
+    """With the per-frame GroupNorm a fluctuation in one corner rescales the tokens at the far corner; without it
+    (model.stem_norm=none) they stay exactly as they were."""
+    torch.manual_seed(0)
+    model = build_model(_debug(f"model.stem_norm={stem_norm}", "model.volume_shape=[64,64,64]")).eval()
+    x = torch.randn(1, 2, 1, 64, 64, 64)
+    changed = x.clone()
+    changed[..., :8, :8, :8] *= 5
+    with torch.no_grad():
+        far = [model.stem(v.flatten(0, 1))[0].view(2, 4, 4, 4, -1)[:, 3, 3, 3] for v in (x, changed)]
+    assert torch.equal(far[0], far[1]) == (stem_norm == "none")
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in model.stem.modules()) == (stem_norm == "group")
+
+
 @pytest.mark.parametrize("options", [["model.checkpointing=all"], ["model.checkpointing=attention"],
                                      ["model.stem_chunk_frames=3", "model.channels_last=true"],
                                      ["model.sdpa_backend=math", "model.compile=true"]])

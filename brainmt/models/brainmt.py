@@ -75,7 +75,7 @@ class BrainMT(nn.Module):
         dim = cfg.embed_dim
         self.grid = tuple(conv_output_size(s) for s in cfg.volume_shape)
         num_tokens = self.grid[0] * self.grid[1] * self.grid[2]
-        self.stem = ConvStem(cfg.in_channels, cfg.stem_channels, dim)
+        self.stem = ConvStem(cfg.in_channels, cfg.stem_channels, dim, cfg.stem_norm)
         self.pos_embed = nn.Parameter(torch.zeros(1, dim, *self.grid))      # spatial, on the token grid
         self.temporal_embed = nn.Parameter(torch.zeros(1, dim, cfg.num_frames))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))

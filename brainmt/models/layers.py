@@ -16,9 +16,10 @@ SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_
                  "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
 
-def _norm3d(channels: int) -> nn.GroupNorm:
-    """GroupNorm for the stem: independent of batch size, so frames folded into the batch do not mix."""
-    return nn.GroupNorm(min(8, channels), channels)
+def _norm3d(channels: int, kind: str = "group") -> nn.Module:
+    """The stem's normalisation: GroupNorm over each frame (independent of batch size, so frames folded into the
+    batch do not mix), or none (``model.stem_norm``)."""
+    return nn.GroupNorm(min(8, channels), channels) if kind == "group" else nn.Identity()
 
 
 def conv_output_size(size: int, num_stride2: int = 4) -> int:
@@ -44,14 +45,14 @@ class Conv3d(nn.Conv3d):
 class ResidualBlock3d(nn.Module):
     """Residual 3-D conv block that halves each spatial axis: (N, C_in, D, H, W) -> (N, C_out, ~D/2, ~H/2, ~W/2)."""
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, norm: str = "group") -> None:
         super().__init__()
         self.conv1 = Conv3d(in_channels, out_channels, 3, stride=2, padding=1, bias=False)
-        self.norm1 = _norm3d(out_channels)
+        self.norm1 = _norm3d(out_channels, norm)
         self.conv2 = Conv3d(out_channels, out_channels, 3, padding=1, bias=False)
-        self.norm2 = _norm3d(out_channels)
+        self.norm2 = _norm3d(out_channels, norm)
         self.shortcut = nn.Sequential(
-            Conv3d(in_channels, out_channels, 1, stride=2, bias=False), _norm3d(out_channels)
+            Conv3d(in_channels, out_channels, 1, stride=2, bias=False), _norm3d(out_channels, norm)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,13 +69,13 @@ class ConvStem(nn.Module):
     projection to ``embed_dim``. A 91x109x91 volume gives a 6x7x6 grid: K = 252 tokens.
     """
 
-    def __init__(self, in_channels: int, channels: list[int], embed_dim: int) -> None:
+    def __init__(self, in_channels: int, channels: list[int], embed_dim: int, norm: str = "group") -> None:
         super().__init__()
         c0, c1, c2, c3 = channels
-        self.conv1 = nn.Sequential(Conv3d(in_channels, c0, 3, stride=2, padding=1, bias=False), _norm3d(c0), nn.GELU())
-        self.conv2 = nn.Sequential(Conv3d(c0, c1, 3, stride=2, padding=1, bias=False), _norm3d(c1), nn.GELU())
-        self.res1 = ResidualBlock3d(c1, c2)
-        self.res2 = ResidualBlock3d(c2, c3)
+        self.conv1 = nn.Sequential(Conv3d(in_channels, c0, 3, stride=2, padding=1, bias=False), _norm3d(c0, norm), nn.GELU())
+        self.conv2 = nn.Sequential(Conv3d(c0, c1, 3, stride=2, padding=1, bias=False), _norm3d(c1, norm), nn.GELU())
+        self.res1 = ResidualBlock3d(c1, c2, norm)
+        self.res2 = ResidualBlock3d(c2, c3, norm)
         self.proj = Conv3d(c3, embed_dim, 1)
 
     def set_channels_last(self, enabled: bool) -> None:

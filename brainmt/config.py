@@ -207,10 +207,12 @@ class AnalysisConfig:
     """Integrated Gradients settings (``brainmt analyze``; docs/analysis.md)."""
 
     steps: int = 32
-    # mean: the training split's average brain (static); temporal_mean: the window's own voxel means over its frames;
+    # auto: noise for a model that centres its input (model.input_norm center/zscore; stem_norm group), else mean;
+    # mean: the training split's average brain (static); noise: that brain plus white noise at the window's own
+    # fluctuation level; temporal_mean: the window's own voxel means over its frames;
     # zeros / background: every brain voxel 0 / at the scan's background (far from any scan: docs/analysis.md)
-    baseline: Literal["zeros", "mean", "temporal_mean", "background"] = "mean"
-    baseline_scans: int = 64             # baseline=mean: averaged over at most this many training scans
+    baseline: Literal["auto", "mean", "noise", "temporal_mean", "zeros", "background"] = "auto"
+    baseline_scans: int = 64             # baseline=mean or noise: averaged over at most this many training scans
     method: Literal["gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle"] = "gausslegendre"
     internal_batch_size: int | None = None   # None: chosen from the free memory of the device
     device: Device = "auto"
@@ -221,6 +223,7 @@ class AnalysisConfig:
     top_regions: int = 20
     figure_percentile: float = 90.0      # nilearn figures draw a map where |value| reaches this percentile of its brain voxels
     subject_figures: int = 4             # nilearn figures of the first N analysed subjects' signed maps (0: none)
+    figures: bool = True                 # false: maps, tables and summary only (no matplotlib or nilearn needed)
 
 
 @dataclass

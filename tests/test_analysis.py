@@ -20,7 +20,15 @@ import pytest
 import torch
 from data_helpers import random_scan, write_scan
 
-from brainmt.analysis.attribution import PackedModel, attribute_windows, make_baseline, training_mean
+from brainmt.analysis.attribution import (
+    AttributionError,
+    PackedModel,
+    attribute_windows,
+    make_baseline,
+    resolve_baseline,
+    training_fluctuation,
+    training_mean,
+)
 from brainmt.analysis.maps import BrainGrid
 from brainmt.analysis.regions import AtlasError, load_atlas, lobe_labels, read_label_file
 from brainmt.cli import main
@@ -70,23 +78,56 @@ def _packed_windows(shards: ShardSet, scans: list[str], frames: int) -> tuple[to
     return packed, torch.tensor([shards.scans[s]["background"] for s, _ in windows])
 
 
-@pytest.mark.parametrize("baseline", ["mean", "temporal_mean", "zeros"])
+def _assert_complete(results: list, label: str) -> None:
+    for signed, absolute, f_x, f_b, total in results:
+        print(f"{label}: f(x) - f(baseline) {f_x - f_b:.3g}, sum IG {total:.3g}, gap {total - (f_x - f_b):.2g}")
+        assert abs(f_x - f_b) > 1e-4                      # a real output change to account for
+        assert abs(total - (f_x - f_b)) <= 0.01 * abs(f_x - f_b) + 1e-6, (total, f_x - f_b)
+        assert np.isclose(signed.sum(), total, rtol=1e-4, atol=1e-6) and (absolute >= np.abs(signed) - 1e-7).all()
+
+
+@pytest.mark.parametrize("baseline", ["mean", "temporal_mean", "zeros", "noise"])
 def test_completeness_holds_on_the_debug_model(small_shards, baseline):
     """sum(IG) = f(input) - f(baseline) within 1% of |f(input) - f(baseline)| + 1e-6, every window (32 steps)."""
     shards = ShardSet(small_shards)
     torch.manual_seed(0)
-    cfg = load_config("debug", [f"model.volume_shape={list(shards.volume_shape)}"])
+    cfg = load_config("debug", [f"model.volume_shape={list(shards.volume_shape)}", "model.input_norm=none"])
     model = PackedModel(build_model(cfg.model).eval().requires_grad_(False), shards.brain_index, shards.volume_shape)
     packed, background = _packed_windows(shards, shards.scans_of("test")[:1], 8)
     mean = torch.from_numpy(training_mean(shards, shards.scans_of("train")))
-    base = make_baseline(baseline, packed, background, mean)
+    fluctuation = torch.from_numpy(training_fluctuation(shards, shards.scans_of("train")))
+    base = make_baseline(baseline, packed, background, mean, torch.Generator().manual_seed(0), fluctuation)
     results = attribute_windows(model, packed, background, base, steps=32, internal_batch_size=16)
     assert len(results) == len(packed) == 3
-    for signed, absolute, f_x, f_b, total in results:
-        print(f"{baseline}: f(x) - f(baseline) {f_x - f_b:.3g}, sum IG {total:.3g}, gap {total - (f_x - f_b):.2g}")
-        assert abs(f_x - f_b) > 1e-4                      # a real output change to account for
-        assert abs(total - (f_x - f_b)) <= 0.01 * abs(f_x - f_b) + 1e-6, (total, f_x - f_b)
-        assert np.isclose(signed.sum(), total, rtol=1e-4, atol=1e-6) and (absolute >= np.abs(signed) - 1e-7).all()
+    _assert_complete(results, baseline)
+
+
+@pytest.mark.parametrize("input_norm", ["center", "zscore"])
+def test_completeness_holds_for_a_centring_model_from_the_noise_baseline(input_norm):
+    """The baseline auto picks for a centring model keeps IG complete (32 steps). On a 40x48x40 grid: on the
+    20x24x20 of the other test the stem's last GroupNorm sees 16 values a group, and along some paths their
+    variance nearly vanishes, so the random-init model is too sharp for any step count there."""
+    from brainmt.data import synthetic
+
+    shape = (40, 48, 40)
+    mask, regions = synthetic.brain_mask(shape), synthetic.planted_regions(shape, "coupling")
+    rng = np.random.default_rng(0)
+    patterns = 0.5 * rng.standard_normal((4, int(mask.sum()))).astype(np.float32)
+    scans = [synthetic.synthetic_scan(rng, shape, 16, sex, 0.0, patterns, regions, mask, effect="coupling")
+             for sex in (0, 1)]
+    packed = torch.from_numpy(np.stack([np.moveaxis(v, -1, 0)[:, mask] for v in scans]))
+    packed = (packed - packed.mean()) / packed.std()                  # sharding's global z-score
+    background = torch.full((2,), float(packed.min()))
+    torch.manual_seed(0)
+    cfg = load_config("debug", [f"model.volume_shape={list(shape)}", f"model.input_norm={input_norm}"])
+    model = PackedModel(build_model(cfg.model).eval().requires_grad_(False), np.flatnonzero(mask.ravel()), shape)
+    baseline = resolve_baseline("auto", input_norm)
+    fluctuation = packed.std(dim=1).pow(2).mean(dim=0).sqrt()        # as training_fluctuation, over the two scans
+    base = make_baseline(baseline, packed, background, packed.mean(dim=(0, 1)), torch.Generator().manual_seed(0),
+                         fluctuation)
+    assert baseline == "noise"
+    assert abs(float(base.std(dim=1).mean() / fluctuation.mean()) - 1) < 0.1     # the typical voxel's fluctuation
+    _assert_complete(attribute_windows(model, packed, background, base, steps=32, internal_batch_size=32), input_norm)
 
 
 def test_group_abs_map_finds_the_planted_regions(demo):
@@ -113,6 +154,59 @@ def test_group_abs_map_finds_the_planted_regions(demo):
     assert len(completeness) == 1 + ANALYSED
     record = json.loads((demo["ig"] / "subjects" / f"{demo['subjects'][0]}_ig.json").read_text())
     assert record["ig_sum"] == pytest.approx(sum(w["ig_sum"] for w in record["windows"]) / len(record["windows"]))
+
+
+@pytest.mark.parametrize("baseline", ["mean", "temporal_mean", "zeros", "background"])
+def test_a_centring_model_refuses_baselines_constant_in_time(small_shards, baseline):
+    """With model.input_norm=center every point of the path from a static baseline is the input rescaled, which the
+    stem's GroupNorm cannot see: the output jumps at the baseline. auto picks noise there, mean otherwise."""
+    shards = ShardSet(small_shards)
+    cfg = load_config("debug", [f"model.volume_shape={list(shards.volume_shape)}", "model.input_norm=center"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    packed, _ = _packed_windows(shards, shards.scans_of("test")[:1], 8)
+    x = torch.zeros(1, 8, 1, *shards.volume_shape)
+    x.view(1, 8, -1)[:, :, torch.as_tensor(shards.brain_index)] = packed[:1]
+    with torch.no_grad():       # the degeneracy itself: scaled fluctuations give the same output (up to GroupNorm's eps)
+        assert torch.allclose(model(x), model(0.3 * x), atol=1e-3)
+    with pytest.raises(AttributionError, match=f"analysis.baseline={baseline} is constant in time"):
+        resolve_baseline(baseline, "center")
+    assert resolve_baseline("auto", "center") == resolve_baseline("auto", "zscore") == "noise"
+    assert resolve_baseline("auto", "none") == "mean" and resolve_baseline(baseline, "none") == baseline
+    assert resolve_baseline("auto", "center", "none") == "mean"       # no GroupNorm in the stem: not scale-free
+    assert resolve_baseline(baseline, "center", "none") == baseline
+
+
+def test_truth_scores_the_group_map_against_the_planted_regions(demo, tmp_path, capsys):
+    """--truth: truth.json holds the voxel AUROC of the group |IG| map for the target's truth mask and, where the
+    cohort has a control region, truth against control; a folder that is not a planted one stops before any work."""
+    out = tmp_path / "ig"
+    shutil.copytree(demo["ig"] / "subjects", out / "subjects")
+    planted = tmp_path / "planted"
+    shutil.copytree(demo["raw"] / "derivatives" / "planted", planted)
+    info = json.loads((planted / "planted_effects.json").read_text())
+    assert info["control"] is None                       # the demo's mixed cohort: region c (cognition) as a control
+    info["control"] = {"regions": ["region-c"], "mask": "region-c_mask.nii.gz"}
+    (planted / "planted_effects.json").write_text(json.dumps(info))
+    args = ["analyze", "--run", str(demo["run"]), "--out", str(out), "--subjects", *demo["subjects"], "--group-only"]
+    assert main([*args, "--truth", str(planted)]) == 0
+    scores = json.loads((out / "truth.json").read_text())
+    values = np.asarray(nib.load(out / "group_mean_abs_ig.nii.gz").dataobj)
+    masks = {r: np.asarray(nib.load(planted / f"region-{r}_mask.nii.gz").dataobj) > 0 for r in "abc"}
+    brain, truth = values != 0, masks["a"] | masks["b"]
+    assert scores["truth_regions"] == ["region-a", "region-b"] and scores["target"] == "sex"
+    assert scores["truth_auroc"] == pytest.approx(auroc(truth[brain], values[brain]))
+    both = (truth | masks["c"]) & brain
+    assert scores["effect_vs_control_auroc"] == pytest.approx(auroc(truth[both], values[both]))
+    assert f"voxel AUROC {scores['truth_auroc']:.3f}; against the control (region-c)" in capsys.readouterr().out
+    (out / "truth.json").unlink()
+    assert main([*args, "--truth", str(tmp_path / "nowhere")]) == 1
+    assert f"{tmp_path / 'nowhere' / 'planted_effects.json'}: not found" in capsys.readouterr().err
+    small = nib.Nifti1Image(np.ones((4, 4, 4), np.uint8), np.eye(4))
+    nib.save(small, planted / "truth-sex_mask.nii.gz")
+    assert main([*args, "--truth", str(planted)]) == 1
+    assert f"{planted / 'truth-sex_mask.nii.gz'}: grid (4, 4, 4)" in capsys.readouterr().err
+    assert (out / "summary.json").exists() and not (out / "truth.json").exists()   # the maps stay; no half a score
 
 
 def test_maps_are_on_the_input_scans_grid(demo):
@@ -224,6 +318,9 @@ def test_bad_input_gives_clear_errors(demo, tmp_path, capsys):
     assert not (tmp_path / "ig").exists()                 # a refused analysis leaves no empty --out behind
     assert main(["analyze", "--run", str(demo["run"]), "--baseline", "mean", "analysis.steps=0"]) == 2
     assert "analysis.steps" in capsys.readouterr().err
+    assert main(["analyze", "--run", str(demo["run"]), "--out", str(tmp_path / "ig"), "--baseline", "mean"]) == 1
+    assert f"{demo['run']}: analysis.baseline=mean is constant in time" in capsys.readouterr().err   # demo: center
+    assert not (tmp_path / "ig").exists()
 
 
 def test_region_table_with_a_user_atlas(demo, tmp_path, capsys):

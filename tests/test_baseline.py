@@ -92,7 +92,7 @@ def test_learning_benchmark_smoke(tmp_path):
     work = tmp_path / "bench"
     assert main(["--subjects", "60", "--frames", "24", "--work-dir", str(work), "--tasks", "sex", "--n-boot", "50",
                  "--effects", "coupling", "--seeds", "2", "--parallel", "2", "--variant", "ld", "optim.layer_decay=0.75",
-                 "--shuffled", "coupling", "--variants-only",
+                 "--shuffled", "coupling", "--variants-only", "--ig", "4",
                  "train.epochs=3", "data.num_frames=8", "model.num_frames=8"]) == 0
     record = json.loads((work / "learning.json").read_text())
     by = {(r["seed"], r["labels"], r["method"]): r["test"] for r in record["rows"]}
@@ -108,6 +108,15 @@ def test_learning_benchmark_smoke(tmp_path):
         assert r["seconds"] > 0
         if r["method"].startswith("brainmt"):
             assert r["selected_by"] == "val_auroc" and r["validation"]
+        if r["method"] == "brainmt:ld":      # --ig: the group |IG| map scored on the planted regions and the control
+            ig = r["ig"]
+            assert ig["subjects"] == 4 and ig["truth_regions"] == ["region-a", "region-b"]
+            assert 0 <= ig["truth_auroc"] <= 1 and 0 <= ig["effect_vs_control_auroc"] <= 1
+            assert (work / "runs" / r["name"] / "ig" / "truth.json").exists()
+            assert not list((work / "runs" / r["name"] / "ig").rglob("*.png"))     # analysis.figures=false
+        else:
+            assert "ig" not in r                                    # not for shuffled labels or baselines
+    assert "ig_effect_vs_control_auroc" in summary[("true", "brainmt:ld")]
     _learning_benchmark_refuses_mixing(work, main, common=["--n-boot", "50", "--tasks", "sex", "--effects", "coupling",
                                                                "--seeds", "2", "--variants-only", "--no-baselines"])
 

@@ -24,6 +24,7 @@ from brainmt.data.loader import ShardSet
 
 log = logging.getLogger("brainmt.analysis")
 BASELINES = tuple(config_choices(AnalysisConfig, "baseline"))   # analysis.baseline's values
+STATIC_BASELINES = ("mean", "temporal_mean", "zeros", "background")   # the same volume in every frame
 
 
 class AttributionError(RuntimeError):
@@ -48,24 +49,65 @@ class PackedModel(torch.nn.Module):
         return self.model(dense.view(b, t, 1, *self.volume_shape)).reshape(b)
 
 
+def _first_chunks(shards: ShardSet, scans: list[str], max_scans: int):
+    """The first stored chunk (frames, n_brain) float64 of up to ``max_scans`` evenly spaced ``scans``."""
+    if not scans:
+        raise AttributionError(f"no scans in {shards.root} to average for the baseline")
+    picked = [scans[int(i)] for i in np.unique(np.linspace(0, len(scans) - 1, min(max_scans, len(scans))).round())]
+    for scan in picked:
+        yield shards.read_frames(scan, 0, min(shards.chunk_frames, shards.scans[scan]["frames"])).astype(np.float64)
+
+
 def training_mean(shards: ShardSet, scans: list[str], max_scans: int = 64) -> np.ndarray:
     """The average brain of ``scans``: float32 (n_brain,), each voxel's mean over the first stored chunk of up to
     ``max_scans`` evenly spaced scans (z-scored values, so about 0 on average; the static anatomy remains)."""
-    if not scans:
-        raise AttributionError(f"no scans in {shards.root} to average for the 'mean' baseline")
-    picked = [scans[int(i)] for i in np.unique(np.linspace(0, len(scans) - 1, min(max_scans, len(scans))).round())]
-    total = np.zeros(shards.n_brain, dtype=np.float64)
-    frames = 0
-    for scan in picked:
-        count = min(shards.chunk_frames, shards.scans[scan]["frames"])
-        block = shards.read_frames(scan, 0, count).astype(np.float64)
+    total, frames = np.zeros(shards.n_brain, dtype=np.float64), 0
+    for block in _first_chunks(shards, scans, max_scans):
         total += block.sum(axis=0)
-        frames += count
+        frames += len(block)
     return (total / frames).astype(np.float32)
 
 
-def make_baseline(kind: str, packed: torch.Tensor, background: torch.Tensor, mean_brain: torch.Tensor | None) -> torch.Tensor:
-    """The baseline of packed windows (W, T, n_brain) for ``kind`` (see :data:`BASELINES`); same shape and device."""
+def training_fluctuation(shards: ShardSet, scans: list[str], max_scans: int = 64) -> np.ndarray:
+    """Each voxel's typical fluctuation: float32 (n_brain,), the root mean square over up to ``max_scans`` scans of
+    its standard deviation over the frames of their first stored chunk."""
+    blocks = list(_first_chunks(shards, scans, max_scans))
+    return np.sqrt(np.mean([block.var(axis=0) for block in blocks], axis=0)).astype(np.float32)
+
+
+def resolve_baseline(kind: str, input_norm: str, stem_norm: str = "group") -> str:
+    """``analysis.baseline`` for a model with this ``model.input_norm`` and ``model.stem_norm``: ``auto`` becomes
+    ``noise`` for a centring model whose stem normalises each frame, else ``mean``; such a model refuses a baseline
+    constant in time.
+
+    It sees a window only through its voxels' deviations from their means over the frames, and its stem
+    normalises each frame (GroupNorm after a convolution without bias): every point of the straight path from a
+    baseline constant in time is the same input up to scale, so the output jumps at the baseline and IG loses
+    completeness."""
+    degenerate = input_norm != "none" and stem_norm == "group"
+    if kind == "auto":
+        return "noise" if degenerate else "mean"
+    if degenerate and kind in STATIC_BASELINES:
+        raise AttributionError(f"analysis.baseline={kind} is constant in time and the model centres each voxel's time "
+                               f"course (model.input_norm={input_norm}): along the IG path the model sees the input "
+                               "rescaled, its output jumps at the baseline and completeness fails; use noise (what "
+                               "the default auto picks)")
+    return kind
+
+
+def make_baseline(kind: str, packed: torch.Tensor, background: torch.Tensor, mean_brain: torch.Tensor | None,
+                  generator: torch.Generator | None = None, fluctuation: torch.Tensor | None = None) -> torch.Tensor:
+    """The baseline of packed windows (W, T, n_brain) for ``kind`` (see :data:`BASELINES`); same shape and device.
+
+    ``noise``: ``mean_brain`` plus white Gaussian noise (from ``generator``, on the CPU) scaled voxel by voxel to the
+    training scans' typical ``fluctuation``: a typical brain's fluctuation power with no structure in space or time."""
+    if kind in ("mean", "noise") and mean_brain is None:
+        raise AttributionError(f"baseline '{kind}' needs the training split's mean brain")
+    if kind == "noise":
+        if fluctuation is None:
+            raise AttributionError("baseline 'noise' needs the training split's voxel fluctuations")
+        noise = torch.randn(packed.shape, generator=generator, dtype=torch.float32).to(packed)
+        return (mean_brain.to(packed).view(1, 1, -1) + fluctuation.to(packed).view(1, 1, -1) * noise).contiguous()
     if kind == "zeros":
         return torch.zeros_like(packed)
     if kind == "temporal_mean":
@@ -73,8 +115,6 @@ def make_baseline(kind: str, packed: torch.Tensor, background: torch.Tensor, mea
     if kind == "background":
         return background.to(packed.dtype).view(-1, 1, 1).expand_as(packed).contiguous()
     if kind == "mean":
-        if mean_brain is None:
-            raise AttributionError("baseline 'mean' needs the training split's mean brain")
         return mean_brain.to(packed).view(1, 1, -1).expand_as(packed).contiguous()
     raise AttributionError(f"unknown baseline {kind!r}; choose one of {', '.join(BASELINES)}")
 

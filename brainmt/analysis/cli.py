@@ -31,7 +31,8 @@ def add_analysis_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", choices=_choices("split"), help="split whose subjects are analysed (default test)")
     p.add_argument("--subjects", nargs="+", metavar="ID", help="only these subjects (default: all of the split)")
     p.add_argument("--steps", type=int, help="IG path steps (default 32)")
-    p.add_argument("--baseline", choices=_choices("baseline"), help="IG baseline (default mean)")
+    p.add_argument("--baseline", choices=_choices("baseline"),
+                   help="IG baseline (default auto: noise for a model that centres its input, else mean)")
     p.add_argument("--method", choices=_choices("method"), help="IG quadrature (default gausslegendre)")
     p.add_argument("--internal-batch-size", type=int, metavar="B",
                    help="scaled inputs through the model at once (default: chosen from the free memory)")
@@ -73,7 +74,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     stage = p.add_mutually_exclusive_group()
     stage.add_argument("--maps-only", action="store_true", help="subject maps only, no group step (array tasks)")
     stage.add_argument("--group-only", action="store_true", help="only the group step, from existing subject maps")
+    p.add_argument("--truth", metavar="DIR",
+                   help="a synthetic cohort's derivatives/planted folder (brainmt synth): score the group |IG| map "
+                        "against the target's truth mask and the control region; writes truth.json")
     p.set_defaults(func=cmd_analyze)
+
+
+def _score_truth(summary: dict, planted: str) -> None:
+    """``--truth``: the group |IG| map against the planted truth, to truth.json beside it."""
+    from pathlib import Path
+
+    from brainmt.analysis.truth import truth_scores, truth_text
+    from brainmt.fileio import atomic_write_json
+
+    group_map = next(Path(f) for f in summary["maps"] if Path(f).name == "group_mean_abs_ig.nii.gz")
+    scores = truth_scores(group_map, planted, summary["target"])
+    atomic_write_json(group_map.parent / "truth.json", scores)
+    print(truth_text(scores), flush=True)
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -92,6 +109,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         failed: dict = {}
         if not args.maps_only and not args.group_only:
             check_atlas(settings.atlas, settings.atlas_labels)   # a bad or unavailable atlas stops before the subjects
+        if args.truth:
+            from brainmt.analysis.truth import read_truth
+
+            read_truth(args.truth)                                 # and so does a --truth that is not a planted folder
         if not args.group_only:
             result = analyze_subjects(args.run, args.out, settings, args.subjects, args.shards)
             failed = result["failed"]
@@ -105,6 +126,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                 return 0          # failures are recorded in <subject>_error.json; the group step reports them
         summary = merge(args.run, args.out, settings, args.subjects, args.shards)
         print(summary_text(summary, settings.top_regions), flush=True)
+        if args.truth:
+            _score_truth(summary, args.truth)
         return 1 if summary["failed"] or summary["missing"] or failed else 0
     except ConfigError:
         raise                     # brainmt's main reports it and exits 2

@@ -160,7 +160,8 @@ def merge(run_dir: str | Path, out: str | Path | None, settings: AnalysisConfig,
     out = Path(out) if out else run.run_dir / "ig"
     shards = run.shards
     chosen = subjects_of(shards, settings.split, subjects)
-    done, failed, missing = _collect(out, chosen, fingerprint(run, settings))
+    want = fingerprint(run, settings)
+    done, failed, missing = _collect(out, chosen, want)
     if not done:
         reasons = "".join(f"; {s}: {e}" for s, e in failed.items())
         raise AnalysisError(f"{out / 'subjects'}: no subject maps for these settings ({len(failed)} failed, "
@@ -178,12 +179,15 @@ def merge(run_dir: str | Path, out: str | Path | None, settings: AnalysisConfig,
                         {g: m["mean_ig"] for g, m in maps.items() if g != "all"})
     write_region_table(rows, out / "regions.csv")
 
-    figures = _slice_figures(out, run, settings, grid, maps, groups, names)
-    figures.append(top_regions_chart(rows, out / "top_regions.png", settings.top_regions,
-                                     f"top regions by mean |IG| ({parcellation.short})"))
-    brain = _brain_figures(out, grid, maps, groups, names, kept, done, percentile)
+    figures, brain = [], []
+    if getattr(settings, "figures", True):
+        figures = _slice_figures(out, run, settings, grid, maps, groups, names)
+        figures.append(top_regions_chart(rows, out / "top_regions.png", settings.top_regions,
+                                         f"top regions by mean |IG| ({parcellation.short})"))
+        brain = _brain_figures(out, grid, maps, groups, names, kept, done, percentile)
     summary = {"run": str(run.run_dir), "checkpoint": str(run.checkpoint), "step": run.step, "task": run.stats["task"],
-               "target": run.stats["target"], "split": settings.split, "settings": settings_to_dict(settings),
+               "target": run.stats["target"], "split": settings.split,
+               "settings": {**settings_to_dict(settings), "baseline": want["baseline"]},
                "subjects": len(chosen), "analysed": len(done), "failed": failed, "missing": missing,
                "groups": {g: acc.n for g, acc in groups.items()}, "completeness": completeness,
                "atlas": parcellation.description, "regions": len(rows), "top_regions": rows[:settings.top_regions],
@@ -214,7 +218,7 @@ def summary_text(summary: dict, top: int | None = None) -> str:
     lines += [f"  {r['rank']:>3}  {r['name'][:48]:48s} {r['mean_abs_ig']:.4g}  ({100 * r['share_abs_ig']:.1f}% of |IG|, "
               f"{r['voxels']} voxels)" for r in shown]
     out = Path(summary["maps"][0]).parent if summary["maps"] else None
-    lines.append(f"maps, regions.csv, completeness.csv, figures and summary.json in {out}")
+    lines.append(f"maps, regions.csv, completeness.csv, {'figures ' if summary['figures'] else ''}and summary.json in {out}")
     for subject, error in summary["failed"].items():
         lines.append(f"FAILED subject {subject}: {error} (see subjects/{subject}_error.json)")
     if summary["missing"]:

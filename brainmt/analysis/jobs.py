@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     """Check the run and the subjects here, then submit the array of subject tasks and the merge job."""
     from brainmt.analysis.atlases import check_atlas
     from brainmt.analysis.group import summary_text
-    from brainmt.analysis.pipeline import open_run, subjects_of
+    from brainmt.analysis.pipeline import fingerprint, open_run, subjects_of
     from brainmt.data.loader import check_lengths
     from brainmt.launch.slurm import (
         LaunchError,
@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         check_atlas(settings.atlas, settings.atlas_labels)   # a named atlas is fetched here, on the login node
         info = open_run(args.run, settings.checkpoint, args.shards)          # errors here, before anything is queued
         by_subject = subjects_of(info.shards, settings.split, args.subjects)
+        fingerprint(info, settings)                                          # a baseline the model cannot use
         # each subject's windows are of the run's data.num_frames: a shorter scan would fail after the queue
         check_lengths(info.shards, [scan for scans in by_subject.values() for scan in scans], info.cfg.data.num_frames)
         chosen = list(by_subject)

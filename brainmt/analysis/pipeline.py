@@ -15,6 +15,7 @@ import logging
 import math
 import time
 import traceback
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -101,8 +102,14 @@ def resolve_device(device: str) -> torch.device:
 
 def fingerprint(run: RunInfo, settings: AnalysisConfig) -> dict:
     """The settings a subject's maps depend on; maps made with other settings are recomputed."""
-    return {"checkpoint": run.checkpoint.name, "step": run.step, "steps": settings.steps, "baseline": settings.baseline,
-            "method": settings.method, "baseline_scans": settings.baseline_scans if settings.baseline == "mean" else None}
+    from brainmt.analysis.attribution import AttributionError, resolve_baseline
+
+    try:
+        baseline = resolve_baseline(settings.baseline, run.cfg.model.input_norm, run.cfg.model.stem_norm)
+    except AttributionError as exc:
+        raise AnalysisError(f"{run.run_dir}: {exc}") from None
+    return {"checkpoint": run.checkpoint.name, "step": run.step, "steps": settings.steps, "baseline": baseline,
+            "method": settings.method, "baseline_scans": settings.baseline_scans if baseline in ("mean", "noise") else None}
 
 
 def baseline_scans(shards: ShardSet, split_scans: list[str]) -> list[str]:
@@ -119,23 +126,28 @@ class SubjectAnalyzer:
     def __init__(self, run: RunInfo, settings: AnalysisConfig, out: Path, split_scans: list[str]) -> None:
         import torch
 
-        from brainmt.analysis.attribution import BASELINES, PackedModel, training_mean
+        from brainmt.analysis.attribution import BASELINES, PackedModel, training_fluctuation, training_mean
         from brainmt.train.evaluation import trained_model
 
         if settings.baseline not in BASELINES:
             raise AnalysisError(f"unknown baseline {settings.baseline!r}; choose one of {', '.join(BASELINES)}")
+        self.fingerprint = fingerprint(run, settings)       # refuses a static baseline for a centring model
+        self.baseline = self.fingerprint["baseline"]
         self.run_info, self.settings, self.out = run, settings, out
         self.device = resolve_device(settings.device)
         model = trained_model(run.cfg, run.weights)
         model.eval().requires_grad_(False)    # gradients with respect to the input only
         self.model = PackedModel(model, run.shards.brain_index, run.shards.volume_shape).to(self.device)
         self.mean_brain = None
-        if settings.baseline == "mean":
-            mean = training_mean(run.shards, baseline_scans(run.shards, split_scans), settings.baseline_scans)
-            self.mean_brain = torch.from_numpy(mean).to(self.device)
+        self.fluctuation = None
+        if self.baseline in ("mean", "noise"):
+            scans = baseline_scans(run.shards, split_scans)
+            self.mean_brain = torch.from_numpy(training_mean(run.shards, scans, settings.baseline_scans)).to(self.device)
+        if self.baseline == "noise":
+            fluctuation = training_fluctuation(run.shards, scans, settings.baseline_scans)
+            self.fluctuation = torch.from_numpy(fluctuation).to(self.device)
         self.internal_batch_size = settings.internal_batch_size
         self.bytes_per_sample: int | None = None
-        self.fingerprint = fingerprint(run, settings)
 
     def _windows(self, scans: list[str]) -> tuple:
         import torch
@@ -155,11 +167,14 @@ class SubjectAnalyzer:
 
     def run(self, subject: str, scans: list[str]) -> dict:
         """Attribute every window of a subject's scans; write its maps and record; return the record."""
+        import torch
+
         from brainmt.analysis.attribution import attribute_windows, choose_internal_batch_size, make_baseline
 
         start_time = time.perf_counter()
         windows, packed, background = self._windows(scans)
-        baseline = make_baseline(self.settings.baseline, packed, background, self.mean_brain)
+        noise = torch.Generator().manual_seed(zlib.crc32(subject.encode()))    # the same noise baseline on a rerun
+        baseline = make_baseline(self.baseline, packed, background, self.mean_brain, noise, self.fluctuation)
         if self.internal_batch_size is None:
             self.internal_batch_size, self.bytes_per_sample = choose_internal_batch_size(
                 self.model, packed, background, self.settings.steps)
@@ -224,8 +239,8 @@ def analyze_subjects(run_dir: str | Path, out: str | Path | None, settings: Anal
     run = open_run(run_dir, settings.checkpoint, shards_dir)
     out = Path(out) if out else run.run_dir / "ig"
     chosen = subjects_of(run.shards, settings.split, subjects)   # bad subjects fail before any folder is made
+    want = fingerprint(run, settings)                             # and so does a baseline the model cannot use
     (out / "subjects").mkdir(parents=True, exist_ok=True)
-    want = fingerprint(run, settings)
     todo = {s: scans for s, scans in chosen.items() if not _is_done(out / "subjects" / f"{s}_ig.json", want)}
     summary: dict = {"done": [], "failed": {}, "already_done": sorted(set(chosen) - set(todo)), "out": str(out)}
     if todo:

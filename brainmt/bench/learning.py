@@ -94,6 +94,23 @@ def train_brainmt(job: BenchRun, shards: Path, out: Path, device: str, window: i
     return {"test": ev, "validation": curve, "best_step": ev["step"], "selected_by": ev.get("selected_by")}
 
 
+def analyse_brainmt(job: BenchRun, view: Path, out: Path, planted: Path, device: str, subjects: int,
+                    log_dir: Path) -> dict:
+    """``brainmt analyze --truth`` of a trained run on its first ``subjects`` test subjects (no figures): the group
+    |IG| map's voxel AUROC for the label's planted regions, and against the control region."""
+    test = sorted(json.loads((view / "splits.json").read_text())["test"])[:subjects]
+    cmd = [sys.executable, "-m", "brainmt.cli", "analyze", "--run", str(out), "--out", str(out / "ig"),
+           "--subjects", *test, "--truth", str(planted), "--device", device, "analysis.figures=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
+    with (log_dir / f"{job.name}-ig.log").open("w") as log:
+        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env).returncode
+    if code != 0:
+        raise RuntimeError(f"{job.name}: brainmt analyze exited with {code} (log {log_dir / (job.name + '-ig.log')})")
+    scores = json.loads((out / "ig" / "truth.json").read_text())
+    return {k: scores[k] for k in ("truth_auroc", "effect_vs_control_auroc", "truth_regions", "region_mean")} | {
+        "subjects": len(test)}
+
+
 def fit_baseline(job: BenchRun, shards: Path, out: Path, n_boot: int) -> dict:
     """A baseline fitted on the split's training subjects, tested on its test subjects."""
     from brainmt.baseline.fit import run_baseline
@@ -138,6 +155,10 @@ def summarise(rows: list[dict]) -> list[dict]:
             values = [m["test"][k]["value"] for m in members]
             entry[k] = {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
                         "values": values, "ci95": [m["test"][k]["ci95"] for m in members]}
+        for k in ("truth_auroc", "effect_vs_control_auroc"):
+            values = [m["ig"][k] for m in members if m.get("ig") and m["ig"][k] is not None]
+            if values:
+                entry[f"ig_{k}"] = {"mean": float(np.mean(values)), "values": values}
         out.append(entry)
     return out
 
@@ -149,6 +170,8 @@ def markdown(summary: list[dict]) -> str:
     for e in summary:
         cells = "; ".join(f"{k} {e[k]['mean']:.3f} ± {e[k]['sd']:.3f} ({', '.join(f'{v:.2f}' for v in e[k]['values'])})"
                           for k in SHOWN[TASKS[e["task"]][0]][:2])
+        cells += "".join(f"; {k} {e[k]['mean']:.3f} ({', '.join(f'{v:.2f}' for v in e[k]['values'])})"
+                         for k in ("ig_truth_auroc", "ig_effect_vs_control_auroc") if k in e)
         lines.append(f"| {e['effect']} | {e['task']} | {e['labels']} | {e['method']} | {e['seeds']} | {cells} | "
                      f"{e['seconds']:.0f} |")
     return "\n".join(lines)
@@ -189,6 +212,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", default="runs/bench-learning")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic cohorts")
     p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--ig", type=int, default=0, metavar="SUBJECTS",
+                   help="after each BrainMT run on true labels, Integrated Gradients of this many test subjects, the "
+                        "group |IG| map scored against the planted regions and the control (0: none)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every BrainMT run")
     return p
 
@@ -222,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = (train_brainmt(job, view, out, args.device, args.window or args.frames, work / "logs")
                       if job.method.startswith("brainmt") else fit_baseline(job, view, out, args.n_boot))
+            if args.ig and job.method.startswith("brainmt") and job.labels == "true":
+                planted = cohorts[job.effect].parent / "raw" / "derivatives" / "planted"
+                result["ig"] = analyse_brainmt(job, view, out, planted, args.device, args.ig, work / "logs")
         except Exception as exc:    # one failed run is reported, the others go on
             print(f"FAILED {job.name}: {exc}", flush=True)
             return
@@ -301,6 +330,9 @@ def format_row(row: dict) -> str:
     """One line: the job and its test metrics."""
     kind = TASKS[row["task"]][0]
     cells = "  ".join(f"{k} {row['test'][k]['value']:.3f}" for k in SHOWN[kind])
+    if row.get("ig"):
+        control = row["ig"]["effect_vs_control_auroc"]
+        cells += f"  |IG| truth {row['ig']['truth_auroc']:.3f}" + (f" vs control {control:.3f}" if control is not None else "")
     return f"{row['name']:55s} {cells}  ({row['seconds']:.0f} s)"
 
 

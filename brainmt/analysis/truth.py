@@ -1,0 +1,84 @@
+"""A group |IG| map scored against the planted truth of a synthetic cohort (``brainmt analyze --truth``).
+
+``brainmt synth`` writes ``derivatives/planted/``: each region's mask, the truth mask of each label (``sex``,
+``score``), a control region carrying the same kind of added signal unrelated to any label (not in the
+``mixed`` cohort) and ``planted_effects.json``. Two numbers say whether the map points at what drives the label:
+
+- ``truth_auroc``: brain voxels ranked by the map, the label's truth mask against every other brain voxel;
+- ``effect_vs_control_auroc``: the truth voxels against the control's only. |IG| follows signal variance
+  wherever the model looks, so a map can find the planted regions without the model having learned the
+  label; only this comparison tells the two apart.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from brainmt.train.metrics import auroc
+
+ROLE_OF_TARGET = {"sex": "sex", "cognition": "score"}   # the run's target column -> the truth role synth wrote
+
+
+class TruthError(ValueError):
+    """The truth folder is missing, or does not fit the map; the message names the file."""
+
+
+def _load_mask(path: Path, like: nib.Nifti1Image) -> np.ndarray:
+    if not path.exists():
+        raise TruthError(f"{path}: mask not found")
+    img = nib.load(path)
+    if img.shape[:3] != like.shape[:3] or not np.allclose(img.affine, like.affine, atol=1e-3):
+        raise TruthError(f"{path}: grid {img.shape[:3]} (affine {np.round(img.affine, 2).tolist()}) differs from the "
+                         f"map's {like.shape[:3]} (affine {np.round(like.affine, 2).tolist()}): not the same cohort?")
+    return np.asarray(img.dataobj) > 0
+
+
+def read_truth(planted_dir: str | Path) -> dict:
+    """``planted_effects.json`` of a planted folder; a clear error when it is not one."""
+    info_path = Path(planted_dir) / "planted_effects.json"
+    if not info_path.exists():
+        raise TruthError(f"{info_path}: not found (--truth takes the derivatives/planted folder brainmt synth writes)")
+    try:
+        return json.loads(info_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise TruthError(f"{info_path}: not valid JSON ({exc})") from None
+
+
+def truth_scores(map_path: str | Path, planted_dir: str | Path, target: str) -> dict:
+    """Voxel AUROCs of ``map_path`` (brain voxels: where it is non-zero) for the truth of ``target``."""
+    planted_dir = Path(planted_dir)
+    info_path = planted_dir / "planted_effects.json"
+    info = read_truth(planted_dir)
+    role = ROLE_OF_TARGET.get(target)
+    if role not in info.get("truth", {}):
+        raise TruthError(f"{info_path}: no truth for target {target!r} (it has {sorted(info.get('truth', {}))})")
+    img = nib.load(map_path)
+    values = np.asarray(img.dataobj, dtype=np.float64)
+    brain = values != 0
+    truth = _load_mask(planted_dir / info["truth"][role]["mask"], img) & brain
+    scores = {"map": str(map_path), "target": target, "effect": info.get("effect"),
+              "truth_regions": info["truth"][role]["regions"], "truth_voxels": int(truth.sum()),
+              "truth_auroc": auroc(truth[brain], values[brain]), "effect_vs_control_auroc": None}
+    control = info.get("control")
+    if control:
+        control_mask = _load_mask(planted_dir / control["mask"], img) & brain & ~truth
+        both = truth | control_mask
+        scores["control_regions"] = control["regions"]
+        scores["effect_vs_control_auroc"] = auroc(truth[both], values[both])
+    scores["region_mean"] = {name: float(values[_load_mask(planted_dir / file, img) & brain].mean())
+                             for name, file in info["masks"].items()}
+    scores["brain_mean"] = float(values[brain].mean())
+    return scores
+
+
+def truth_text(scores: dict) -> str:
+    """One line for the console."""
+    control = scores["effect_vs_control_auroc"]
+    return (f"truth ({scores['effect']} cohort, target '{scores['target']}', {'+'.join(scores['truth_regions'])}): "
+            f"voxel AUROC {scores['truth_auroc']:.3f}"
+            + (f"; against the control ({'+'.join(scores['control_regions'])}) {control:.3f}" if control is not None
+               else "; no control region in this cohort"))

@@ -31,6 +31,8 @@ def sweep_file(tmp_path: Path, shards: Path, **sweep) -> Path:
     """The debug model over Mamba depth and frame count: 4 trials, 4 epochs of 8 steps, ASHA rungs at 1 and 2."""
     body = {
         "base": "debug", "name": "t",
+        # the paper's input: the trials' metrics then fall in an order in which ASHA stops one (with center they rise)
+        "model": {"input_norm": "none"},
         "data": {"shards": str(shards), "samples_per_epoch": 32},
         "sweep": {"space": {"model.mamba_depth": {"grid": [1, 2]}, "data.num_frames": {"grid": [8, 16]}},
                   "num_samples": 1, "max_epochs": 4, "grace_period": 1, "reduction_factor": 2,

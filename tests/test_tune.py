@@ -196,6 +196,28 @@ def test_sweep_job_on_slurm_is_requeued_and_completes(slurm, small_shards, tmp_p
     assert json.loads((sweep_dir / "summary.json").read_text())["status"] == "finished"
 
 
+def test_requeue_hands_over_to_submitit_once_when_sigusr2_comes_again(tmp_path, monkeypatch):
+    """Seen on a real SLURM: a preemption's SIGUSR2 came while submitit's handler ran `scontrol requeue`, the handler
+    ran again, and the second requeue of the same job failed the job. Further SIGUSR2s are now ignored."""
+    from brainmt.tune.preemption import DriverSupervisor
+
+    calls = []
+
+    def submitit_handler(signum, frame):      # stands in for submitit's: the next SIGUSR2 arrives while it runs
+        calls.append(signum)
+        os.kill(os.getpid(), signal.SIGUSR2)
+        time.sleep(0.2)
+
+    previous = signal.signal(signal.SIGUSR2, submitit_handler)
+    try:
+        supervisor = DriverSupervisor(["true"], tmp_path / "summary.json", on_event=lambda *a, **k: None)
+        monkeypatch.setenv("SLURM_JOB_ID", "1")
+        supervisor._requeue(forced=True)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert calls == [signal.SIGUSR2]
+
+
 def test_a_trial_that_needs_a_gpu_the_cluster_lacks_fails_at_once(small_shards, tmp_path):
     proc = tune_cli("--cluster", "debug", "--sweep", str(sweep_file(tmp_path, small_shards, gpus_per_trial=1)),
                     "--run-dir", str(tmp_path / "sweep"), timeout=300)

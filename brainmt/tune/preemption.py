@@ -151,6 +151,9 @@ class DriverSupervisor:
             self.child.terminate()                       # no wait: requeueing comes first (SLURM ends the step)
         if callable(self._submitit_usr2):
             log.info("handing the preemption to submitit to requeue the job")
+            # one requeue: a SIGUSR2 arriving during `scontrol requeue` (a preemption sends TERM, then USR2) would run
+            # submitit's handler again, whose second requeue of the same job fails and ends the job with an error
+            signal.signal(signal.SIGUSR2, signal.SIG_IGN)
             self._submitit_usr2(signal.SIGUSR2, None)
 
     def _stop_child(self) -> None:

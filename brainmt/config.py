@@ -208,8 +208,8 @@ class AnalysisConfig:
 
     steps: int = 32
     # auto: noise for a model that centres its input (model.input_norm center/zscore; stem_norm group), else mean;
-    # mean: the training split's average brain (static); noise: that brain plus white noise at the window's own
-    # fluctuation level; temporal_mean: the window's own voxel means over its frames;
+    # mean: the training split's average brain (static); noise: that brain plus white noise at each voxel's typical
+    # fluctuation in the training scans; temporal_mean: the window's own voxel means over its frames;
     # zeros / background: every brain voxel 0 / at the scan's background (far from any scan: docs/analysis.md)
     baseline: Literal["auto", "mean", "noise", "temporal_mean", "zeros", "background"] = "auto"
     baseline_scans: int = 64             # baseline=mean or noise: averaged over at most this many training scans

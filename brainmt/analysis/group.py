@@ -180,7 +180,7 @@ def merge(run_dir: str | Path, out: str | Path | None, settings: AnalysisConfig,
     write_region_table(rows, out / "regions.csv")
 
     figures, brain = [], []
-    if getattr(settings, "figures", True):
+    if settings.figures:
         figures = _slice_figures(out, run, settings, grid, maps, groups, names)
         figures.append(top_regions_chart(rows, out / "top_regions.png", settings.top_regions,
                                          f"top regions by mean |IG| ({parcellation.short})"))

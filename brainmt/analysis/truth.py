@@ -20,8 +20,6 @@ import numpy as np
 
 from brainmt.train.metrics import auroc
 
-ROLE_OF_TARGET = {"sex": "sex", "cognition": "score"}   # the run's target column -> the truth role synth wrote
-
 
 class TruthError(ValueError):
     """The truth folder is missing, or does not fit the map; the message names the file."""
@@ -53,8 +51,8 @@ def truth_scores(map_path: str | Path, planted_dir: str | Path, target: str) -> 
     planted_dir = Path(planted_dir)
     info_path = planted_dir / "planted_effects.json"
     info = read_truth(planted_dir)
-    role = ROLE_OF_TARGET.get(target)
-    if role not in info.get("truth", {}):
+    role = next((r for r, truth in info.get("truth", {}).items() if truth.get("column") == target), None)
+    if role is None:
         raise TruthError(f"{info_path}: no truth for target {target!r} (it has {sorted(info.get('truth', {}))})")
     img = nib.load(map_path)
     values = np.asarray(img.dataobj, dtype=np.float64)

@@ -74,6 +74,15 @@ def seed_view(shards: Path, out: Path, seed: int, shuffle: bool = False) -> Path
     return out
 
 
+def run_logged(cmd: list[str], log_path: Path, what: str) -> None:
+    """Run a brainmt command in its own process (two threads), its output to ``log_path``; an error names the log."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
+    with log_path.open("w") as log:
+        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env).returncode
+    if code != 0:
+        raise RuntimeError(f"{what} exited with {code} (log {log_path})")
+
+
 def train_brainmt(job: BenchRun, shards: Path, out: Path, device: str, window: int, log_dir: Path) -> dict:
     """``brainmt train`` (the demo config on the CPU, the paper's model on CUDA) in its own process; the test metrics
     of its best checkpoint and its validation curve."""
@@ -83,11 +92,7 @@ def train_brainmt(job: BenchRun, shards: Path, out: Path, device: str, window: i
     cmd = [sys.executable, "-m", "brainmt.cli", "train", "--config", base, "--shards", str(shards), "--run-dir", str(out),
            f"data.task={task}", f"data.target={target}", f"train.device={device}", "data.num_workers=1",
            f"train.seed={job.seed}", *frames, *(CPU_OVERRIDES[job.task] if device == "cpu" else []), *job.overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
-    with (log_dir / f"{job.name}.log").open("w") as log:
-        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env).returncode
-    if code != 0:
-        raise RuntimeError(f"{job.name}: brainmt train exited with {code} (log {log_dir / (job.name + '.log')})")
+    run_logged(cmd, log_dir / f"{job.name}.log", f"{job.name}: brainmt train")
     ev = json.loads((out / "metrics.json").read_text())
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     curve = [{k: r[k] for k in r if k.startswith("val_") or k == "epoch"} for r in records if "val_loss" in r]
@@ -101,11 +106,7 @@ def analyse_brainmt(job: BenchRun, view: Path, out: Path, planted: Path, device:
     test = sorted(json.loads((view / "splits.json").read_text())["test"])[:subjects]
     cmd = [sys.executable, "-m", "brainmt.cli", "analyze", "--run", str(out), "--out", str(out / "ig"),
            "--subjects", *test, "--truth", str(planted), "--device", device, "analysis.figures=false"]
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
-    with (log_dir / f"{job.name}-ig.log").open("w") as log:
-        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env).returncode
-    if code != 0:
-        raise RuntimeError(f"{job.name}: brainmt analyze exited with {code} (log {log_dir / (job.name + '-ig.log')})")
+    run_logged(cmd, log_dir / f"{job.name}-ig.log", f"{job.name}: brainmt analyze")
     scores = json.loads((out / "ig" / "truth.json").read_text())
     return {k: scores[k] for k in ("truth_auroc", "effect_vs_control_auroc", "truth_regions", "region_mean")} | {
         "subjects": len(test)}

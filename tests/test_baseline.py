@@ -121,6 +121,20 @@ def test_learning_benchmark_smoke(tmp_path):
                                                                "--seeds", "2", "--variants-only", "--no-baselines"])
 
 
+def test_learning_benchmark_shares_the_cores_among_parallel_runs(monkeypatch):
+    """Each parallel run gets its share of the cores (oversubscribed OpenMP threads slow CPU runs ninefold), unless
+    OMP_NUM_THREADS says otherwise."""
+    import os
+
+    from brainmt.bench.learning import threads_per_run
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert [threads_per_run(n) for n in (1, 2, 3, 16)] == [8, 4, 2, 1]
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads_per_run(2) == 3
+
+
 def _learning_benchmark_refuses_mixing(work, main, common):
     """A rerun in the same work dir with other overrides or another cohort stops before training, naming why;
     overrides swallowed by --shuffled are an argparse error, not a silent plain run."""

@@ -74,16 +74,26 @@ def seed_view(shards: Path, out: Path, seed: int, shuffle: bool = False) -> Path
     return out
 
 
-def run_logged(cmd: list[str], log_path: Path, what: str) -> None:
-    """Run a brainmt command in its own process (two threads), its output to ``log_path``; an error names the log."""
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
+def threads_per_run(parallel: int) -> int:
+    """CPU threads for each of ``parallel`` runs: ``OMP_NUM_THREADS`` if set, else the cores shared out.
+
+    Oversubscribed OpenMP threads made two parallel runs on a 2-core machine 9 times slower than one thread each.
+    """
+    return int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 2) // parallel))
+
+
+def run_logged(cmd: list[str], log_path: Path, what: str, threads: int) -> None:
+    """Run a brainmt command in its own process with ``threads`` CPU threads, its output to ``log_path``; an error
+    names the log."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     with log_path.open("w") as log:
         code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env).returncode
     if code != 0:
         raise RuntimeError(f"{what} exited with {code} (log {log_path})")
 
 
-def train_brainmt(job: BenchRun, shards: Path, out: Path, device: str, window: int, log_dir: Path) -> dict:
+def train_brainmt(job: BenchRun, shards: Path, out: Path, device: str, window: int, log_dir: Path,
+                  threads: int) -> dict:
     """``brainmt train`` (the demo config on the CPU, the paper's model on CUDA) in its own process; the test metrics
     of its best checkpoint and its validation curve."""
     task, target = TASKS[job.task]
@@ -92,7 +102,7 @@ def train_brainmt(job: BenchRun, shards: Path, out: Path, device: str, window: i
     cmd = [sys.executable, "-m", "brainmt.cli", "train", "--config", base, "--shards", str(shards), "--run-dir", str(out),
            f"data.task={task}", f"data.target={target}", f"train.device={device}", "data.num_workers=1",
            f"train.seed={job.seed}", *frames, *(CPU_OVERRIDES[job.task] if device == "cpu" else []), *job.overrides]
-    run_logged(cmd, log_dir / f"{job.name}.log", f"{job.name}: brainmt train")
+    run_logged(cmd, log_dir / f"{job.name}.log", f"{job.name}: brainmt train", threads)
     ev = json.loads((out / "metrics.json").read_text())
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     curve = [{k: r[k] for k in r if k.startswith("val_") or k == "epoch"} for r in records if "val_loss" in r]
@@ -100,13 +110,13 @@ def train_brainmt(job: BenchRun, shards: Path, out: Path, device: str, window: i
 
 
 def analyse_brainmt(job: BenchRun, view: Path, out: Path, planted: Path, device: str, subjects: int,
-                    log_dir: Path) -> dict:
+                    log_dir: Path, threads: int) -> dict:
     """``brainmt analyze --truth`` of a trained run on its first ``subjects`` test subjects (no figures): the group
     |IG| map's voxel AUROC for the label's planted regions, and against the control region."""
     test = sorted(json.loads((view / "splits.json").read_text())["test"])[:subjects]
     cmd = [sys.executable, "-m", "brainmt.cli", "analyze", "--run", str(out), "--out", str(out / "ig"),
            "--subjects", *test, "--truth", str(planted), "--device", device, "analysis.figures=false"]
-    run_logged(cmd, log_dir / f"{job.name}-ig.log", f"{job.name}: brainmt analyze")
+    run_logged(cmd, log_dir / f"{job.name}-ig.log", f"{job.name}: brainmt analyze", threads)
     scores = json.loads((out / "ig" / "truth.json").read_text())
     return {k: scores[k] for k in ("truth_auroc", "effect_vs_control_auroc", "truth_regions", "region_mean")} | {
         "subjects": len(test)}
@@ -230,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     for job in jobs:
         if job.method.startswith("brainmt"):
             job.overrides = [*args.overrides, *job.overrides]
-    started = time.perf_counter()
+    started, threads = time.perf_counter(), threads_per_run(args.parallel)
     record_path = work / "learning.json"
     done = {r["name"]: r for r in json.loads(record_path.read_text())["rows"]} if record_path.exists() else {}
     try:
@@ -247,11 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         view = work / "views" / f"{job.effect}-s{job.seed}-{job.labels}"
         out, t0 = work / "runs" / job.name, time.perf_counter()
         try:
-            result = (train_brainmt(job, view, out, args.device, args.window or args.frames, work / "logs")
+            result = (train_brainmt(job, view, out, args.device, args.window or args.frames, work / "logs", threads)
                       if job.method.startswith("brainmt") else fit_baseline(job, view, out, args.n_boot))
             if args.ig and job.method.startswith("brainmt") and job.labels == "true":
                 planted = cohorts[job.effect].parent / "raw" / "derivatives" / "planted"
-                result["ig"] = analyse_brainmt(job, view, out, planted, args.device, args.ig, work / "logs")
+                result["ig"] = analyse_brainmt(job, view, out, planted, args.device, args.ig, work / "logs", threads)
         except Exception as exc:    # one failed run is reported, the others go on
             print(f"FAILED {job.name}: {exc}", flush=True)
             return

@@ -162,6 +162,19 @@ def test_stem_norm_none_keeps_a_regions_signal_out_of_distant_tokens(stem_norm):
     assert any(isinstance(m, torch.nn.GroupNorm) for m in model.stem.modules()) == (stem_norm == "group")
 
 
+def test_stem_without_norm_keeps_the_inputs_scale():
+    """Without GroupNorm the paper's stem (fan_in init) passes a unit-scale input on at about unit scale, above the
+    position embeddings (fan_out would shrink it about 50-fold, below them)."""
+    torch.manual_seed(0)
+    cfg = load_config("paper", ["model.stem_norm=none", "model.volume_shape=[48,56,48]"]).model
+    model = build_model(cfg).eval()
+    x = torch.randn(2, 1, 48, 56, 48)
+    with torch.no_grad():
+        tokens = model.stem(x)[0]
+    assert 0.3 < tokens.std().item() < 3
+    assert tokens.std().item() > 10 * model.pos_embed.std().item()
+
+
 @pytest.mark.parametrize("options", [["model.checkpointing=all"], ["model.checkpointing=attention"],
                                      ["model.stem_chunk_frames=3", "model.channels_last=true"],
                                      ["model.sdpa_backend=math", "model.compile=true"]])

@@ -104,6 +104,9 @@ class BrainMT(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.temporal_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
+        # without the stem's GroupNorm only a variance-preserving (fan_in) init keeps the signal's scale: fan_out
+        # shrinks it about 50-fold through the paper's stem, below the position embeddings (docs/model.md)
+        conv_mode = "fan_in" if self.cfg.stem_norm == "none" else "fan_out"
         for module in [self.stem, *self.attention_blocks, self.head]:
             for m in module.modules():
                 if isinstance(m, nn.Linear):
@@ -111,7 +114,7 @@ class BrainMT(nn.Module):
                     if m.bias is not None:
                         nn.init.zeros_(m.bias)
                 elif isinstance(m, nn.Conv3d):
-                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                    nn.init.kaiming_normal_(m.weight, mode=conv_mode, nonlinearity="relu")
                     if m.bias is not None:
                         nn.init.zeros_(m.bias)
         # GPT-2 style: scale each residual branch's output projection by 1/sqrt(2 * depth)

@@ -86,7 +86,7 @@ def test_dry_run_prints_the_sbatch_script_from_the_profile(shards, tmp_path, sty
     profile.write_text(f"cluster:\n  partition: a100\n  account: neuro-lab\n  gpu_request: {style}\n  gpus_per_node: 4\n"
                        "  time_min: 720\n  setup: ['module load cuda/12.4']\n")
     proc = launch("--profile", str(profile), "--nodes", "2", "--shards", str(shards), "--run-dir", str(tmp_path / "r"),
-                  "--dry-run", "data.num_frames=16", "model.num_frames=16")      # the paper's 200 > these scans
+                  "--dry-run", "data.num_frames=16", "model.num_frames=16")      # paper.yaml's 20 > these scans
     assert proc.returncode == 0, proc.stderr
     for expected in (line, "#SBATCH --partition=a100", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4",
                      "#SBATCH --time=720", "#SBATCH --account=neuro-lab", "module load cuda/12.4", "# resolved config"):

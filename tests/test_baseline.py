@@ -135,6 +135,19 @@ def test_learning_benchmark_shares_the_cores_among_parallel_runs(monkeypatch):
     assert threads_per_run(2) == 3
 
 
+def test_learning_benchmark_lists_per_seed_values_in_seed_order():
+    """Runs finish in any order; the summary's per-seed values follow the seeds, so a table's (a, b, c) is seeds 0-2."""
+    from brainmt.bench.learning import summarise
+
+    def row(seed, auroc):
+        test = {k: {"value": auroc, "ci95": [auroc, auroc]} for k in ("auroc", "balanced_accuracy", "accuracy")}
+        return {"effect": "coupling", "task": "sex", "labels": "true", "method": "brainmt", "seed": seed,
+                "seconds": 1.0, "test": test}
+
+    [entry] = summarise([row(2, 0.7), row(0, 0.9), row(1, 0.8)])
+    assert entry["seed_list"] == [0, 1, 2] and entry["auroc"]["values"] == [0.9, 0.8, 0.7]
+
+
 def _learning_benchmark_refuses_mixing(work, main, common):
     """A rerun in the same work dir with other overrides or another cohort stops before training, naming why;
     overrides swallowed by --shuffled are an argparse error, not a silent plain run."""

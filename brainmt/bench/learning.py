@@ -153,15 +153,16 @@ def plan(effects: list[str], seeds: int, tasks: list[str], variants: dict[str, l
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Mean and sd over seeds of each (effect, task, labels, method): the test metrics and the best validation."""
+    """Mean and sd over seeds of each (effect, task, labels, method): the test metrics and the best validation.
+    Per-seed values are listed in seed order (``seed_list``), whatever order the runs finished in."""
     groups: dict[tuple, list[dict]] = {}
-    for r in rows:
+    for r in sorted(rows, key=lambda r: r["seed"]):
         groups.setdefault((r["effect"], r["task"], r["labels"], r["method"]), []).append(r)
     out = []
     for (effect, task, labels, method), members in groups.items():
         kind = TASKS[task][0]
         entry = {"effect": effect, "task": task, "labels": labels, "method": method, "seeds": len(members),
-                 "seconds": float(np.mean([m["seconds"] for m in members]))}
+                 "seed_list": [m["seed"] for m in members], "seconds": float(np.mean([m["seconds"] for m in members]))}
         for k in SHOWN[kind]:
             values = [m["test"][k]["value"] for m in members]
             entry[k] = {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,

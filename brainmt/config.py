@@ -211,8 +211,10 @@ class AnalysisConfig:
     # mean: the training split's average brain (static); noise: that brain plus white noise at each voxel's typical
     # fluctuation in the training scans; temporal_mean: the window's own voxel means over its frames;
     # zeros / background: every brain voxel 0 / at the scan's background (far from any scan: docs/analysis.md)
-    baseline: Literal["auto", "mean", "noise", "temporal_mean", "zeros", "background"] = "auto"
+    # scans: IG from each of reference_scans real training windows, averaged (expected gradients; docs/analysis.md)
+    baseline: Literal["auto", "mean", "noise", "temporal_mean", "zeros", "background", "scans"] = "auto"
     baseline_scans: int = 64             # baseline=mean or noise: averaged over at most this many training scans
+    reference_scans: int = 8             # baseline=scans: this many references (IG's cost grows with it)
     method: Literal["gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle"] = "gausslegendre"
     internal_batch_size: int | None = None   # None: chosen from the free memory of the device
     device: Device = "auto"
@@ -543,8 +545,8 @@ def validate(cfg: Config) -> None:
         (cfg.analysis.steps >= 1, "analysis.steps", "at least 1"),
         (cfg.analysis.internal_batch_size is None or cfg.analysis.internal_batch_size >= 1, "analysis.internal_batch_size",
          "at least 1 or null"),
-        (cfg.analysis.baseline_scans >= 1 and cfg.analysis.top_regions >= 1, "analysis.baseline_scans/top_regions",
-         "at least 1"),
+        (min(cfg.analysis.baseline_scans, cfg.analysis.reference_scans, cfg.analysis.top_regions) >= 1,
+         "analysis.baseline_scans/reference_scans/top_regions", "at least 1"),
         (0 <= cfg.analysis.figure_percentile < 100, "analysis.figure_percentile", "in [0, 100)"),
         (cfg.analysis.subject_figures >= 0, "analysis.subject_figures", "zero or more"),
     ]

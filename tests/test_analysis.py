@@ -25,6 +25,7 @@ from brainmt.analysis.attribution import (
     PackedModel,
     attribute_windows,
     make_baseline,
+    reference_windows,
     resolve_baseline,
     training_fluctuation,
     training_mean,
@@ -154,6 +155,53 @@ def test_group_abs_map_finds_the_planted_regions(demo):
     assert len(completeness) == 1 + ANALYSED
     record = json.loads((demo["ig"] / "subjects" / f"{demo['subjects'][0]}_ig.json").read_text())
     assert record["ig_sum"] == pytest.approx(sum(w["ig_sum"] for w in record["windows"]) / len(record["windows"]))
+
+
+def test_scans_baseline_averages_ig_over_real_reference_windows(small_shards):
+    """baseline=scans (expected gradients): each window's IG is the mean of its IG from K real training windows, the
+    absolute map taken after the mean; completeness holds against the mean of the K references' outputs."""
+    shards = ShardSet(small_shards)
+    torch.manual_seed(0)
+    cfg = load_config("debug", [f"model.volume_shape={list(shards.volume_shape)}", "model.input_norm=none"])
+    model = PackedModel(build_model(cfg.model).eval().requires_grad_(False), shards.brain_index, shards.volume_shape)
+    packed, background = _packed_windows(shards, shards.scans_of("test")[:1], 8)
+    train = shards.scans_of("train")
+    refs = torch.from_numpy(reference_windows(shards, train, 3, 8))
+    first = {s: torch.from_numpy(shards.read_frames(s, 0, 8).astype(np.float32)) for s in train}
+    matches = [[s for s in train if torch.equal(r, first[s])] for r in refs]
+    assert refs.shape == (3, 8, shards.n_brain) and [m[:1] for m in matches] == [[train[0]], matches[1][:1], [train[-1]]]
+    assert len({m[0] for m in matches}) == 3                  # three training scans, evenly spaced from first to last
+    base = make_baseline("scans", packed, background, None, references=refs)
+    assert base.shape == (3, 1, 8, shards.n_brain)
+    results = attribute_windows(model, packed, background, base, steps=32, internal_batch_size=16)
+    _assert_complete(results, "scans")
+    singles = [attribute_windows(model, packed, background, r.expand_as(packed).contiguous(), steps=32,
+                                 internal_batch_size=16) for r in refs]
+    for w, (signed, absolute, _f_x, f_b, _total) in enumerate(results):
+        assert np.allclose(signed, np.mean([one[w][0] for one in singles], axis=0), atol=1e-6)
+        assert f_b == pytest.approx(np.mean([one[w][3] for one in singles]))
+        assert (absolute <= np.mean([one[w][1] for one in singles], axis=0) + 1e-6).all()    # |mean| <= mean |.|
+        assert absolute.sum() < np.mean([one[w][1] for one in singles], axis=0).sum()
+    with pytest.raises(AttributionError, match="reference windows of the analysed windows' frames"):
+        make_baseline("scans", packed, background, None, references=refs[:, :4])
+    with pytest.raises(AttributionError, match="has the 10000 frames a reference window needs"):
+        reference_windows(shards, train, 3, 10000)
+
+
+def test_scans_baseline_through_analyze(demo, tmp_path):
+    """brainmt analyze --baseline scans: the references come from the training split, their count is part of the
+    settings (another count recomputes the maps), and each subject's record is complete against their mean output."""
+    out, subjects = tmp_path / "ig", demo["subjects"][:2]
+    args = ["analyze", "--run", str(demo["run"]), "--out", str(out), "--subjects", *subjects, "--baseline", "scans"]
+    assert main([*args, "analysis.reference_scans=2", "analysis.figures=false"]) == 0
+    record = json.loads((out / "subjects" / f"{subjects[0]}_ig.json").read_text())
+    assert record["settings"]["baseline"] == "scans" and record["settings"]["reference_scans"] == 2
+    assert record["settings"]["baseline_scans"] is None
+    assert record["ig_sum"] == pytest.approx(sum(w["ig_sum"] for w in record["windows"]) / len(record["windows"]))
+    assert main([*args, "analysis.reference_scans=3", "analysis.figures=false"]) == 0
+    again = json.loads((out / "subjects" / f"{subjects[0]}_ig.json").read_text())
+    assert again["settings"]["reference_scans"] == 3 and again["f_baseline"] != record["f_baseline"]
+    assert main([*args, "analysis.reference_scans=0"]) == 2
 
 
 @pytest.mark.parametrize("baseline", ["mean", "temporal_mean", "zeros", "background"])

@@ -75,6 +75,17 @@ def training_fluctuation(shards: ShardSet, scans: list[str], max_scans: int = 64
     return np.sqrt(np.mean([block.var(axis=0) for block in blocks], axis=0)).astype(np.float32)
 
 
+def reference_windows(shards: ShardSet, scans: list[str], count: int, frames: int) -> np.ndarray:
+    """The ``scans`` baseline's references: float32 (K, frames, n_brain), the first ``frames`` frames of up to
+    ``count`` evenly spaced ``scans`` that have that many (real windows of other subjects, the same for every
+    analysed subject)."""
+    long_enough = [s for s in scans if shards.scans[s]["frames"] >= frames]
+    if not long_enough:
+        raise AttributionError(f"no scan in {shards.root} has the {frames} frames a reference window needs")
+    picked = [long_enough[int(i)] for i in np.unique(np.linspace(0, len(long_enough) - 1, min(count, len(long_enough))).round())]
+    return np.stack([shards.read_frames(scan, 0, frames) for scan in picked]).astype(np.float32)
+
+
 def resolve_baseline(kind: str, input_norm: str, stem_norm: str = "group") -> str:
     """``analysis.baseline`` for a model with this ``model.input_norm`` and ``model.stem_norm``: ``auto`` becomes
     ``noise`` for a centring model whose stem normalises each frame, else ``mean``; such a model refuses a baseline
@@ -96,11 +107,17 @@ def resolve_baseline(kind: str, input_norm: str, stem_norm: str = "group") -> st
 
 
 def make_baseline(kind: str, packed: torch.Tensor, background: torch.Tensor, mean_brain: torch.Tensor | None,
-                  generator: torch.Generator | None = None, fluctuation: torch.Tensor | None = None) -> torch.Tensor:
-    """The baseline of packed windows (W, T, n_brain) for ``kind`` (see :data:`BASELINES`); same shape and device.
+                  generator: torch.Generator | None = None, fluctuation: torch.Tensor | None = None,
+                  references: torch.Tensor | None = None) -> torch.Tensor:
+    """The baseline of packed windows (W, T, n_brain) for ``kind`` (see :data:`BASELINES`); same shape and device,
+    but for ``scans``: the K ``references`` (K, T, n_brain) as (K, 1, T, n_brain), each a baseline of every window.
 
     ``noise``: ``mean_brain`` plus white Gaussian noise (from ``generator``, on the CPU) scaled voxel by voxel to the
     training scans' typical ``fluctuation``: a typical brain's fluctuation power with no structure in space or time."""
+    if kind == "scans":
+        if references is None or references.shape[1:] != packed.shape[1:]:
+            raise AttributionError("baseline 'scans' needs reference windows of the analysed windows' frames and voxels")
+        return references.to(packed).unsqueeze(1)
     if kind in ("mean", "noise") and mean_brain is None:
         raise AttributionError(f"baseline '{kind}' needs the training split's mean brain")
     if kind == "noise":
@@ -171,24 +188,29 @@ def choose_internal_batch_size(model: PackedModel, packed: torch.Tensor, backgro
 
 def attribute_windows(model: PackedModel, packed: torch.Tensor, background: torch.Tensor, baseline: torch.Tensor,
                       steps: int, internal_batch_size: int, method: str = "gausslegendre") -> list[tuple]:
-    """IG of windows (W, T, n_brain) against ``baseline`` (same shape); returns per window
+    """IG of windows (W, T, n_brain) against ``baseline``; returns per window
     (signed (n_brain,), absolute (n_brain,), f_input, f_baseline, ig_sum), frames summed.
 
-    At most ``internal_batch_size`` scaled windows go through the model at once: one window a call when it is
-    smaller than ``steps``, else ``internal_batch_size // steps`` windows a call.
+    ``baseline`` is one baseline of the windows' shape, or K of them, (K, W or 1, T, n_brain): then each window's
+    attributions are averaged over the K paths before the absolute value is taken (expected gradients), and
+    f_baseline is the mean of the K outputs. At most ``internal_batch_size`` scaled windows go through the model at
+    once: one window a call when it is smaller than ``steps``, else ``internal_batch_size // steps`` windows a call.
     """
     from captum.attr import IntegratedGradients
 
     ig = IntegratedGradients(model)
+    baselines = baseline.unsqueeze(0) if baseline.dim() == 3 else baseline
     per_call = max(1, internal_batch_size // steps)
     out = []
     for i in range(0, packed.shape[0], per_call):
-        x, b, bg = packed[i:i + per_call], baseline[i:i + per_call], background[i:i + per_call]
-        attr = ig.attribute(x, baselines=b, additional_forward_args=(bg,), n_steps=steps, method=method,
-                            internal_batch_size=max(internal_batch_size, x.shape[0]))
+        x, bg = packed[i:i + per_call], background[i:i + per_call]
+        chunk = [b[i:i + per_call] if b.shape[0] > 1 else b.expand_as(x).contiguous() for b in baselines]
+        attr = sum(ig.attribute(x, baselines=b, additional_forward_args=(bg,), n_steps=steps, method=method,
+                                internal_batch_size=max(internal_batch_size, x.shape[0])).detach() for b in chunk)
+        attr = attr / len(chunk)
         with torch.no_grad():
-            f_x, f_b = model(x, bg).double().cpu(), model(b, bg).double().cpu()
-        attr = attr.detach()
+            f_x = model(x, bg).double().cpu()
+            f_b = sum(model(b, bg).double().cpu() for b in chunk) / len(chunk)
         signed = attr.sum(dim=1).double().cpu().numpy()
         absolute = attr.abs().sum(dim=1).double().cpu().numpy()
         sums = attr.double().sum(dim=(1, 2)).cpu()

@@ -109,7 +109,8 @@ def fingerprint(run: RunInfo, settings: AnalysisConfig) -> dict:
     except AttributionError as exc:
         raise AnalysisError(f"{run.run_dir}: {exc}") from None
     return {"checkpoint": run.checkpoint.name, "step": run.step, "steps": settings.steps, "baseline": baseline,
-            "method": settings.method, "baseline_scans": settings.baseline_scans if baseline in ("mean", "noise") else None}
+            "method": settings.method, "baseline_scans": settings.baseline_scans if baseline in ("mean", "noise") else None,
+            "reference_scans": settings.reference_scans if baseline == "scans" else None}
 
 
 def baseline_scans(shards: ShardSet, split_scans: list[str]) -> list[str]:
@@ -126,7 +127,7 @@ class SubjectAnalyzer:
     def __init__(self, run: RunInfo, settings: AnalysisConfig, out: Path, split_scans: list[str]) -> None:
         import torch
 
-        from brainmt.analysis.attribution import BASELINES, PackedModel, training_fluctuation, training_mean
+        from brainmt.analysis.attribution import BASELINES, PackedModel, reference_windows, training_fluctuation, training_mean
         from brainmt.train.evaluation import trained_model
 
         if settings.baseline not in BASELINES:
@@ -146,6 +147,11 @@ class SubjectAnalyzer:
         if self.baseline == "noise":
             fluctuation = training_fluctuation(run.shards, scans, settings.baseline_scans)
             self.fluctuation = torch.from_numpy(fluctuation).to(self.device)
+        self.references = None
+        if self.baseline == "scans":
+            windows = reference_windows(run.shards, baseline_scans(run.shards, split_scans), settings.reference_scans,
+                                        run.cfg.data.num_frames)
+            self.references = torch.from_numpy(windows).to(self.device)
         self.internal_batch_size = settings.internal_batch_size
         self.bytes_per_sample: int | None = None
 
@@ -174,7 +180,8 @@ class SubjectAnalyzer:
         start_time = time.perf_counter()
         windows, packed, background = self._windows(scans)
         noise = torch.Generator().manual_seed(zlib.crc32(subject.encode()))    # the same noise baseline on a rerun
-        baseline = make_baseline(self.baseline, packed, background, self.mean_brain, noise, self.fluctuation)
+        baseline = make_baseline(self.baseline, packed, background, self.mean_brain, noise, self.fluctuation,
+                                 self.references)
         if self.internal_batch_size is None:
             self.internal_batch_size, self.bytes_per_sample = choose_internal_batch_size(
                 self.model, packed, background, self.settings.steps)

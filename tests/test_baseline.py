@@ -92,8 +92,8 @@ def test_learning_benchmark_smoke(tmp_path):
     work = tmp_path / "bench"
     assert main(["--subjects", "60", "--frames", "24", "--work-dir", str(work), "--tasks", "sex", "--n-boot", "50",
                  "--effects", "coupling", "--seeds", "2", "--parallel", "2", "--variant", "ld", "optim.layer_decay=0.75",
-                 "--shuffled", "coupling", "--variants-only", "--ig", "4",
-                 "train.epochs=3", "data.num_frames=8", "model.num_frames=8"]) == 0
+                 "analysis.baseline=scans", "analysis.reference_scans=2", "--shuffled", "coupling", "--variants-only",
+                 "--ig", "4", "train.epochs=3", "data.num_frames=8", "model.num_frames=8"]) == 0
     record = json.loads((work / "learning.json").read_text())
     by = {(r["seed"], r["labels"], r["method"]): r["test"] for r in record["rows"]}
     assert set(by) == {(seed, labels, method) for seed in (0, 1) for labels, method in [
@@ -114,6 +114,8 @@ def test_learning_benchmark_smoke(tmp_path):
             assert 0 <= ig["truth_auroc"] <= 1 and 0 <= ig["effect_vs_control_auroc"] <= 1
             assert (work / "runs" / r["name"] / "ig" / "truth.json").exists()
             assert not list((work / "runs" / r["name"] / "ig").rglob("*.png"))     # analysis.figures=false
+            subject = json.loads(next((work / "runs" / r["name"] / "ig" / "subjects").glob("*_ig.json")).read_text())
+            assert subject["settings"]["baseline"] == "scans" and subject["settings"]["reference_scans"] == 2
         else:
             assert "ig" not in r                                    # not for shuffled labels or baselines
     assert "ig_effect_vs_control_auroc" in summary[("true", "brainmt:ld")]

@@ -111,11 +111,13 @@ def train_brainmt(job: BenchRun, shards: Path, out: Path, device: str, window: i
 
 def analyse_brainmt(job: BenchRun, view: Path, out: Path, planted: Path, device: str, subjects: int,
                     log_dir: Path, threads: int) -> dict:
-    """``brainmt analyze --truth`` of a trained run on its first ``subjects`` test subjects (no figures): the group
-    |IG| map's voxel AUROC for the label's planted regions, and against the control region."""
+    """``brainmt analyze --truth`` of a trained run on its first ``subjects`` test subjects (no figures, the job's
+    ``analysis.*`` overrides): the group |IG| map's voxel AUROC for the label's planted regions, and against the
+    control region."""
     test = sorted(json.loads((view / "splits.json").read_text())["test"])[:subjects]
     cmd = [sys.executable, "-m", "brainmt.cli", "analyze", "--run", str(out), "--out", str(out / "ig"),
-           "--subjects", *test, "--truth", str(planted), "--device", device, "analysis.figures=false"]
+           "--subjects", *test, "--truth", str(planted), "--device", device, "analysis.figures=false",
+           *[o for o in job.overrides if o.startswith("analysis.")]]
     run_logged(cmd, log_dir / f"{job.name}-ig.log", f"{job.name}: brainmt analyze", threads)
     scores = json.loads((out / "ig" / "truth.json").read_text())
     return {k: scores[k] for k in ("truth_auroc", "effect_vs_control_auroc", "truth_regions", "region_mean")} | {

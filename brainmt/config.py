@@ -223,6 +223,9 @@ class AnalysisConfig:
     atlas: str | None = None             # None: lobes; a named atlas (harvard-oxford, schaefer-400, aal...); a labelled NIfTI
     atlas_labels: str | None = None
     top_regions: int = 20
+    # mm; the group step smooths each subject map (Gaussian, within the brain) before the group voxel maps: unsmoothed
+    # IG maps carry the stem's stride-2 grid (docs/analysis.md); 0: none. Subject maps and regions.csv are unsmoothed
+    smooth_fwhm: float = 6.0
     figure_percentile: float = 90.0      # nilearn figures draw a map where |value| reaches this percentile of its brain voxels
     subject_figures: int = 4             # nilearn figures of the first N analysed subjects' signed maps (0: none)
     figures: bool = True                 # false: maps, tables and summary only (no matplotlib or nilearn needed)
@@ -548,6 +551,7 @@ def validate(cfg: Config) -> None:
         (min(cfg.analysis.baseline_scans, cfg.analysis.reference_scans, cfg.analysis.top_regions) >= 1,
          "analysis.baseline_scans/reference_scans/top_regions", "at least 1"),
         (0 <= cfg.analysis.figure_percentile < 100, "analysis.figure_percentile", "in [0, 100)"),
+        (cfg.analysis.smooth_fwhm >= 0, "analysis.smooth_fwhm", "zero or more (mm)"),
         (cfg.analysis.subject_figures >= 0, "analysis.subject_figures", "zero or more"),
     ]
     errors = [f"{key}: must be {want}" for ok, key, want in checks if not ok]

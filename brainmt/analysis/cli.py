@@ -14,7 +14,8 @@ OPTION_KEYS = {"checkpoint": "analysis.checkpoint", "split": "analysis.split", "
                "baseline": "analysis.baseline", "method": "analysis.method",
                "internal_batch_size": "analysis.internal_batch_size", "device": "analysis.device",
                "atlas": "analysis.atlas", "atlas_labels": "analysis.atlas_labels", "top": "analysis.top_regions",
-               "figure_percentile": "analysis.figure_percentile", "subject_figures": "analysis.subject_figures"}
+               "figure_percentile": "analysis.figure_percentile", "subject_figures": "analysis.subject_figures",
+               "smooth_fwhm": "analysis.smooth_fwhm"}
 
 
 def _choices(key: str) -> list:
@@ -48,6 +49,8 @@ def add_analysis_options(p: argparse.ArgumentParser) -> None:
                         "voxels (default 90)")
     p.add_argument("--subject-figures", type=int, metavar="N",
                    help="nilearn figures of the first N analysed subjects' signed maps (default 4; 0: none)")
+    p.add_argument("--smooth-fwhm", type=float, metavar="MM",
+                   help="the group maps average subject maps smoothed by a Gaussian of this FWHM (default 6; 0: none)")
     p.add_argument("--config", action="append", help="YAML layers whose 'analysis:' section sets the defaults")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. analysis.baseline_scans=32")
 

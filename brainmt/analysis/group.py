@@ -81,22 +81,23 @@ def _write_completeness(done: dict, path: Path) -> dict:
 
 
 def _accumulate(out: Path, shards: ShardSet, chosen: dict[str, list[str]], done: dict, names: dict[float, str],
-                keep: int) -> tuple[dict[str, GroupMaps], dict[str, tuple[BrainGrid, np.ndarray]]]:
-    """Group statistics over the subject maps (all subjects, and each class); the signed maps of the first ``keep``
-    subjects (with their grids) are kept for figures."""
+                keep: int, fwhm_mm: float) -> tuple[dict[str, GroupMaps], dict[str, GroupMaps], dict]:
+    """Group statistics over the subject maps (all subjects, and each class): of the maps smoothed by ``fwhm_mm``
+    (the voxel maps) and of the maps as written (for the region table, which averages over regions itself); the
+    signed maps of the first ``keep`` subjects (with their grids) are kept for figures."""
     n_brain = shards.n_brain
-    groups = {"all": GroupMaps(n_brain)} | {name: GroupMaps(n_brain) for name in names.values()}
+    smoothed, raw = ({"all": GroupMaps(n_brain)} | {name: GroupMaps(n_brain) for name in names.values()} for _ in "ab")
     kept: dict[str, tuple[BrainGrid, np.ndarray]] = {}
     for subject, record in done.items():
         own = BrainGrid(shards, chosen[subject])
         signed = own.load(out / "subjects" / f"{subject}_ig.nii.gz")
         absolute = own.load(out / "subjects" / f"{subject}_abs_ig.nii.gz")
-        groups["all"].add(signed, absolute)
-        if names:
-            groups[names[float(record["target"])]].add(signed, absolute)
+        for group in ["all", *([names[float(record["target"])]] if names else [])]:
+            raw[group].add(signed, absolute)
+            smoothed[group].add(own.smooth(signed, fwhm_mm), own.smooth(absolute, fwhm_mm))
         if len(kept) < keep:
             kept[subject] = (own, signed)
-    return groups, kept
+    return smoothed, raw, kept
 
 
 def _t_groups(maps: dict, names: dict) -> list[str]:
@@ -171,12 +172,14 @@ def merge(run_dir: str | Path, out: str | Path | None, settings: AnalysisConfig,
     # analysis.figure_percentile / analysis.subject_figures (docs/analysis.md); the defaults when the config has none
     percentile = float(getattr(settings, "figure_percentile", FIGURE_PERCENTILE))
     names = class_names(shards.manifest, run.stats)
-    groups, kept = _accumulate(out, shards, chosen, done, names, int(getattr(settings, "subject_figures", SUBJECT_FIGURES)))
+    groups, unsmoothed, kept = _accumulate(out, shards, chosen, done, names,
+                                           int(getattr(settings, "subject_figures", SUBJECT_FIGURES)), settings.smooth_fwhm)
     maps = {g: acc.result() for g, acc in groups.items() if acc.n}
     files = [str(grid.save(result[kind], _map_path(out, group, kind))) for group, result in maps.items() for kind in MAP_KINDS]
     completeness = _write_completeness(done, out / "completeness.csv")
-    rows = region_table(parcellation.labels, parcellation.names, maps["all"],
-                        {g: m["mean_ig"] for g, m in maps.items() if g != "all"})
+    region_maps = {g: acc.result() for g, acc in unsmoothed.items() if acc.n}
+    rows = region_table(parcellation.labels, parcellation.names, region_maps["all"],
+                        {g: m["mean_ig"] for g, m in region_maps.items() if g != "all"})
     write_region_table(rows, out / "regions.csv")
 
     figures, brain = [], []

@@ -108,9 +108,9 @@ def fingerprint(run: RunInfo, settings: AnalysisConfig) -> dict:
         baseline = resolve_baseline(settings.baseline, run.cfg.model.input_norm, run.cfg.model.stem_norm)
     except AttributionError as exc:
         raise AnalysisError(f"{run.run_dir}: {exc}") from None
-    return {"checkpoint": run.checkpoint.name, "step": run.step, "steps": settings.steps, "baseline": baseline,
-            "method": settings.method, "baseline_scans": settings.baseline_scans if baseline in ("mean", "noise") else None,
-            "reference_scans": settings.reference_scans if baseline == "scans" else None}
+    found = {"checkpoint": run.checkpoint.name, "step": run.step, "steps": settings.steps, "baseline": baseline,
+             "method": settings.method, "baseline_scans": settings.baseline_scans if baseline in ("mean", "noise") else None}
+    return found | ({"reference_scans": settings.reference_scans} if baseline == "scans" else {})   # older maps stay valid
 
 
 def baseline_scans(shards: ShardSet, split_scans: list[str]) -> list[str]:

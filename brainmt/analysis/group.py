@@ -85,8 +85,10 @@ def _accumulate(out: Path, shards: ShardSet, chosen: dict[str, list[str]], done:
     """Group statistics over the subject maps (all subjects, and each class): of the maps smoothed by ``fwhm_mm``
     (the voxel maps) and of the maps as written (for the region table, which averages over regions itself); the
     signed maps of the first ``keep`` subjects (with their grids) are kept for figures."""
-    n_brain = shards.n_brain
-    smoothed, raw = ({"all": GroupMaps(n_brain)} | {name: GroupMaps(n_brain) for name in names.values()} for _ in "ab")
+    def fresh() -> dict[str, GroupMaps]:
+        return {"all": GroupMaps(shards.n_brain)} | {name: GroupMaps(shards.n_brain) for name in names.values()}
+
+    smoothed, raw = fresh(), fresh()
     kept: dict[str, tuple[BrainGrid, np.ndarray]] = {}
     for subject, record in done.items():
         own = BrainGrid(shards, chosen[subject])

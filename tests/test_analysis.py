@@ -473,7 +473,7 @@ def test_nilearn_figures_of_subjects_and_group(demo):
 
 def test_region_table_with_a_named_atlas(demo, tmp_path, monkeypatch, capsys):
     """--atlas harvard-oxford with nilearn's fetcher replaced by a synthetic labelled atlas (image + labels list, as
-    a fetcher returns them): the regions, voxel counts and mean |IG| follow the group map."""
+    a fetcher returns them): the regions, voxel counts and mean |IG| follow the unsmoothed group map."""
     import nilearn.datasets
 
     source = nib.load(demo["raw"] / "derivatives" / "planted" / "region-a_mask.nii.gz")
@@ -499,7 +499,8 @@ def test_region_table_with_a_named_atlas(demo, tmp_path, monkeypatch, capsys):
     assert "top regions by mean |IG| (Harvard-Oxford cortical atlas" in capsys.readouterr().out
     assert asked == ["cortl-maxprob-thr25-2mm"]
     grid = BrainGrid(ShardSet(demo["shards"]))
-    labels, group = grid.pack(grid.from_source(atlas)), grid.load(out / "group_mean_abs_ig.nii.gz")
+    labels = grid.pack(grid.from_source(atlas))
+    group = np.mean([grid.load(out / "subjects" / f"{s}_abs_ig.nii.gz") for s in subjects], axis=0)   # unsmoothed
     with (out / "regions.csv").open() as f:
         rows = {row["name"]: row for row in csv.DictReader(f)}
     assert set(rows) == {"left half", "right anterior", "right posterior"}

@@ -49,12 +49,16 @@ class PackedModel(torch.nn.Module):
         return self.model(dense.view(b, t, 1, *self.volume_shape)).reshape(b)
 
 
+def _evenly_spaced(scans: list[str], count: int) -> list[str]:
+    """Up to ``count`` of ``scans``, evenly spaced from the first to the last."""
+    return [scans[int(i)] for i in np.unique(np.linspace(0, len(scans) - 1, min(count, len(scans))).round())]
+
+
 def _first_chunks(shards: ShardSet, scans: list[str], max_scans: int):
     """The first stored chunk (frames, n_brain) float64 of up to ``max_scans`` evenly spaced ``scans``."""
     if not scans:
         raise AttributionError(f"no scans in {shards.root} to average for the baseline")
-    picked = [scans[int(i)] for i in np.unique(np.linspace(0, len(scans) - 1, min(max_scans, len(scans))).round())]
-    for scan in picked:
+    for scan in _evenly_spaced(scans, max_scans):
         yield shards.read_frames(scan, 0, min(shards.chunk_frames, shards.scans[scan]["frames"])).astype(np.float64)
 
 
@@ -82,8 +86,7 @@ def reference_windows(shards: ShardSet, scans: list[str], count: int, frames: in
     long_enough = [s for s in scans if shards.scans[s]["frames"] >= frames]
     if not long_enough:
         raise AttributionError(f"no scan in {shards.root} has the {frames} frames a reference window needs")
-    picked = [long_enough[int(i)] for i in np.unique(np.linspace(0, len(long_enough) - 1, min(count, len(long_enough))).round())]
-    return np.stack([shards.read_frames(scan, 0, frames) for scan in picked]).astype(np.float32)
+    return np.stack([shards.read_frames(scan, 0, frames) for scan in _evenly_spaced(long_enough, count)]).astype(np.float32)
 
 
 def resolve_baseline(kind: str, input_norm: str, stem_norm: str = "group") -> str:

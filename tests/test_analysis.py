@@ -227,7 +227,8 @@ def test_a_centring_model_refuses_baselines_constant_in_time(small_shards, basel
 
 def test_smoothing_keeps_a_constant_map_and_spreads_a_point_by_its_fwhm(small_shards):
     """BrainGrid.smooth: a normalised Gaussian within the brain. A constant map stays constant up to the brain's edge,
-    a point spreads as a Gaussian of the FWHM in mm, and the stem's stride-2 checkerboard is gone at 6 mm."""
+    a point spreads as a Gaussian of the FWHM in mm, the stem's stride-2 checkerboard is gone at 6 mm, and maps
+    stacked in one call come out as each would alone."""
     grid = BrainGrid(ShardSet(small_shards))
     voxel = np.sqrt((grid.canonical_affine[:3, :3] ** 2).sum(axis=0))
     assert np.allclose(voxel, 2.0)                                       # synthetic scans: 2 mm voxels
@@ -249,6 +250,9 @@ def test_smoothing_keeps_a_constant_map_and_spreads_a_point_by_its_fwhm(small_sh
     checker = grid.pack(np.where((idx.sum(axis=0) % 2) == 0, 1.0, -1.0).astype(np.float32))
     flat = grid.to_canonical(np.abs(grid.smooth(checker, 6.0)))
     assert flat[tuple(core)] < 0.01 and np.median(flat[mask]) < 0.05    # from +-1 (the brain's edge keeps a little)
+    both = grid.smooth(np.stack([checker, ones * 3]), 6.0)              # several maps in one call: each as alone
+    assert both.shape == (2, grid.n_brain)
+    assert np.allclose(both[0], grid.smooth(checker, 6.0), atol=1e-6) and np.allclose(both[1], 3.0, atol=1e-5)
 
 
 def test_group_maps_average_the_smoothed_subject_maps(demo, tmp_path, capsys):

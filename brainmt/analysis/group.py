@@ -94,9 +94,10 @@ def _accumulate(out: Path, shards: ShardSet, chosen: dict[str, list[str]], done:
         own = BrainGrid(shards, chosen[subject])
         signed = own.load(out / "subjects" / f"{subject}_ig.nii.gz")
         absolute = own.load(out / "subjects" / f"{subject}_abs_ig.nii.gz")
+        smooth_signed, smooth_absolute = own.smooth(np.stack([signed, absolute]), fwhm_mm)
         for group in ["all", *([names[float(record["target"])]] if names else [])]:
             raw[group].add(signed, absolute)
-            smoothed[group].add(own.smooth(signed, fwhm_mm), own.smooth(absolute, fwhm_mm))
+            smoothed[group].add(smooth_signed, smooth_absolute)
         if len(kept) < keep:
             kept[subject] = (own, signed)
     return smoothed, raw, kept

@@ -114,18 +114,20 @@ class BrainGrid:
         return nib.orientations.apply_orientation(volume, self.ornt)
 
     def smooth(self, values: np.ndarray, fwhm_mm: float) -> np.ndarray:
-        """(n_brain,) values smoothed by a Gaussian of ``fwhm_mm`` full width at half maximum, within the brain: voxels
-        outside it neither contribute nor dilute the edge (a normalised convolution). 0: the values unchanged."""
+        """(n_brain,) or (C, n_brain) maps smoothed by a Gaussian of ``fwhm_mm`` full width at half maximum, within the
+        brain: voxels outside it neither contribute nor dilute the edge (a normalised convolution, the brain mask
+        convolved once with all maps). 0: the values unchanged."""
+        values = np.asarray(values)
         if fwhm_mm <= 0:
-            return np.asarray(values)
+            return values
         voxel_mm = np.sqrt((self.canonical_affine[:3, :3] ** 2).sum(axis=0))
-        mask = np.zeros(int(np.prod(self.cropped_shape)))
-        mask[self.brain_index] = 1.0
-        volume = np.zeros_like(mask)
-        volume[self.brain_index] = values
-        num, den = gaussian_filter3d(np.stack([volume, mask]).reshape(2, *self.cropped_shape),
-                                     fwhm_mm / (np.sqrt(8 * np.log(2)) * voxel_mm))
-        return (num.reshape(-1)[self.brain_index] / den.reshape(-1)[self.brain_index]).astype(np.float32)
+        maps = values.reshape(-1, values.shape[-1])
+        volumes = np.zeros((len(maps) + 1, int(np.prod(self.cropped_shape))))
+        volumes[:-1, self.brain_index] = maps
+        volumes[-1, self.brain_index] = 1.0                     # the mask: the normalisation
+        out = gaussian_filter3d(volumes.reshape(-1, *self.cropped_shape), fwhm_mm / (np.sqrt(8 * np.log(2)) * voxel_mm))
+        out = out.reshape(len(volumes), -1)[:, self.brain_index]
+        return (out[:-1] / out[-1]).reshape(values.shape).astype(np.float32)
 
     def pack(self, canonical_volume: np.ndarray) -> np.ndarray:
         """The brain voxels of a full canonical volume, in mask order: (n_brain,)."""

@@ -120,7 +120,7 @@ class BrainGrid:
         values = np.asarray(values)
         if fwhm_mm <= 0:
             return values
-        voxel_mm = np.sqrt((self.canonical_affine[:3, :3] ** 2).sum(axis=0))
+        voxel_mm = nib.affines.voxel_sizes(self.canonical_affine)
         maps = values.reshape(-1, values.shape[-1])
         volumes = np.zeros((len(maps) + 1, int(np.prod(self.cropped_shape))))
         volumes[:-1, self.brain_index] = maps

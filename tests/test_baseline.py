@@ -137,6 +137,26 @@ def test_learning_benchmark_shares_the_cores_among_parallel_runs(monkeypatch):
     assert threads_per_run(2) == 3
 
 
+def test_learning_benchmark_spreads_parallel_runs_over_the_visible_gpus(monkeypatch):
+    """``--parallel 3`` with GPUs 2 and 5 visible: slots on 2, 5, 2, each with its share of the cores; no GPU on the
+    CPU; a slot taken by a run is not handed to another until it is given back."""
+    import os
+
+    from brainmt.bench.learning import run_slots, visible_gpus
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 5")
+    assert visible_gpus("cuda") == ["2", "5"] and visible_gpus("cpu") == []
+    slots = run_slots(3, visible_gpus("cuda"))
+    taken = [slots.get_nowait() for _ in range(3)]
+    assert [s["CUDA_VISIBLE_DEVICES"] for s in taken] == ["2", "5", "2"]
+    assert {s["OMP_NUM_THREADS"] for s in taken} == {"2"} and slots.empty()
+    slots.put(taken[1])
+    assert slots.get_nowait()["CUDA_VISIBLE_DEVICES"] == "5"
+    assert run_slots(2, []).get_nowait() == {"OMP_NUM_THREADS": "3"}
+
+
 def test_learning_benchmark_lists_per_seed_values_in_seed_order():
     """Runs finish in any order; the summary's per-seed values follow the seeds, so a table's (a, b, c) is seeds 0-2."""
     from brainmt.bench.learning import summarise

@@ -6,8 +6,9 @@ another family-grouped split (and another initialisation); on each split it trai
 CUDA, the demo's on the CPU) and fits the connectome and amplitude baselines, for sex (classification) and the
 cognitive score (regression). ``--shuffled EFFECT`` repeats sex with labels permuted across subjects (a control that
 must stay at chance). ``--variant NAME key=value,...`` trains BrainMT once more per variant (the lever table).
-Every BrainMT run is its own ``brainmt train`` process; ``--parallel`` runs several at once (on one GPU they share
-it). Results go to ``learning.json`` after every run (a rerun skips finished ones) and a Markdown table at the end.
+Every BrainMT run is its own ``brainmt train`` process; ``--parallel`` runs several at once, spread over the visible
+GPUs (several on one GPU share it). Results go to ``learning.json`` after every run (a rerun skips finished ones)
+and a Markdown table at the end.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import subprocess
 import sys
 import threading
@@ -82,10 +84,34 @@ def threads_per_run(parallel: int) -> int:
     return int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 2) // parallel))
 
 
-def run_logged(cmd: list[str], log_path: Path, what: str, threads: int) -> None:
-    """Run a brainmt command in its own process with ``threads`` CPU threads, its output to ``log_path``; an error
-    names the log."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+def visible_gpus(device: str) -> list[str]:
+    """The GPUs runs may use: ``CUDA_VISIBLE_DEVICES`` if set, else every GPU torch sees; none off CUDA."""
+    if device != "cuda":
+        return []
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [g.strip() for g in listed.split(",") if g.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def run_slots(parallel: int, gpus: list[str]) -> queue.Queue:
+    """One environment per concurrent run: its share of the CPU threads and, with GPUs, its own GPU (slot i on
+    GPU i mod n), so ``--parallel 6`` on a two-GPU node runs three on each."""
+    slots: queue.Queue = queue.Queue()
+    for i in range(max(1, parallel)):
+        env = {"OMP_NUM_THREADS": str(threads_per_run(parallel))}
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+        slots.put(env)
+    return slots
+
+
+def run_logged(cmd: list[str], log_path: Path, what: str, slot: dict[str, str]) -> None:
+    """Run a brainmt command in its own process with its slot's environment (threads, GPU), its output to
+    ``log_path``; an error names the log."""
+    env = {**os.environ, **slot, "PYTHONUNBUFFERED": "1"}
     with log_path.open("w") as log:
         code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env).returncode
     if code != 0:
@@ -93,7 +119,7 @@ def run_logged(cmd: list[str], log_path: Path, what: str, threads: int) -> None:
 
 
 def train_brainmt(job: BenchRun, shards: Path, out: Path, device: str, window: int, log_dir: Path,
-                  threads: int) -> dict:
+                  slot: dict[str, str]) -> dict:
     """``brainmt train`` (the demo config on the CPU, the paper's model on CUDA) in its own process; the test metrics
     of its best checkpoint and its validation curve."""
     task, target = TASKS[job.task]
@@ -102,7 +128,7 @@ def train_brainmt(job: BenchRun, shards: Path, out: Path, device: str, window: i
     cmd = [sys.executable, "-m", "brainmt.cli", "train", "--config", base, "--shards", str(shards), "--run-dir", str(out),
            f"data.task={task}", f"data.target={target}", f"train.device={device}", "data.num_workers=1",
            f"train.seed={job.seed}", *frames, *(CPU_OVERRIDES[job.task] if device == "cpu" else []), *job.overrides]
-    run_logged(cmd, log_dir / f"{job.name}.log", f"{job.name}: brainmt train", threads)
+    run_logged(cmd, log_dir / f"{job.name}.log", f"{job.name}: brainmt train", slot)
     ev = json.loads((out / "metrics.json").read_text())
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     curve = [{k: r[k] for k in r if k.startswith("val_") or k == "epoch"} for r in records if "val_loss" in r]
@@ -110,7 +136,7 @@ def train_brainmt(job: BenchRun, shards: Path, out: Path, device: str, window: i
 
 
 def analyse_brainmt(job: BenchRun, view: Path, out: Path, planted: Path, device: str, subjects: int,
-                    log_dir: Path, threads: int) -> dict:
+                    log_dir: Path, slot: dict[str, str]) -> dict:
     """``brainmt analyze --truth`` of a trained run on its first ``subjects`` test subjects (no figures, the job's
     ``analysis.*`` overrides): the group |IG| map's voxel AUROC for the label's planted regions, and against the
     control region."""
@@ -118,7 +144,7 @@ def analyse_brainmt(job: BenchRun, view: Path, out: Path, planted: Path, device:
     cmd = [sys.executable, "-m", "brainmt.cli", "analyze", "--run", str(out), "--out", str(out / "ig"),
            "--subjects", *test, "--truth", str(planted), "--device", device, "analysis.figures=false",
            *[o for o in job.overrides if o.startswith("analysis.")]]
-    run_logged(cmd, log_dir / f"{job.name}-ig.log", f"{job.name}: brainmt analyze", threads)
+    run_logged(cmd, log_dir / f"{job.name}-ig.log", f"{job.name}: brainmt analyze", slot)
     scores = json.loads((out / "ig" / "truth.json").read_text())
     return {k: scores[k] for k in ("truth_auroc", "effect_vs_control_auroc", "truth_regions", "region_mean")} | {
         "subjects": len(test)}
@@ -243,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     for job in jobs:
         if job.method.startswith("brainmt"):
             job.overrides = [*args.overrides, *job.overrides]
-    started, threads = time.perf_counter(), threads_per_run(args.parallel)
+    started, slots = time.perf_counter(), run_slots(args.parallel, visible_gpus(args.device))
     record_path = work / "learning.json"
     done = {r["name"]: r for r in json.loads(record_path.read_text())["rows"]} if record_path.exists() else {}
     try:
@@ -258,16 +284,18 @@ def main(argv: list[str] | None = None) -> int:
         if job.name in done:
             return
         view = work / "views" / f"{job.effect}-s{job.seed}-{job.labels}"
-        out, t0 = work / "runs" / job.name, time.perf_counter()
+        out, t0, slot = work / "runs" / job.name, time.perf_counter(), slots.get()
         try:
-            result = (train_brainmt(job, view, out, args.device, args.window or args.frames, work / "logs", threads)
+            result = (train_brainmt(job, view, out, args.device, args.window or args.frames, work / "logs", slot)
                       if job.method.startswith("brainmt") else fit_baseline(job, view, out, args.n_boot))
             if args.ig and job.method.startswith("brainmt") and job.labels == "true":
                 planted = cohorts[job.effect].parent / "raw" / "derivatives" / "planted"
-                result["ig"] = analyse_brainmt(job, view, out, planted, args.device, args.ig, work / "logs", threads)
+                result["ig"] = analyse_brainmt(job, view, out, planted, args.device, args.ig, work / "logs", slot)
         except Exception as exc:    # one failed run is reported, the others go on
             print(f"FAILED {job.name}: {exc}", flush=True)
             return
+        finally:
+            slots.put(slot)
         row = {**asdict(job), "name": job.name, "seconds": time.perf_counter() - t0, **result}
         with lock:
             rows.append(row)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
 from brainmt.config import ConfigError, config_to_dict, load_config, select_metric
 from brainmt.data.shards import ShardError
@@ -101,6 +102,12 @@ def test_label_smoothing_platt_and_jitter():
     cal = fit_platt(y, logits)
     raw, fixed = to_predictions(logits, {"task": "classification"}), to_predictions(logits, {"task": "classification"}, cal)
     assert np.mean((raw >= 0.5) == y) < 0.7 < 0.9 < np.mean((fixed >= 0.5) == y)
+    assert fit_platt(y, -logits) is None                                # never reverses the ranking
+    weak = 0.83 + 1e-3 * (y - 0.5) + rng.normal(0, 2e-3, 400)           # a model near the prior: ranking kept
+    weak_cal = fit_platt(y, weak)
+    assert roc_auc_score(y, to_predictions(weak, {"task": "classification"}, weak_cal)) == roc_auc_score(y, weak)
+    reversing = {"scale": -2.0, "bias": 0.0}                                             # as an older version saved
+    assert np.array_equal(to_predictions(logits, {"task": "classification"}, reversing), raw)
     x = torch.ones(3, 2, 1, 2, 2, 2)
     torch.manual_seed(0)
     j = jitter_intensity(x, 0.1)

@@ -115,21 +115,27 @@ def to_predictions(outputs: np.ndarray, stats: dict, calibration: dict | None = 
     outputs = np.asarray(outputs, dtype=np.float64)
     if stats["task"] == "regression":
         return outputs * stats["std"] + stats["mean"]
-    if calibration:
+    if calibration and calibration["scale"] > 0:      # a reversing fit saved by an older version is not applied
         outputs = calibration["scale"] * outputs + calibration["bias"]
     return 1.0 / (1.0 + np.exp(-outputs))
 
 
 def fit_platt(targets: np.ndarray, outputs: np.ndarray) -> dict | None:
-    """Platt scaling: the logistic fit p = sigmoid(scale * logit + bias) of 0/1 ``targets`` on window logits
-    (None with one class only)."""
+    """Platt scaling: the logistic fit p = sigmoid(scale * logit + bias) of 0/1 ``targets`` on window logits.
+
+    None (the model's own probabilities) with one class only, or when the fit's scale is not positive: a calibration
+    keeps the order of the outputs. A negative scale would reverse the ranking on the evidence of the very split that
+    scores and selects checkpoints (seen on the GPU: runs at chance got validation AUROC 1 - AUROC, and their test
+    predictions reversed), and a zero scale would make every probability equal (AUROC exactly 0.5).
+    """
     from sklearn.linear_model import LogisticRegression
 
     y = np.asarray(targets).astype(int)
     if len(set(y.tolist())) < 2:
         return None
     fit = LogisticRegression(C=1e4).fit(np.asarray(outputs, dtype=np.float64).reshape(-1, 1), y)
-    return {"scale": float(fit.coef_[0, 0]), "bias": float(fit.intercept_[0])}
+    scale = float(fit.coef_[0, 0])
+    return {"scale": scale, "bias": float(fit.intercept_[0])} if scale > 0 else None
 
 
 def subject_metrics(subjects: list[str], targets: np.ndarray, outputs: np.ndarray, stats: dict,

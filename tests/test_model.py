@@ -251,3 +251,20 @@ def test_torch_backend_trains_the_debug_model_in_seconds():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_the_logit_is_float32_under_bf16_autocast():
+    """The head runs outside autocast: outputs a thousandth apart stay apart (a bf16 logit near 1 moves in steps of
+    0.004 and tied a near-prior model's outputs); the logit is the fp32 head of the (autocast) features."""
+    torch.manual_seed(0)
+    model = build_model(_debug()).eval()
+    x = torch.randn(3, 8, 1, 20, 24, 20)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, feats = model(x), model.forward_features(x)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, model.head(feats.float()))
+    model.head.bias.data.fill_(0.83)
+    model.head.weight.data.mul_(1e-3)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.unique().numel() == 3

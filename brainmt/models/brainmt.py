@@ -241,8 +241,16 @@ class BrainMT(nn.Module):
         return self.norm(cls)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, C, D, H, W) -> (B, 1): a regression value or a classification logit."""
-        return self.head(self.head_drop(self.forward_features(x)))
+        """(B, T, C, D, H, W) -> (B, 1): a regression value or a classification logit, always in float32.
+
+        The head runs outside autocast: a bf16 logit has 8 significant bits (steps of 0.004 near 1), which tied the
+        outputs of a model near the prior and left its validation AUROC at exactly 0.5.
+        """
+        feats = self.forward_features(x).float()
+        if x.device.type not in ("cuda", "cpu"):      # no autocast there (the meta device counts shapes and FLOPs)
+            return self.head(self.head_drop(feats))
+        with torch.autocast(x.device.type, enabled=False):
+            return self.head(self.head_drop(feats))
 
 
 def build_model(cfg: ModelConfig) -> BrainMT:

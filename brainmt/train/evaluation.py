@@ -123,7 +123,8 @@ def predict(model: torch.nn.Module, shards: ShardSet, scans: list[str], cfg: Con
 def validate(model: torch.nn.Module, shards: ShardSet, scans: list[str], cfg: Config, device: torch.device,
              env: DistEnv, stats: dict) -> dict:
     """Validation loss and metrics (per subject); with ``train.calibration=platt`` the Platt fit, kept with the
-    checkpoint and applied to the metrics."""
+    checkpoint and applied to the metrics. ``val_output_sd``: the raw outputs' sd across windows; near 0, the model
+    gives every scan the same answer (a run "at the prior")."""
     subjects, targets, outputs = predict(model, shards, scans, cfg, device, env)
     y = normalise(torch.tensor(targets, dtype=torch.float32), stats)
     val_loss = float(task_loss(torch.tensor(outputs, dtype=torch.float32), y, stats["task"]))
@@ -132,6 +133,7 @@ def validate(model: torch.nn.Module, shards: ShardSet, scans: list[str], cfg: Co
         calibration = fit_platt(targets, outputs)
     metrics, _ = subject_metrics(subjects, targets, outputs, stats, calibration=calibration)
     return {"val_loss": val_loss, **{f"val_{k}": v for k, v in metrics.items()}, "val_windows": len(subjects),
+            "val_output_sd": float(np.std(outputs)),
             "calibration": calibration}
 
 

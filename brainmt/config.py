@@ -93,6 +93,9 @@ class ModelConfig:
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.1
     head_dropout: float = 0.0
+    # running: the head reads the class feature standardised per dimension across scans (running statistics), so a
+    # class token that is nearly the same for every scan still gives the head a signal; none: as it is (docs/model.md)
+    head_norm: Literal["none", "running"] = "none"
     checkpointing: Literal["none", "mamba", "attention", "all"] = "none"
     backend: Literal["auto", "cuda", "torch"] = "auto"
     scan_chunk_size: int | None = None  # pure-PyTorch scan only; None: ceil(sqrt(L))

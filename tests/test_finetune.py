@@ -201,3 +201,15 @@ def test_frozen_parameters_under_ddp(sex_run, source, small_shards, tmp_path):
     assert all(torch.equal(w[k], weights[k]) == k.startswith(FROZEN_BY_STEM_MAMBA) for k in w)
     for rank in (0, 1):
         assert "train.freeze=stem+mamba: " in (tmp_path / "ddp" / "logs" / f"rank-{rank}.log").read_text()
+
+
+def test_head_norm_counts_as_part_of_the_head():
+    """A run with ``model.head_norm=running`` starts from a source without it: its standardisation starts fresh with
+    the reset head; keeping the head asks for the source's, which is not there."""
+    source = build_model(load_config("debug").model).state_dict()
+    target = build_model(load_config("debug", ["model.head_norm=running"]).model).state_dict()
+    merged, _, problems = finetune.adapt_weights(source, target, keep_head=False)
+    assert problems == [] and torch.equal(merged["head_norm.updates"], target["head_norm.updates"])
+    assert torch.equal(merged["cls_token"], source["cls_token"])
+    _, _, problems = finetune.adapt_weights(source, target, keep_head=True)
+    assert problems and all(p.startswith("head_norm.") for p in problems)

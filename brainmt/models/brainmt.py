@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from brainmt.config import ModelConfig
-from brainmt.models.layers import AttentionBlock, ConvStem, MambaBlock, conv_output_size
+from brainmt.models.layers import AttentionBlock, ConvStem, MambaBlock, RunningStandardize, conv_output_size
 
 # attention kernels whose outputs a checkpointed attention block keeps (everything else is recomputed)
 _ATTENTION_OPS = tuple(
@@ -92,6 +92,7 @@ class BrainMT(nn.Module):
             for i in range(cfg.attention_depth)
         )
         self.norm = nn.LayerNorm(dim)
+        self.head_norm = RunningStandardize(dim) if cfg.head_norm == "running" else nn.Identity()
         self.head_drop = nn.Dropout(cfg.head_dropout)
         self.head = nn.Linear(dim, 1)
         self._init_weights()
@@ -248,9 +249,9 @@ class BrainMT(nn.Module):
         """
         feats = self.forward_features(x).float()
         if x.device.type not in ("cuda", "cpu"):      # no autocast there (the meta device counts shapes and FLOPs)
-            return self.head(self.head_drop(feats))
+            return self.head(self.head_drop(self.head_norm(feats)))
         with torch.autocast(x.device.type, enabled=False):
-            return self.head(self.head_drop(feats))
+            return self.head(self.head_drop(self.head_norm(feats)))
 
 
 def build_model(cfg: ModelConfig) -> BrainMT:

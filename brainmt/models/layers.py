@@ -107,6 +107,41 @@ class DropPath(nn.Module):
         return x * mask / keep
 
 
+class RunningStandardize(nn.Module):
+    """Each feature standardised across scans with running mean and variance (``model.head_norm: running``).
+
+    The statistics are updated from every training batch without gradient (a running average over the first
+    1 / momentum batches, then exponential) and used as they are in training and evaluation alike, so a batch of 1
+    or 2 does not set the scale as a BatchNorm's would. Until two batches have been seen the input passes unchanged.
+    """
+
+    def __init__(self, dim: int, momentum: float = 0.01, eps: float = 1e-12) -> None:
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("var", torch.zeros(dim))
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def _update(self, x: torch.Tensor) -> None:
+        if int(self.updates) == 0:
+            self.mean.copy_(x.mean(0))
+            self.var.copy_(x.var(0, correction=0))
+        else:
+            rate = max(self.momentum, 1.0 / (int(self.updates) + 1))
+            delta = x - self.mean
+            self.mean.add_(delta.mean(0), alpha=rate)
+            self.var.lerp_(delta.square().mean(0), rate)
+        self.updates += 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self._update(x.float())
+        if int(self.updates) < 2:
+            return x
+        return (x - self.mean) / torch.sqrt(self.var + self.eps)
+
+
 class MambaBlock(nn.Module):
     """Pre-norm residual Mamba block: x + DropPath(BiMamba(RMSNorm(x))); (B, L, E) -> (B, L, E).
 

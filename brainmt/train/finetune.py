@@ -28,7 +28,7 @@ from brainmt.train.run_config import TrainingError
 
 log = logging.getLogger("brainmt.train.finetune")
 
-HEAD = "head"
+HEAD = ("head", "head_norm")   # the head and the standardisation before it (model.head_norm)
 # what train.freeze freezes: the input side (conv stem, spatial and temporal position embeddings, class token: the
 # tokens the loaded blocks were trained on), plus the Mamba blocks; all-but-head: everything but the head
 FROZEN_PARTS = {
@@ -138,7 +138,7 @@ def adapt_weights(source: dict[str, torch.Tensor], target: dict[str, torch.Tenso
     be adapted (missing on either side, or another shape)."""
     merged, notes, problems = dict(target), [], []
     for name, want in target.items():
-        if name.split(".")[0] == HEAD and not keep_head:
+        if name.split(".")[0] in HEAD and not keep_head:
             continue
         if name not in source:
             problems.append(f"{name}: {tuple(want.shape)} here, not in the source")
@@ -152,7 +152,7 @@ def adapt_weights(source: dict[str, torch.Tensor], target: dict[str, torch.Tenso
         else:
             problems.append(f"{name}: {tuple(have.shape)} in the source, {tuple(want.shape)} here")
     problems += [f"{name}: {tuple(source[name].shape)} in the source, not in this model" for name in source
-                 if name not in target and not (name.split(".")[0] == HEAD and not keep_head)]
+                 if name not in target and not (name.split(".")[0] in HEAD and not keep_head)]
     return merged, notes, problems
 
 
@@ -211,7 +211,7 @@ def _frozen(name: str, freeze: str) -> bool:
     """Whether parameter ``name`` belongs to the parts ``train.freeze`` names."""
     top = name.split(".")[0]
     if freeze == "all-but-head":
-        return top != HEAD
+        return top not in HEAD
     if freeze not in FROZEN_PARTS:
         raise ValueError(f"train.freeze: unknown part {freeze!r} (one of none, {', '.join(list(FROZEN_PARTS)[1:])}, "
                          "all-but-head)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -248,9 +249,9 @@ class BrainMT(nn.Module):
         outputs of a model near the prior and left its validation AUROC at exactly 0.5.
         """
         feats = self.forward_features(x).float()
-        if x.device.type not in ("cuda", "cpu"):      # no autocast there (the meta device counts shapes and FLOPs)
-            return self.head(self.head_drop(self.head_norm(feats)))
-        with torch.autocast(x.device.type, enabled=False):
+        # no autocast on other devices (the meta device counts shapes and FLOPs)
+        fp32 = torch.autocast(x.device.type, enabled=False) if x.device.type in ("cuda", "cpu") else nullcontext()
+        with fp32:
             return self.head(self.head_drop(self.head_norm(feats)))
 
 

@@ -123,21 +123,23 @@ class RunningStandardize(nn.Module):
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
-    def _update(self, x: torch.Tensor) -> None:
-        if int(self.updates) == 0:
+    def _update(self, x: torch.Tensor, seen: int) -> None:
+        if seen == 0:
             self.mean.copy_(x.mean(0))
             self.var.copy_(x.var(0, correction=0))
         else:
-            rate = max(self.momentum, 1.0 / (int(self.updates) + 1))
+            rate = max(self.momentum, 1.0 / (seen + 1))
             delta = x - self.mean
             self.mean.add_(delta.mean(0), alpha=rate)
             self.var.lerp_(delta.square().mean(0), rate)
         self.updates += 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seen = int(self.updates)                     # one host read a forward
         if self.training:
-            self._update(x.float())
-        if int(self.updates) < 2:
+            self._update(x.float(), seen)
+            seen += 1
+        if seen < 2:
             return x
         return (x - self.mean) / torch.sqrt(self.var + self.eps)
 

@@ -132,3 +132,26 @@ def test_paper_model_training_step_bf16_at_200_frames(attention):
           f"step times {[round(t, 3) for t in times]} s, peak memory {peak:.1f} GiB")
     assert torch.isfinite(loss)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_paper_model_head_is_float32_and_head_norm_learns_statistics_on_cuda():
+    """bf16 autocast on CUDA: the logit comes out in float32, ``head_norm: running`` updates its statistics in
+    training (every parameter gets a gradient) and leaves them alone in evaluation."""
+    cfg = load_config("paper", ["model.backend=cuda", "model.head_norm=running", "model.drop_path_rate=0"]).model
+    torch.manual_seed(0)
+    model = build_model(cfg).cuda().train()
+    x = torch.randn(2, 12, 1, *cfg.volume_shape, device="cuda")
+    for _ in range(3):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x)
+        assert out.dtype == torch.float32
+        out.sum().backward()
+    unused = sorted(n for n, p in model.named_parameters() if p.requires_grad and p.grad is None)
+    assert not unused, f"parameters without a gradient: {unused}"
+    stats = {n: b.clone() for n, b in model.head_norm.named_buffers()}
+    assert stats["mean"].abs().sum() > 0, "the running mean never moved"
+    model.eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        first, second = model(x), model(x)
+    assert first.dtype == torch.float32 and torch.equal(first, second)
+    assert all(torch.equal(stats[n], b) for n, b in model.head_norm.named_buffers())

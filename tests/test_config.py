@@ -13,13 +13,14 @@ from brainmt.config import Config, ConfigError, ShardConfig, load_config, save_c
 def test_builtin_configs_load():
     paper = load_config("paper")
     assert paper.model.embed_dim == 512 and paper.model.mamba_depth == 12 and paper.model.attention_depth == 8
-    assert paper.model.d_state == 16 and paper.model.expand == 2 and paper.optim.lr == pytest.approx(5e-5)
+    assert paper.model.d_state == 16 and paper.model.expand == 2 and paper.optim.lr == pytest.approx(1e-4)
     # the recipe measured in issue 15 (docs/results.md); the tiny models keep the stem's GroupNorm and spatial attention
     assert paper.model.stem_norm == "none" and paper.data.num_frames == paper.model.num_frames == 20
     assert paper.model.attention == "global"
+    assert paper.train.batch_size == 8 and paper.data.crop_align == "frame" and paper.model.head_norm == "none"
     debug = load_config("debug")
     assert debug.name == "debug" and debug.model.embed_dim == 32 and debug.model.stem_norm == "group"
-    assert debug.model.attention == "spatial"
+    assert debug.model.attention == "spatial" and debug.data.crop_align == "chunk"
     assert debug.optim.weight_decay == pytest.approx(0.05)  # inherited from paper through base:
     assert load_config("demo").model.embed_dim == 32     # demo -> debug -> paper
 

@@ -287,7 +287,7 @@ def test_demo_recipe_learns_sex_in_five_of_five_seeds(tmp_path):
 def test_demo_model_learns_a_connectivity_only_effect(tmp_path):
     """On a coupling cohort (sex changes only how two distant regions' time courses correlate, so the amplitude
     baseline stays at chance) the demo model learns sex on the CPU with its 20-frame windows, as the connectome
-    baseline does: the kind of effect the paper-size model learned only at lr 5e-5 (docs/results.md)."""
+    baseline does: the kind of effect the paper-size model left at the prior at lr 2e-4 (docs/results.md)."""
     from brainmt.bench.learning import main
 
     work = tmp_path / "bench"

@@ -6,6 +6,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -53,6 +54,13 @@ def results(sweep_dir: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def assert_ray_session_removed(sweep_dir: Path) -> None:
+    """A finished sweep's driver deleted its node-local Ray session directory (Ray leaves it in /tmp)."""
+    logs = "".join(p.read_text() for p in sweep_dir.glob("slurm/*/*_log.*"))
+    removed = re.findall(r"removed the Ray session directory (\S+)", logs)
+    assert removed and not any(Path(p).exists() for p in removed), logs[-2000:]
+
+
 def test_local_sweep_stops_trials_early_and_its_best_config_trains(small_shards, tmp_path):
     sweep_dir = tmp_path / "sweep"
     proc = tune_cli("--cluster", "local", "--cpus-per-task", "2", "--gpus-per-node", "0", "--time", "30",
@@ -68,6 +76,7 @@ def test_local_sweep_stops_trials_early_and_its_best_config_trains(small_shards,
     assert ranked == sorted(ranked, reverse=True)
     for name in ("metric_vs_params.png", "curves.png"):
         assert (sweep_dir / "figures" / name).stat().st_size > 5000
+    assert_ray_session_removed(sweep_dir)
     # every trial is a brainmt run directory on the shared file system, with its validation curve
     for r in rows:
         records = [json.loads(line) for line in (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
@@ -160,6 +169,7 @@ def test_two_node_sweep_starts_a_head_and_a_worker_with_token_auth(small_shards,
     assert stat.S_IMODE(token.stat().st_mode) == 0o600 and len(token.read_text()) == 64
     logs = "".join(p.read_text() for p in sweep_dir.glob("slurm/*/*_log.*"))
     assert "Ray cluster: 2 nodes" in logs and "joining the Ray head" in logs
+    assert_ray_session_removed(sweep_dir)
 
 
 @pytest.mark.parametrize("preemption", [False, True], ids=["time-limit", "preemption"])

@@ -21,6 +21,7 @@ from brainmt.tune.ray_cluster import (
     auth_environment,
     node_resources,
     release_workers,
+    remove_temp_dir,
     start_head,
     temp_dir,
     wait_for_nodes,
@@ -59,6 +60,8 @@ def drive(cfg_dict: dict, sweep_dir: str, node: RayNode, fit_returned: Path | No
             head.terminate()
             head.wait(timeout=120)
     atomic_write_json(Path(sweep_dir) / "summary.json", summary)
+    if summary["status"] == "finished":
+        remove_temp_dir(node.job_id)     # node-local; Ray leaves it behind (an interrupted sweep keeps its logs)
     return summary
 
 

@@ -79,6 +79,14 @@ def temp_dir(job_id: str) -> str:
     return str(Path(base) / f"brainmt-ray-{re.sub(r'[^A-Za-z0-9_-]', '', job_id) or os.getpid()}")
 
 
+def remove_temp_dir(job_id: str) -> None:
+    """Delete this job's Ray session directory on this node (once its Ray has stopped; a failed sweep keeps it)."""
+    path = Path(temp_dir(job_id))
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+        log.info("removed the Ray session directory %s", path)
+
+
 def node_resources() -> tuple[int, int]:
     """(CPUs, GPUs) this task may use: its CPU affinity (SLURM binds it) and the GPUs CUDA can see."""
     import torch
@@ -192,6 +200,8 @@ def run_worker(node: RayNode, done_file: Path, timeout_s: float = 600) -> int:
         if proc.poll() is None:
             proc.terminate()
             proc.wait(timeout=60)
+            if socket.gethostname().split(".")[0] != node.head_host.split(".")[0]:   # the head's: the driver's
+                remove_temp_dir(node.job_id)
             return 0
         if time.perf_counter() > deadline:
             log.error("could not join the Ray head at %s (ray start exited %s)", address, proc.returncode)

@@ -80,10 +80,14 @@ def temp_dir(job_id: str) -> str:
 
 
 def remove_temp_dir(job_id: str) -> None:
-    """Delete this job's Ray session directory on this node (once its Ray has stopped; a failed sweep keeps it)."""
+    """Delete this job's Ray session directory on this node once its Ray has stopped."""
     path = Path(temp_dir(job_id))
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
+    if not path.exists():
+        return
+    shutil.rmtree(path, ignore_errors=True)
+    if path.exists():                   # a Ray process still writing there
+        log.warning("could not remove the Ray session directory %s", path)
+    else:
         log.info("removed the Ray session directory %s", path)
 
 
@@ -200,8 +204,6 @@ def run_worker(node: RayNode, done_file: Path, timeout_s: float = 600) -> int:
         if proc.poll() is None:
             proc.terminate()
             proc.wait(timeout=60)
-            if socket.gethostname().split(".")[0] != node.head_host.split(".")[0]:   # the head's: the driver's
-                remove_temp_dir(node.job_id)
             return 0
         if time.perf_counter() > deadline:
             log.error("could not join the Ray head at %s (ray start exited %s)", address, proc.returncode)

@@ -2,6 +2,7 @@
 
 ``python -m brainmt.bench.ddp --gpus 1 2 [4] [--config paper] [--frames 200] [--steps 20] [--warmup 5]
 [--shards DIR | --subjects 8 --scan-frames 250] [--workers N] [--json FILE] [key=value ...]``
+(with ``--frames 200`` add ``train.batch_size=2``: paper.yaml's batch of 8 is meant for 20-frame windows)
 
 For each count N the project's own training loop (:func:`brainmt.train.loop.train`) runs as a submitit local
 job with one task per GPU: each task finds its rank as every brainmt job does (:func:`brainmt.distributed.detect`

@@ -86,11 +86,15 @@ class DriverSupervisor:
     def _stop_requested(self) -> bool:
         return self.usr2_at is not None or self.interrupted
 
+    def _fit_returned(self) -> bool:
+        """Tune's fit() has returned (its state is saved): no SIGUSR2 is sent again while the driver winds down."""
+        return self.fit_returned_path is not None and self.fit_returned_path.exists()
+
     def _late(self) -> bool:
         """SIGUSR2 came more than grace_s ago and Tune's fit() has not returned."""
         if self.usr2_at is None or time.monotonic() - self.usr2_at <= self.grace_s:
             return False
-        return self.fit_returned_path is None or not self.fit_returned_path.exists()
+        return not self._fit_returned()
 
     def _wait(self) -> int | None:
         """Start the driver and wait for it; None when it was given up (SIGTERM, or no return within the grace)."""
@@ -108,7 +112,7 @@ class DriverSupervisor:
                                 "SIGTERM (preemption): Ray's processes are stopping" if self.terminated else
                                 f"Tune did not return within {self.grace_s:.0f} s of SIGUSR2")
                     return None
-                if self._stop_requested() and time.monotonic() - self._sent_at > self.resend_s:
+                if self._stop_requested() and time.monotonic() - self._sent_at > self.resend_s and not self._fit_returned():
                     self._forward()                        # the first one, or again: the driver may have been starting Ray
                 time.sleep(self.poll_s)
             if self.child.returncode not in (0, INTERRUPTED_EXIT):

@@ -131,6 +131,11 @@ def _resized_embedding(name: str, have: torch.Tensor, shape: torch.Size) -> tupl
     return None
 
 
+def _in_head(name: str) -> bool:
+    """Whether parameter or buffer ``name`` belongs to the head (``HEAD``)."""
+    return name.split(".")[0] in HEAD
+
+
 def adapt_weights(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
                   keep_head: bool) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
     """``target`` (the new model's state_dict) with the source's weights put in, position embeddings resized, the head
@@ -138,7 +143,7 @@ def adapt_weights(source: dict[str, torch.Tensor], target: dict[str, torch.Tenso
     be adapted (missing on either side, or another shape)."""
     merged, notes, problems = dict(target), [], []
     for name, want in target.items():
-        if name.split(".")[0] in HEAD and not keep_head:
+        if _in_head(name) and not keep_head:
             continue
         if name not in source:
             problems.append(f"{name}: {tuple(want.shape)} here, not in the source")
@@ -152,7 +157,7 @@ def adapt_weights(source: dict[str, torch.Tensor], target: dict[str, torch.Tenso
         else:
             problems.append(f"{name}: {tuple(have.shape)} in the source, {tuple(want.shape)} here")
     problems += [f"{name}: {tuple(source[name].shape)} in the source, not in this model" for name in source
-                 if name not in target and not (name.split(".")[0] in HEAD and not keep_head)]
+                 if name not in target and not (_in_head(name) and not keep_head)]
     return merged, notes, problems
 
 
@@ -209,9 +214,9 @@ def load_initial_weights(model: torch.nn.Module, cfg: Config, source: InitSource
 
 def _frozen(name: str, freeze: str) -> bool:
     """Whether parameter ``name`` belongs to the parts ``train.freeze`` names."""
-    top = name.split(".")[0]
     if freeze == "all-but-head":
-        return top not in HEAD
+        return not _in_head(name)
+    top = name.split(".")[0]
     if freeze not in FROZEN_PARTS:
         raise ValueError(f"train.freeze: unknown part {freeze!r} (one of none, {', '.join(list(FROZEN_PARTS)[1:])}, "
                          "all-but-head)")

@@ -29,8 +29,8 @@ class DriverSupervisor:
     """Runs the driver command and decides, when it ends or a signal comes, whether the job is requeued.
 
     - SIGUSR2 (SLURM's time-limit signal, or a preemption): forwarded to the driver (again every few seconds until
-      Tune's fit() returns: a driver still starting Ray cannot take it yet), which asks Tune to stop and save its state; once the
-      driver has returned, the job is requeued. If Tune's ``fit`` has not returned within ``grace_s`` (the driver
+      Tune's fit() returns: a driver still starting Ray cannot take it yet), which asks Tune to stop and save its
+      state; once the driver has returned, the job is requeued. If Tune's ``fit`` has not returned within ``grace_s`` (the driver
       touches ``fit_returned_path`` when it has; SLURM sends the signal 120 s before the limit), the job is
       requeued anyway from the state Tune saved last.
     - SIGTERM (a preemption): Ray's processes are stopping and Tune cannot save again: the job is requeued at once.

@@ -30,7 +30,7 @@ from brainmt.analysis.attribution import (
     training_fluctuation,
     training_mean,
 )
-from brainmt.analysis.maps import BrainGrid
+from brainmt.analysis.maps import BrainGrid, ContrastMap, MapError
 from brainmt.analysis.regions import AtlasError, load_atlas, lobe_labels, read_label_file
 from brainmt.cli import main
 from brainmt.config import load_config
@@ -274,8 +274,31 @@ def test_group_maps_average_the_smoothed_subject_maps(demo, tmp_path, capsys):
         tables.append((out / "regions.csv").read_text())
     assert tables[0] == tables[1]
     assert np.array_equal(grid.load(out / "subjects" / f"{demo['subjects'][0]}_abs_ig.nii.gz"), raw[0])
+    signed = {s: grid.load(out / "subjects" / f"{s}_ig.nii.gz") for s in demo["subjects"]}   # smoothing 0 (the last)
+    male = [json.loads((out / "subjects" / f"{s}_ig.json").read_text())["target"] == 1 for s in demo["subjects"]]
+    assert 0 < sum(male) < len(male)
+    difference = (np.mean([m for m, is_male in zip(signed.values(), male) if is_male], axis=0)
+                  - np.mean([m for m, is_male in zip(signed.values(), male) if not is_male], axis=0))
+    assert np.allclose(grid.load(out / "group_contrast_ig.nii.gz"), difference, rtol=1e-4, atol=1e-6)
     assert main([*args, "--smooth-fwhm", "-1"]) == 2
     assert "analysis.smooth_fwhm: must be zero or more (mm) (given as --smooth-fwhm -1.0)" in capsys.readouterr().err
+
+
+def test_contrast_map_is_the_class_difference_and_the_slope_on_a_score():
+    """group_contrast_ig: for a 0/1 label the difference of the classes' mean maps (1 minus 0), for a score the
+    least-squares slope of each voxel on it; subjects of one class only have no contrast."""
+    rng = np.random.default_rng(0)
+    maps, labels, scores = rng.normal(size=(9, 5)), np.array([0, 1, 1, 0, 1, 0, 0, 1, 1.0]), rng.normal(size=9) * 15 + 100
+    by_class, by_score, one_class = ContrastMap(5), ContrastMap(5), ContrastMap(5)
+    for m, label, score in zip(maps, labels, scores):
+        by_class.add(m, label)
+        by_score.add(m, score)
+        one_class.add(m, 1.0)
+    assert np.allclose(by_class.result(), maps[labels == 1].mean(axis=0) - maps[labels == 0].mean(axis=0), atol=1e-6)
+    assert np.allclose(by_score.result(), [np.polyfit(scores, maps[:, j], 1)[0] for j in range(5)], atol=1e-6)
+    assert not one_class.defined
+    with pytest.raises(MapError, match="at least two different target values"):
+        one_class.result()
 
 
 def test_truth_scores_the_group_map_against_the_planted_regions(demo, tmp_path, capsys):
@@ -299,7 +322,12 @@ def test_truth_scores_the_group_map_against_the_planted_regions(demo, tmp_path, 
     assert scores["truth_auroc"] == pytest.approx(auroc(truth[brain], values[brain]))
     both = (truth | masks["c"]) & brain
     assert scores["effect_vs_control_auroc"] == pytest.approx(auroc(truth[both], values[both]))
-    assert f"voxel AUROC {scores['truth_auroc']:.3f}; against the control (region-c)" in capsys.readouterr().out
+    contrast = np.abs(np.asarray(nib.load(out / "group_contrast_ig.nii.gz").dataobj))
+    assert scores["contrast"]["truth_auroc"] == pytest.approx(auroc(truth[brain], contrast[brain]))
+    assert scores["contrast"]["effect_vs_control_auroc"] == pytest.approx(auroc(truth[both], contrast[both]))
+    printed = capsys.readouterr().out
+    assert f"group |IG|: voxel AUROC {scores['truth_auroc']:.3f}; against the control (region-c)" in printed
+    assert f"|contrast|: voxel AUROC {scores['contrast']['truth_auroc']:.3f}; against the control" in printed
     (out / "truth.json").unlink()
     assert main([*args, "--truth", str(tmp_path / "nowhere")]) == 1
     assert f"{tmp_path / 'nowhere' / 'planted_effects.json'}: not found" in capsys.readouterr().err

@@ -79,19 +79,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     stage.add_argument("--group-only", action="store_true", help="only the group step, from existing subject maps")
     p.add_argument("--truth", metavar="DIR",
                    help="a synthetic cohort's derivatives/planted folder (brainmt synth): score the group |IG| map "
-                        "against the target's truth mask and the control region; writes truth.json")
+                        "and the contrast map against the target's truth mask and the control region; writes "
+                        "truth.json")
     p.set_defaults(func=cmd_analyze)
 
 
 def _score_truth(summary: dict, planted: str) -> None:
-    """``--truth``: the group |IG| map against the planted truth, to truth.json beside it."""
+    """``--truth``: the group |IG| map (and the contrast map) against the planted truth, to truth.json beside it."""
     from pathlib import Path
 
     from brainmt.analysis.truth import truth_scores, truth_text
     from brainmt.fileio import atomic_write_json
 
-    group_map = next(Path(f) for f in summary["maps"] if Path(f).name == "group_mean_abs_ig.nii.gz")
-    scores = truth_scores(group_map, planted, summary["target"])
+    maps = {Path(f).name: Path(f) for f in summary["maps"]}
+    group_map = maps["group_mean_abs_ig.nii.gz"]
+    scores = truth_scores(group_map, planted, summary["target"], maps.get("group_contrast_ig.nii.gz"))
     atomic_write_json(group_map.parent / "truth.json", scores)
     print(truth_text(scores), flush=True)
 

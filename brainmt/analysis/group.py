@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from brainmt.analysis.maps import BrainGrid, GroupMaps
+from brainmt.analysis.maps import BrainGrid, ContrastMap, GroupMaps
 from brainmt.analysis.pipeline import (
     COMPLETENESS_ATOL,
     COMPLETENESS_RTOL,
@@ -81,14 +81,15 @@ def _write_completeness(done: dict, path: Path) -> dict:
 
 
 def _accumulate(out: Path, shards: ShardSet, chosen: dict[str, list[str]], done: dict, names: dict[float, str],
-                keep: int, fwhm_mm: float) -> tuple[dict[str, GroupMaps], dict[str, GroupMaps], dict]:
+                keep: int, fwhm_mm: float) -> tuple[dict[str, GroupMaps], dict[str, GroupMaps], ContrastMap, dict]:
     """Group statistics over the subject maps (all subjects, and each class): of the maps smoothed by ``fwhm_mm``
     (the voxel maps) and of the maps as written (for the region table, which averages over regions itself); the
-    signed maps of the first ``keep`` subjects (with their grids) are kept for figures."""
+    contrast of the smoothed signed maps over the target; the signed maps of the first ``keep`` subjects (with their
+    grids) are kept for figures."""
     def fresh() -> dict[str, GroupMaps]:
         return {"all": GroupMaps(shards.n_brain)} | {name: GroupMaps(shards.n_brain) for name in names.values()}
 
-    smoothed, raw = fresh(), fresh()
+    smoothed, raw, contrast = fresh(), fresh(), ContrastMap(shards.n_brain)
     kept: dict[str, tuple[BrainGrid, np.ndarray]] = {}
     for subject, record in done.items():
         own = BrainGrid(shards, chosen[subject])
@@ -98,9 +99,10 @@ def _accumulate(out: Path, shards: ShardSet, chosen: dict[str, list[str]], done:
         for group in ["all", *([names[float(record["target"])]] if names else [])]:
             raw[group].add(signed, absolute)
             smoothed[group].add(smooth_signed, smooth_absolute)
+        contrast.add(smooth_signed, float(record["target"]))
         if len(kept) < keep:
             kept[subject] = (own, signed)
-    return smoothed, raw, kept
+    return smoothed, raw, contrast, kept
 
 
 def _t_groups(maps: dict, names: dict) -> list[str]:
@@ -175,10 +177,12 @@ def merge(run_dir: str | Path, out: str | Path | None, settings: AnalysisConfig,
     # analysis.figure_percentile / analysis.subject_figures (docs/analysis.md); the defaults when the config has none
     percentile = float(getattr(settings, "figure_percentile", FIGURE_PERCENTILE))
     names = class_names(shards.manifest, run.stats)
-    groups, unsmoothed, kept = _accumulate(out, shards, chosen, done, names,
+    groups, unsmoothed, contrast, kept = _accumulate(out, shards, chosen, done, names,
                                            int(getattr(settings, "subject_figures", SUBJECT_FIGURES)), settings.smooth_fwhm)
     maps = {g: acc.result() for g, acc in groups.items() if acc.n}
     files = [str(grid.save(result[kind], _map_path(out, group, kind))) for group, result in maps.items() for kind in MAP_KINDS]
+    if contrast.defined:    # the target varies over the subjects: what differs with it (docs/analysis.md)
+        files.append(str(grid.save(contrast.result(), out / "group_contrast_ig.nii.gz")))
     completeness = _write_completeness(done, out / "completeness.csv")
     region_maps = {g: acc.result() for g, acc in unsmoothed.items() if acc.n}
     rows = region_table(parcellation.labels, parcellation.names, region_maps["all"],

@@ -192,3 +192,39 @@ class GroupMaps:
             t[ok] = self.mean[ok] / (sd[ok] / np.sqrt(self.n))
         return {"mean_ig": self.mean.astype(np.float32), "mean_abs_ig": (self.abs_sum / self.n).astype(np.float32),
                 "t_ig": t.astype(np.float32)}
+
+
+class ContrastMap:
+    """Per-voxel slope of subject maps on the subjects' target, accumulated one subject at a time (an online
+    covariance): cov(map, target) / var(target). For a 0/1 class label this is the difference of the two classes'
+    mean maps (class 1 minus class 0); for a score, the change of the map per unit of the score.
+
+    What both classes (or all scores) share cancels: a region the model reads whatever the label, or one whose
+    signal is merely large, is near 0 here, where the group mean |IG| follows it."""
+
+    def __init__(self, n_brain: int) -> None:
+        self.n = 0
+        self.mean_y = 0.0
+        self.m2_y = 0.0
+        self.mean = np.zeros(n_brain, dtype=np.float64)
+        self.co = np.zeros(n_brain, dtype=np.float64)
+
+    def add(self, signed: np.ndarray, target: float) -> None:
+        """Add one subject's signed map (n_brain,) and its target."""
+        self.n += 1
+        dx, dy = signed - self.mean, target - self.mean_y     # against the means before this subject
+        self.mean_y += dy / self.n
+        self.m2_y += dy * (target - self.mean_y)
+        self.co += dx * (target - self.mean_y)
+        self.mean += dx / self.n
+
+    @property
+    def defined(self) -> bool:
+        """Whether the target varies over the subjects added (else there is no contrast)."""
+        return self.n >= 2 and self.m2_y > 1e-12
+
+    def result(self) -> np.ndarray:
+        """The slope map (n_brain,) float32."""
+        if not self.defined:
+            raise MapError("a contrast needs subjects with at least two different target values")
+        return (self.co / self.m2_y).astype(np.float32)

@@ -8,6 +8,10 @@
 - ``effect_vs_control_auroc``: the truth voxels against the control's only. |IG| follows signal variance
   wherever the model looks, so a map can find the planted regions without the model having learned the
   label; only this comparison tells the two apart.
+
+Both are given for the group mean |IG| map and for the absolute value of the contrast map (``group_contrast_ig``:
+the signed maps' difference between the classes, or their slope on a score), which cancels what every subject
+shares.
 """
 
 from __future__ import annotations
@@ -46,27 +50,39 @@ def read_truth(planted_dir: str | Path) -> dict:
         raise TruthError(f"{info_path}: not valid JSON ({exc})") from None
 
 
-def truth_scores(map_path: str | Path, planted_dir: str | Path, target: str) -> dict:
-    """Voxel AUROCs of ``map_path`` (brain voxels: where it is non-zero) for the truth of ``target``."""
+def _load_map(path: str | Path, like: nib.Nifti1Image | None = None) -> tuple[nib.Nifti1Image, np.ndarray]:
+    img = nib.load(path)
+    if like is not None and img.shape[:3] != like.shape[:3]:
+        raise TruthError(f"{path}: grid {img.shape[:3]} differs from the group |IG| map's {like.shape[:3]}")
+    return img, np.asarray(img.dataobj, dtype=np.float64)
+
+
+def truth_scores(map_path: str | Path, planted_dir: str | Path, target: str, contrast_path: str | Path | None = None) -> dict:
+    """Voxel AUROCs of ``map_path`` (brain voxels: where it is non-zero) for the truth of ``target``; with
+    ``contrast_path`` (``group_contrast_ig``) the same two AUROCs of its absolute value, under ``contrast``."""
     planted_dir = Path(planted_dir)
     info_path = planted_dir / "planted_effects.json"
     info = read_truth(planted_dir)
     role = next((r for r, truth in info.get("truth", {}).items() if truth.get("column") == target), None)
     if role is None:
         raise TruthError(f"{info_path}: no truth for target {target!r} (it has {sorted(info.get('truth', {}))})")
-    img = nib.load(map_path)
-    values = np.asarray(img.dataobj, dtype=np.float64)
+    img, values = _load_map(map_path)
     brain = values != 0
     truth = _load_mask(planted_dir / info["truth"][role]["mask"], img) & brain
-    scores = {"map": str(map_path), "target": target, "effect": info.get("effect"),
-              "truth_regions": info["truth"][role]["regions"], "truth_voxels": int(truth.sum()),
-              "truth_auroc": auroc(truth[brain], values[brain]), "effect_vs_control_auroc": None}
     control = info.get("control")
+    control_mask = _load_mask(planted_dir / control["mask"], img) & brain & ~truth if control else None
+
+    def aurocs(v: np.ndarray) -> dict:
+        both = None if control_mask is None else truth | control_mask
+        return {"truth_auroc": auroc(truth[brain], v[brain]),
+                "effect_vs_control_auroc": None if both is None else auroc(truth[both], v[both])}
+
+    scores = {"map": str(map_path), "target": target, "effect": info.get("effect"),
+              "truth_regions": info["truth"][role]["regions"], "truth_voxels": int(truth.sum()), **aurocs(values)}
     if control:
-        control_mask = _load_mask(planted_dir / control["mask"], img) & brain & ~truth
-        both = truth | control_mask
         scores["control_regions"] = control["regions"]
-        scores["effect_vs_control_auroc"] = auroc(truth[both], values[both])
+    if contrast_path is not None:
+        scores["contrast"] = {"map": str(contrast_path), **aurocs(np.abs(_load_map(contrast_path, img)[1]))}
     scores["region_mean"] = {name: float(values[_load_mask(planted_dir / file, img) & brain].mean())
                              for name, file in info["masks"].items()}
     scores["brain_mean"] = float(values[brain].mean())
@@ -74,9 +90,15 @@ def truth_scores(map_path: str | Path, planted_dir: str | Path, target: str) -> 
 
 
 def truth_text(scores: dict) -> str:
-    """One line for the console."""
-    control = scores["effect_vs_control_auroc"]
-    return (f"truth ({scores['effect']} cohort, target '{scores['target']}', {'+'.join(scores['truth_regions'])}): "
-            f"voxel AUROC {scores['truth_auroc']:.3f}"
-            + (f"; against the control ({'+'.join(scores['control_regions'])}) {control:.3f}" if control is not None
-               else "; no control region in this cohort"))
+    """The console lines: the group |IG| map, and the contrast map when there is one."""
+    def line(what: str, found: dict) -> str:
+        control = found["effect_vs_control_auroc"]
+        return (f"{what}: voxel AUROC {found['truth_auroc']:.3f}"
+                + (f"; against the control ({'+'.join(scores['control_regions'])}) {control:.3f}" if control is not None
+                   else "; no control region in this cohort"))
+
+    head = f"truth ({scores['effect']} cohort, target '{scores['target']}', {'+'.join(scores['truth_regions'])})"
+    lines = [line(f"{head}, group |IG|", scores)]
+    if scores.get("contrast"):
+        lines.append(line(f"{head}, |contrast|", scores["contrast"]))
+    return "\n".join(lines)

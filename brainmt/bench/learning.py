@@ -32,6 +32,8 @@ from brainmt.data.synthetic import EFFECTS
 
 TASKS = {"sex": ("classification", "sex"), "score": ("regression", "cognition")}
 BASELINES = {"classification": ["connectome-logreg", "amplitude-logreg"], "regression": ["connectome-ridge", "amplitude-ridge"]}
+# the IG map's scores against the planted truth (brainmt analyze --truth): group mean |IG|, then |contrast|
+IG_SCORES = ("truth_auroc", "effect_vs_control_auroc", "contrast_truth_auroc", "contrast_vs_control_auroc")
 SHOWN = {"classification": ["auroc", "balanced_accuracy", "accuracy"], "regression": ["pearson_r", "mse", "mae"]}
 # the demo model on the CPU needs more epochs than the demo's 10 to find the score's amplitude effect
 CPU_OVERRIDES = {"sex": ["train.epochs=20", "train.early_stopping_patience=20"],
@@ -146,8 +148,10 @@ def analyse_brainmt(job: BenchRun, view: Path, out: Path, planted: Path, device:
            *[o for o in job.overrides if o.startswith("analysis.")]]
     run_logged(cmd, log_dir / f"{job.name}-ig.log", f"{job.name}: brainmt analyze", slot)
     scores = json.loads((out / "ig" / "truth.json").read_text())
+    contrast = scores.get("contrast") or {}
     return {k: scores[k] for k in ("truth_auroc", "effect_vs_control_auroc", "truth_regions", "region_mean")} | {
-        "subjects": len(test)}
+        "contrast_truth_auroc": contrast.get("truth_auroc"),
+        "contrast_vs_control_auroc": contrast.get("effect_vs_control_auroc"), "subjects": len(test)}
 
 
 def fit_baseline(job: BenchRun, shards: Path, out: Path, n_boot: int) -> dict:
@@ -195,8 +199,8 @@ def summarise(rows: list[dict]) -> list[dict]:
             values = [m["test"][k]["value"] for m in members]
             entry[k] = {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
                         "values": values, "ci95": [m["test"][k]["ci95"] for m in members]}
-        for k in ("truth_auroc", "effect_vs_control_auroc"):
-            values = [m["ig"][k] for m in members if m.get("ig") and m["ig"][k] is not None]
+        for k in IG_SCORES:
+            values = [m["ig"][k] for m in members if m.get("ig") and m["ig"].get(k) is not None]
             if values:
                 entry[f"ig_{k}"] = {"mean": float(np.mean(values)), "values": values}
         out.append(entry)
@@ -211,7 +215,7 @@ def markdown(summary: list[dict]) -> str:
         cells = "; ".join(f"{k} {e[k]['mean']:.3f} ± {e[k]['sd']:.3f} ({', '.join(f'{v:.2f}' for v in e[k]['values'])})"
                           for k in SHOWN[TASKS[e["task"]][0]][:2])
         cells += "".join(f"; {k} {e[k]['mean']:.3f} ({', '.join(f'{v:.2f}' for v in e[k]['values'])})"
-                         for k in ("ig_truth_auroc", "ig_effect_vs_control_auroc") if k in e)
+                         for k in (f"ig_{k}" for k in IG_SCORES) if k in e)
         lines.append(f"| {e['effect']} | {e['task']} | {e['labels']} | {e['method']} | {e['seeds']} | {cells} | "
                      f"{e['seconds']:.0f} |")
     return "\n".join(lines)
@@ -373,8 +377,9 @@ def format_row(row: dict) -> str:
     kind = TASKS[row["task"]][0]
     cells = "  ".join(f"{k} {row['test'][k]['value']:.3f}" for k in SHOWN[kind])
     if row.get("ig"):
-        control = row["ig"]["effect_vs_control_auroc"]
+        control, contrast = row["ig"]["effect_vs_control_auroc"], row["ig"].get("contrast_vs_control_auroc")
         cells += f"  |IG| truth {row['ig']['truth_auroc']:.3f}" + (f" vs control {control:.3f}" if control is not None else "")
+        cells += f"  |contrast| vs control {contrast:.3f}" if contrast is not None else ""
     return f"{row['name']:55s} {cells}  ({row['seconds']:.0f} s)"
 
 

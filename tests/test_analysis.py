@@ -484,10 +484,11 @@ def _save(data: np.ndarray, affine: np.ndarray, path: Path) -> Path:
 
 
 def test_nilearn_figures_of_subjects_and_group(demo):
-    """Stat map over the MNI template and glass brain: the group |IG| map, each class's t-map, the first 4 subjects;
-    each thresholded at the 90th percentile of the map's |values| over the brain."""
+    """Stat map over the MNI template and glass brain: the group |IG| map, each class's t-map, the contrast map, the
+    first 4 subjects; each thresholded at the 90th percentile of the map's |values| over the brain."""
     out = demo["ig"]
-    stems = ["group_mean_abs_ig", "group_female_t_ig", "group_male_t_ig"] + [f"subjects/{s}_ig" for s in demo["subjects"][:4]]
+    stems = (["group_mean_abs_ig", "group_female_t_ig", "group_male_t_ig", "group_contrast_ig"]
+             + [f"subjects/{s}_ig" for s in demo["subjects"][:4]])
     for stem in stems:
         for kind in ("stat", "glass"):
             assert (out / f"{stem}_{kind}.png").stat().st_size > 20_000, (stem, kind)
@@ -498,7 +499,7 @@ def test_nilearn_figures_of_subjects_and_group(demo):
     assert sorted({r["map"] for r in brain["figures"]}) == sorted(stems) and len(brain["figures"]) == 2 * len(stems)
     grid = BrainGrid(ShardSet(demo["shards"]))
     for record in brain["figures"]:
-        if record["map"] in ("group_mean_abs_ig", "group_male_t_ig", f"subjects/{demo['subjects'][0]}_ig"):
+        if record["map"] in ("group_mean_abs_ig", "group_male_t_ig", "group_contrast_ig", f"subjects/{demo['subjects'][0]}_ig"):
             values = grid.load(out / f"{record['map']}.nii.gz")
             assert record["threshold"] == pytest.approx(np.percentile(np.abs(values), 90), rel=1e-5), record
 

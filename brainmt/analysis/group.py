@@ -133,8 +133,9 @@ def _slice_figures(out: Path, run: RunInfo, settings: AnalysisConfig, grid: Brai
 
 
 def _brain_figures(out: Path, grid: BrainGrid, maps: dict, groups: dict, names: dict, kept: dict, done: dict,
-                   percentile: float) -> list[dict]:
-    """nilearn stat-map and glass-brain figures of the group |IG| map, the t-maps and the kept subjects' signed maps."""
+                   percentile: float, contrast: np.ndarray | None = None) -> list[dict]:
+    """nilearn stat-map and glass-brain figures of the group |IG| map, the t-maps, the contrast map (if any) and the
+    kept subjects' signed maps."""
     from brainmt.analysis.figures import brain_map_figures
 
     def stem(group: str, kind: str) -> Path:
@@ -144,6 +145,10 @@ def _brain_figures(out: Path, grid: BrainGrid, maps: dict, groups: dict, names: 
              False, "group_mean_abs_ig")]
     jobs += [(grid, maps[g]["t_ig"], stem(g, "t_ig"), f"t of IG, {g} ({groups[g].n} subjects)", True, stem(g, "t_ig").name)
              for g in _t_groups(maps, names)]
+    if contrast is not None:
+        higher = f"higher in {names[1.0]}" if names else "higher with the target"
+        jobs.append((grid, contrast, out / "group_contrast_ig", f"contrast of IG, {groups['all'].n} subjects; > 0: {higher}",
+                     True, "group_contrast_ig"))
     for subject, (own, signed) in kept.items():
         target = float(done[subject]["target"])
         title = f"IG of {subject} ({names.get(target, f'target {target:g}')}, prediction {done[subject]['prediction']:.3g})"
@@ -181,8 +186,9 @@ def merge(run_dir: str | Path, out: str | Path | None, settings: AnalysisConfig,
                                            int(getattr(settings, "subject_figures", SUBJECT_FIGURES)), settings.smooth_fwhm)
     maps = {g: acc.result() for g, acc in groups.items() if acc.n}
     files = [str(grid.save(result[kind], _map_path(out, group, kind))) for group, result in maps.items() for kind in MAP_KINDS]
-    if contrast.defined:    # the target varies over the subjects: what differs with it (docs/analysis.md)
-        files.append(str(grid.save(contrast.result(), out / "group_contrast_ig.nii.gz")))
+    contrast_map = contrast.result() if contrast.defined else None   # the target varies: what differs with it
+    if contrast_map is not None:
+        files.append(str(grid.save(contrast_map, out / "group_contrast_ig.nii.gz")))
     completeness = _write_completeness(done, out / "completeness.csv")
     region_maps = {g: acc.result() for g, acc in unsmoothed.items() if acc.n}
     rows = region_table(parcellation.labels, parcellation.names, region_maps["all"],
@@ -194,7 +200,7 @@ def merge(run_dir: str | Path, out: str | Path | None, settings: AnalysisConfig,
         figures = _slice_figures(out, run, settings, grid, maps, groups, names)
         figures.append(top_regions_chart(rows, out / "top_regions.png", settings.top_regions,
                                          f"top regions by mean |IG| ({parcellation.short})"))
-        brain = _brain_figures(out, grid, maps, groups, names, kept, done, percentile)
+        brain = _brain_figures(out, grid, maps, groups, names, kept, done, percentile, contrast_map)
     summary = {"run": str(run.run_dir), "checkpoint": str(run.checkpoint), "step": run.step, "task": run.stats["task"],
                "target": run.stats["target"], "split": settings.split,
                "settings": {**settings_to_dict(settings), "baseline": want["baseline"]},

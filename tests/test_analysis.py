@@ -256,30 +256,36 @@ def test_smoothing_keeps_a_constant_map_and_spreads_a_point_by_its_fwhm(small_sh
 
 
 def test_group_maps_average_the_smoothed_subject_maps(demo, tmp_path, capsys):
-    """The group step smooths each subject map by analysis.smooth_fwhm (default 6 mm) before the group voxel maps; the
-    subject maps on disk and the region table (which averages over regions itself) stay unsmoothed; 0 turns smoothing
-    off; a negative width is a config error."""
+    """The group step smooths each subject map by analysis.smooth_fwhm (default 6 mm) before the group voxel maps (the
+    contrast map too: male minus female mean of the signed maps); the subject maps on disk and the region table (which
+    averages over regions itself) stay unsmoothed; 0 turns smoothing off; a negative width is a config error; a group
+    of one class has no contrast map, and an earlier one is removed."""
     out = tmp_path / "ig"
     shutil.copytree(demo["ig"] / "subjects", out / "subjects")
     args = ["analyze", "--run", str(demo["run"]), "--out", str(out), "--subjects", *demo["subjects"], "--group-only",
             "analysis.figures=false"]
     grid = BrainGrid(ShardSet(demo["shards"]))
     raw = [grid.load(out / "subjects" / f"{s}_abs_ig.nii.gz") for s in demo["subjects"]]
+    signed = [grid.load(out / "subjects" / f"{s}_ig.nii.gz") for s in demo["subjects"]]
+    male = np.array([json.loads((out / "subjects" / f"{s}_ig.json").read_text())["target"] == 1 for s in demo["subjects"]])
+    assert 0 < male.sum() < len(male)
     tables = []
-    for fwhm, expected in ((None, np.mean([grid.smooth(m, 6.0) for m in raw], axis=0)), (0, np.mean(raw, axis=0))):
+    for fwhm in (None, 0):
+        width = 6.0 if fwhm is None else 0
         assert main([*args, *([] if fwhm is None else ["--smooth-fwhm", str(fwhm)])]) == 0
+        expected = np.mean([grid.smooth(m, width) for m in raw], axis=0)
         assert np.allclose(grid.load(out / "group_mean_abs_ig.nii.gz"), expected, rtol=1e-4, atol=1e-7)
+        smoothed = np.stack([grid.smooth(m, width) for m in signed])
+        difference = smoothed[male].mean(axis=0) - smoothed[~male].mean(axis=0)
+        assert np.allclose(grid.load(out / "group_contrast_ig.nii.gz"), difference, rtol=1e-4, atol=1e-6)
         summary = json.loads((out / "summary.json").read_text())
-        assert summary["settings"]["smooth_fwhm"] == (6.0 if fwhm is None else 0)
+        assert summary["settings"]["smooth_fwhm"] == width
         tables.append((out / "regions.csv").read_text())
     assert tables[0] == tables[1]
     assert np.array_equal(grid.load(out / "subjects" / f"{demo['subjects'][0]}_abs_ig.nii.gz"), raw[0])
-    signed = {s: grid.load(out / "subjects" / f"{s}_ig.nii.gz") for s in demo["subjects"]}   # smoothing 0 (the last)
-    male = [json.loads((out / "subjects" / f"{s}_ig.json").read_text())["target"] == 1 for s in demo["subjects"]]
-    assert 0 < sum(male) < len(male)
-    difference = (np.mean([m for m, is_male in zip(signed.values(), male) if is_male], axis=0)
-                  - np.mean([m for m, is_male in zip(signed.values(), male) if not is_male], axis=0))
-    assert np.allclose(grid.load(out / "group_contrast_ig.nii.gz"), difference, rtol=1e-4, atol=1e-6)
+    males = [s for s, is_male in zip(demo["subjects"], male) if is_male]
+    assert main([*args[:6], *males, *args[6 + len(demo["subjects"]):]]) == 0
+    assert not list(out.glob("group_contrast_ig*"))
     assert main([*args, "--smooth-fwhm", "-1"]) == 2
     assert "analysis.smooth_fwhm: must be zero or more (mm) (given as --smooth-fwhm -1.0)" in capsys.readouterr().err
 

@@ -189,6 +189,9 @@ def merge(run_dir: str | Path, out: str | Path | None, settings: AnalysisConfig,
     contrast_map = contrast.result() if contrast.defined else None   # the target varies: what differs with it
     if contrast_map is not None:
         files.append(str(grid.save(contrast_map, out / "group_contrast_ig.nii.gz")))
+    else:                   # one class (or one score) only: no contrast, and none left from an earlier merge
+        for stale in out.glob("group_contrast_ig*"):
+            stale.unlink()
     completeness = _write_completeness(done, out / "completeness.csv")
     region_maps = {g: acc.result() for g, acc in unsmoothed.items() if acc.n}
     rows = region_table(parcellation.labels, parcellation.names, region_maps["all"],

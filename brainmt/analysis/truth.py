@@ -52,8 +52,9 @@ def read_truth(planted_dir: str | Path) -> dict:
 
 def _load_map(path: str | Path, like: nib.Nifti1Image | None = None) -> tuple[nib.Nifti1Image, np.ndarray]:
     img = nib.load(path)
-    if like is not None and img.shape[:3] != like.shape[:3]:
-        raise TruthError(f"{path}: grid {img.shape[:3]} differs from the group |IG| map's {like.shape[:3]}")
+    if like is not None and (img.shape[:3] != like.shape[:3] or not np.allclose(img.affine, like.affine, atol=1e-3)):
+        raise TruthError(f"{path}: grid {img.shape[:3]} (affine {np.round(img.affine, 2).tolist()}) differs from the "
+                         f"group |IG| map's {like.shape[:3]} (affine {np.round(like.affine, 2).tolist()})")
     return img, np.asarray(img.dataobj, dtype=np.float64)
 
 

@@ -14,6 +14,7 @@ and a Markdown table at the end.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import queue
@@ -137,12 +138,25 @@ def train_brainmt(job: BenchRun, shards: Path, out: Path, device: str, window: i
     return {"test": ev, "validation": curve, "best_step": ev["step"], "selected_by": ev.get("selected_by")}
 
 
+def ig_subjects(view: Path, task: str, count: int) -> list[str]:
+    """``count`` test subjects of a seed view by sorted id; for classification taken in turn from each class, so that
+    a few still hold both and the contrast map is defined."""
+    test = sorted(json.loads((view / "splits.json").read_text())["test"])
+    if TASKS[task][0] != "classification":
+        return test[:count]
+    scans = json.loads((view / "manifest.json").read_text())["scans"].values()
+    label = {m["subject"]: m["targets"].get(TASKS[task][1]) for m in scans}
+    classes = [[s for s in test if label.get(s) == c] for c in sorted({label.get(s) for s in test} - {None})]
+    turns = [s for group in itertools.zip_longest(*classes) for s in group if s is not None]
+    return turns[:count]
+
+
 def analyse_brainmt(job: BenchRun, view: Path, out: Path, planted: Path, device: str, subjects: int,
                     log_dir: Path, slot: dict[str, str]) -> dict:
-    """``brainmt analyze --truth`` of a trained run on its first ``subjects`` test subjects (no figures, the job's
-    ``analysis.*`` overrides): the group |IG| map's voxel AUROC for the label's planted regions, and against the
-    control region."""
-    test = sorted(json.loads((view / "splits.json").read_text())["test"])[:subjects]
+    """``brainmt analyze --truth`` of a trained run on ``subjects`` test subjects (:func:`ig_subjects`; no figures, the
+    job's ``analysis.*`` overrides): the voxel AUROCs of the group |IG| map and of the contrast map for the label's
+    planted regions, and against the control region."""
+    test = ig_subjects(view, job.task, subjects)
     cmd = [sys.executable, "-m", "brainmt.cli", "analyze", "--run", str(out), "--out", str(out / "ig"),
            "--subjects", *test, "--truth", str(planted), "--device", device, "analysis.figures=false",
            *[o for o in job.overrides if o.startswith("analysis.")]]

@@ -30,7 +30,7 @@ from brainmt.analysis.attribution import (
     training_fluctuation,
     training_mean,
 )
-from brainmt.analysis.maps import BrainGrid, ContrastMap, MapError
+from brainmt.analysis.maps import BrainGrid, GroupMaps
 from brainmt.analysis.regions import AtlasError, load_atlas, lobe_labels, read_label_file
 from brainmt.cli import main
 from brainmt.config import load_config
@@ -295,16 +295,16 @@ def test_contrast_map_is_the_class_difference_and_the_slope_on_a_score():
     least-squares slope of each voxel on it; subjects of one class only have no contrast."""
     rng = np.random.default_rng(0)
     maps, labels, scores = rng.normal(size=(9, 5)), np.array([0, 1, 1, 0, 1, 0, 0, 1, 1.0]), rng.normal(size=9) * 15 + 100
-    by_class, by_score, one_class = ContrastMap(5), ContrastMap(5), ContrastMap(5)
+    by_class, by_score, one_class = GroupMaps(5), GroupMaps(5), GroupMaps(5)
     for m, label, score in zip(maps, labels, scores):
-        by_class.add(m, label)
-        by_score.add(m, score)
-        one_class.add(m, 1.0)
-    assert np.allclose(by_class.result(), maps[labels == 1].mean(axis=0) - maps[labels == 0].mean(axis=0), atol=1e-6)
-    assert np.allclose(by_score.result(), [np.polyfit(scores, maps[:, j], 1)[0] for j in range(5)], atol=1e-6)
-    assert not one_class.defined
-    with pytest.raises(MapError, match="at least two different target values"):
-        one_class.result()
+        by_class.add(m, np.abs(m), label)
+        by_score.add(m, np.abs(m), score)
+        one_class.add(m, np.abs(m), 1.0)
+    expected = maps[labels == 1].mean(axis=0) - maps[labels == 0].mean(axis=0)
+    assert np.allclose(by_class.result()["contrast_ig"], expected, atol=1e-6)
+    assert np.allclose(by_score.result()["contrast_ig"], [np.polyfit(scores, maps[:, j], 1)[0] for j in range(5)], atol=1e-6)
+    assert np.allclose(by_score.result()["mean_ig"], maps.mean(axis=0))           # the other statistics unchanged
+    assert "contrast_ig" not in one_class.result()
 
 
 def test_truth_scores_the_group_map_against_the_planted_regions(demo, tmp_path, capsys):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from brainmt.analysis.maps import BrainGrid, ContrastMap, GroupMaps
+from brainmt.analysis.maps import BrainGrid, GroupMaps
 from brainmt.analysis.pipeline import (
     COMPLETENESS_ATOL,
     COMPLETENESS_RTOL,
@@ -81,28 +81,27 @@ def _write_completeness(done: dict, path: Path) -> dict:
 
 
 def _accumulate(out: Path, shards: ShardSet, chosen: dict[str, list[str]], done: dict, names: dict[float, str],
-                keep: int, fwhm_mm: float) -> tuple[dict[str, GroupMaps], dict[str, GroupMaps], ContrastMap, dict]:
+                keep: int, fwhm_mm: float) -> tuple[dict[str, GroupMaps], dict[str, GroupMaps], dict]:
     """Group statistics over the subject maps (all subjects, and each class): of the maps smoothed by ``fwhm_mm``
     (the voxel maps) and of the maps as written (for the region table, which averages over regions itself); the
-    contrast of the smoothed signed maps over the target; the signed maps of the first ``keep`` subjects (with their
-    grids) are kept for figures."""
+    signed maps of the first ``keep`` subjects (with their grids) are kept for figures."""
     def fresh() -> dict[str, GroupMaps]:
         return {"all": GroupMaps(shards.n_brain)} | {name: GroupMaps(shards.n_brain) for name in names.values()}
 
-    smoothed, raw, contrast = fresh(), fresh(), ContrastMap(shards.n_brain)
+    smoothed, raw = fresh(), fresh()
     kept: dict[str, tuple[BrainGrid, np.ndarray]] = {}
     for subject, record in done.items():
         own = BrainGrid(shards, chosen[subject])
         signed = own.load(out / "subjects" / f"{subject}_ig.nii.gz")
         absolute = own.load(out / "subjects" / f"{subject}_abs_ig.nii.gz")
         smooth_signed, smooth_absolute = own.smooth(np.stack([signed, absolute]), fwhm_mm)
-        for group in ["all", *([names[float(record["target"])]] if names else [])]:
-            raw[group].add(signed, absolute)
-            smoothed[group].add(smooth_signed, smooth_absolute)
-        contrast.add(smooth_signed, float(record["target"]))
+        target = float(record["target"])
+        for group in ["all", *([names[target]] if names else [])]:
+            raw[group].add(signed, absolute, target)
+            smoothed[group].add(smooth_signed, smooth_absolute, target)
         if len(kept) < keep:
             kept[subject] = (own, signed)
-    return smoothed, raw, contrast, kept
+    return smoothed, raw, kept
 
 
 def _t_groups(maps: dict, names: dict) -> list[str]:
@@ -182,11 +181,11 @@ def merge(run_dir: str | Path, out: str | Path | None, settings: AnalysisConfig,
     # analysis.figure_percentile / analysis.subject_figures (docs/analysis.md); the defaults when the config has none
     percentile = float(getattr(settings, "figure_percentile", FIGURE_PERCENTILE))
     names = class_names(shards.manifest, run.stats)
-    groups, unsmoothed, contrast, kept = _accumulate(out, shards, chosen, done, names,
+    groups, unsmoothed, kept = _accumulate(out, shards, chosen, done, names,
                                            int(getattr(settings, "subject_figures", SUBJECT_FIGURES)), settings.smooth_fwhm)
     maps = {g: acc.result() for g, acc in groups.items() if acc.n}
     files = [str(grid.save(result[kind], _map_path(out, group, kind))) for group, result in maps.items() for kind in MAP_KINDS]
-    contrast_map = contrast.result() if contrast.defined else None   # the target varies: what differs with it
+    contrast_map = maps["all"].get("contrast_ig")      # where the targets differ: what differs with them
     if contrast_map is not None:
         files.append(str(grid.save(contrast_map, out / "group_contrast_ig.nii.gz")))
     else:                   # one class (or one score) only: no contrast, and none left from an earlier merge

@@ -165,6 +165,10 @@ class GroupMaps:
 
     ``result()``: ``mean_ig`` (signed), ``mean_abs_ig`` and ``t_ig``, a one-sample t of the signed maps:
     mean / (sd / sqrt(n)) with the n - 1 standard deviation (0 where sd is 0 or n < 2); each (n_brain,) float32.
+    Where the subjects' targets differ also ``contrast_ig``: the slope of the signed maps on the target,
+    cov(map, target) / var(target). For a 0/1 class label that is the class 1 mean minus the class 0 mean; for a
+    score, the change of the map per unit of score. What all subjects share cancels in it: a region the model reads
+    whatever the label, or whose signal is merely large, is near 0 there, where the mean |IG| follows it.
     """
 
     def __init__(self, n_brain: int) -> None:
@@ -172,17 +176,22 @@ class GroupMaps:
         self.mean = np.zeros(n_brain, dtype=np.float64)
         self.m2 = np.zeros(n_brain, dtype=np.float64)
         self.abs_sum = np.zeros(n_brain, dtype=np.float64)
+        self.mean_y, self.m2_y = 0.0, 0.0
+        self.co = np.zeros(n_brain, dtype=np.float64)        # co-moment of the signed maps with the target
 
-    def add(self, signed: np.ndarray, absolute: np.ndarray) -> None:
-        """Add one subject's signed and absolute maps (n_brain,)."""
+    def add(self, signed: np.ndarray, absolute: np.ndarray, target: float = 0.0) -> None:
+        """Add one subject's signed and absolute maps (n_brain,) and its target."""
         self.n += 1
-        delta = signed - self.mean
+        delta, dy = signed - self.mean, target - self.mean_y    # against the means before this subject
+        self.mean_y += dy / self.n
+        self.m2_y += dy * (target - self.mean_y)
+        self.co += delta * (target - self.mean_y)
         self.mean += delta / self.n
         self.m2 += delta * (signed - self.mean)
         self.abs_sum += absolute
 
     def result(self) -> dict[str, np.ndarray]:
-        """The group's mean, mean |IG| and t maps."""
+        """The group's mean, mean |IG| and t maps, and the contrast map where the targets differ."""
         if self.n == 0:
             raise MapError("a group without subjects has no maps")
         t = np.zeros_like(self.mean)
@@ -190,41 +199,8 @@ class GroupMaps:
             sd = np.sqrt(self.m2 / (self.n - 1))
             ok = sd > 1e-12 * (np.abs(self.mean) + 1e-30)
             t[ok] = self.mean[ok] / (sd[ok] / np.sqrt(self.n))
-        return {"mean_ig": self.mean.astype(np.float32), "mean_abs_ig": (self.abs_sum / self.n).astype(np.float32),
+        maps = {"mean_ig": self.mean.astype(np.float32), "mean_abs_ig": (self.abs_sum / self.n).astype(np.float32),
                 "t_ig": t.astype(np.float32)}
-
-
-class ContrastMap:
-    """Per-voxel slope of subject maps on the subjects' target, accumulated one subject at a time (an online
-    covariance): cov(map, target) / var(target). For a 0/1 class label this is the difference of the two classes'
-    mean maps (class 1 minus class 0); for a score, the change of the map per unit of the score.
-
-    What both classes (or all scores) share cancels: a region the model reads whatever the label, or one whose
-    signal is merely large, is near 0 here, where the group mean |IG| follows it."""
-
-    def __init__(self, n_brain: int) -> None:
-        self.n = 0
-        self.mean_y = 0.0
-        self.m2_y = 0.0
-        self.mean = np.zeros(n_brain, dtype=np.float64)
-        self.co = np.zeros(n_brain, dtype=np.float64)
-
-    def add(self, signed: np.ndarray, target: float) -> None:
-        """Add one subject's signed map (n_brain,) and its target."""
-        self.n += 1
-        dx, dy = signed - self.mean, target - self.mean_y     # against the means before this subject
-        self.mean_y += dy / self.n
-        self.m2_y += dy * (target - self.mean_y)
-        self.co += dx * (target - self.mean_y)
-        self.mean += dx / self.n
-
-    @property
-    def defined(self) -> bool:
-        """Whether the target varies over the subjects added (else there is no contrast)."""
-        return self.n >= 2 and self.m2_y > 1e-12
-
-    def result(self) -> np.ndarray:
-        """The slope map (n_brain,) float32."""
-        if not self.defined:
-            raise MapError("a contrast needs subjects with at least two different target values")
-        return (self.co / self.m2_y).astype(np.float32)
+        if self.n >= 2 and self.m2_y > 1e-12:
+            maps["contrast_ig"] = (self.co / self.m2_y).astype(np.float32)
+        return maps

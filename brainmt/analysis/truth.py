@@ -29,14 +29,19 @@ class TruthError(ValueError):
     """The truth folder is missing, or does not fit the map; the message names the file."""
 
 
-def _load_mask(path: Path, like: nib.Nifti1Image) -> np.ndarray:
-    if not path.exists():
-        raise TruthError(f"{path}: mask not found")
+def _load_on_grid(path: Path, like: nib.Nifti1Image | None = None) -> tuple[nib.Nifti1Image, np.ndarray]:
+    """A NIfTI and its values (float64); with ``like``, it must be on that image's grid."""
+    if not Path(path).exists():
+        raise TruthError(f"{path}: not found")
     img = nib.load(path)
-    if img.shape[:3] != like.shape[:3] or not np.allclose(img.affine, like.affine, atol=1e-3):
+    if like is not None and (img.shape[:3] != like.shape[:3] or not np.allclose(img.affine, like.affine, atol=1e-3)):
         raise TruthError(f"{path}: grid {img.shape[:3]} (affine {np.round(img.affine, 2).tolist()}) differs from the "
                          f"map's {like.shape[:3]} (affine {np.round(like.affine, 2).tolist()}): not the same cohort?")
-    return np.asarray(img.dataobj) > 0
+    return img, np.asarray(img.dataobj, dtype=np.float64)
+
+
+def _load_mask(path: Path, like: nib.Nifti1Image) -> np.ndarray:
+    return _load_on_grid(path, like)[1] > 0
 
 
 def read_truth(planted_dir: str | Path) -> dict:
@@ -50,14 +55,6 @@ def read_truth(planted_dir: str | Path) -> dict:
         raise TruthError(f"{info_path}: not valid JSON ({exc})") from None
 
 
-def _load_map(path: str | Path, like: nib.Nifti1Image | None = None) -> tuple[nib.Nifti1Image, np.ndarray]:
-    img = nib.load(path)
-    if like is not None and (img.shape[:3] != like.shape[:3] or not np.allclose(img.affine, like.affine, atol=1e-3)):
-        raise TruthError(f"{path}: grid {img.shape[:3]} (affine {np.round(img.affine, 2).tolist()}) differs from the "
-                         f"group |IG| map's {like.shape[:3]} (affine {np.round(like.affine, 2).tolist()})")
-    return img, np.asarray(img.dataobj, dtype=np.float64)
-
-
 def truth_scores(map_path: str | Path, planted_dir: str | Path, target: str, contrast_path: str | Path | None = None) -> dict:
     """Voxel AUROCs of ``map_path`` (brain voxels: where it is non-zero) for the truth of ``target``; with
     ``contrast_path`` (``group_contrast_ig``) the same two AUROCs of its absolute value, under ``contrast``."""
@@ -67,7 +64,7 @@ def truth_scores(map_path: str | Path, planted_dir: str | Path, target: str, con
     role = next((r for r, truth in info.get("truth", {}).items() if truth.get("column") == target), None)
     if role is None:
         raise TruthError(f"{info_path}: no truth for target {target!r} (it has {sorted(info.get('truth', {}))})")
-    img, values = _load_map(map_path)
+    img, values = _load_on_grid(Path(map_path))
     brain = values != 0
     truth = _load_mask(planted_dir / info["truth"][role]["mask"], img) & brain
     control = info.get("control")
@@ -83,7 +80,7 @@ def truth_scores(map_path: str | Path, planted_dir: str | Path, target: str, con
     if control:
         scores["control_regions"] = control["regions"]
     if contrast_path is not None:
-        scores["contrast"] = {"map": str(contrast_path), **aurocs(np.abs(_load_map(contrast_path, img)[1]))}
+        scores["contrast"] = {"map": str(contrast_path), **aurocs(np.abs(_load_on_grid(Path(contrast_path), img)[1]))}
     scores["region_mean"] = {name: float(values[_load_mask(planted_dir / file, img) & brain].mean())
                              for name, file in info["masks"].items()}
     scores["brain_mean"] = float(values[brain].mean())

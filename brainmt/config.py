@@ -92,6 +92,9 @@ class ModelConfig:
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.1
+    # > 0: every residual branch (Mamba, attention, MLP) scaled by a learned per-channel gamma starting at this value
+    # (CaiT's LayerScale: 0.1 up to depth 18, smaller deeper); 0: off, as the paper (docs/model.md)
+    layer_scale: float = 0.0
     head_dropout: float = 0.0
     # running: the head reads the class feature standardised per dimension across scans (running statistics), so a
     # class token that is nearly the same for every scan still gives the head a signal; none: as it is (docs/model.md)
@@ -526,6 +529,7 @@ def validate(cfg: Config) -> None:
         (m.d_state > 0 and m.d_conv > 0 and m.expand > 0, "model.d_state/d_conv/expand", "positive"),
         (0 < m.dt_min <= m.dt_max, "model.dt_min", "positive and at most model.dt_max"),
         (0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate", "in [0, 1)"),
+        (m.layer_scale >= 0, "model.layer_scale", "zero (off) or a positive initial scale"),
         (0 < cfg.data.num_frames <= m.max_frames, "data.num_frames", f"between 1 and model.max_frames ({m.max_frames})"),
         (m.scan_chunk_size is None or m.scan_chunk_size > 0, "model.scan_chunk_size", "positive or null"),
         (cfg.optim.lr > 0, "optim.lr", "positive"),

@@ -199,12 +199,15 @@ def test_add_rms_norm_ref_keeps_the_kernels_dtypes():
     torch.testing.assert_close(normed, F.rms_norm(hidden.float() + residual, (8,), weight, eps=1e-5).bfloat16())
 
 
-def test_blocks_on_the_split_stream_with_the_reference_norm_match_the_plain_blocks():
+@pytest.mark.parametrize("layer_scale", [0.0, 0.1])
+def test_blocks_on_the_split_stream_with_the_reference_norm_match_the_plain_blocks(layer_scale):
     """MambaBlock.forward_fused chained as BrainMT chains it (hidden, residual), with add_rms_norm_ref: = forward."""
     torch.manual_seed(0)
-    blocks = [MambaBlock(16, 0.0, d_state=4, backend="torch").double() for _ in range(3)]
+    blocks = [MambaBlock(16, 0.0, layer_scale, d_state=4, backend="torch").double() for _ in range(3)]
     for blk in blocks:
         torch.nn.init.uniform_(blk.norm.weight, 0.5, 1.5)
+        if layer_scale:
+            torch.nn.init.uniform_(blk.ls.gamma, 0.05, 0.2)
     x = torch.randn(2, 11, 16, dtype=torch.float64)
     plain = x
     for blk in blocks:

@@ -79,6 +79,26 @@ def test_layer_decay_gives_each_depth_its_learning_rate():
     assert [g["weight_decay"] for g in plain] == [0.05, 0.0] and all(g["lr"] == 1e-3 for g in plain)
 
 
+def test_layer_scale_scales_every_residual_branch_and_starts_where_asked():
+    """model.layer_scale: a gamma per branch at its init, no weight decay; gamma 1 is the model without it."""
+    plain = build_model(load_config("debug", ["model.drop_path_rate=0"]).model).eval()
+    scaled = build_model(load_config("debug", ["model.drop_path_rate=0", "model.layer_scale=1.0"]).model).eval()
+    missing = scaled.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["attention_blocks.0.ls1.gamma", "attention_blocks.0.ls2.gamma",
+                               "mamba_blocks.0.ls.gamma", "mamba_blocks.1.ls.gamma"]
+    x = torch.randn(2, 8, 1, 20, 24, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(scaled(x), plain(x))
+        small = build_model(load_config("debug", ["model.layer_scale=1e-3"]).model).eval()
+        assert all(torch.all(p == 1e-3) for n, p in small.named_parameters() if n.endswith("gamma"))
+        seq, _, _ = small.tokens(x)                          # each block adds at most a thousandth of its branch
+        assert (small._run_mamba(seq) - seq).abs().max() < 1e-2 * seq.abs().max()
+    wd = {id(p): g["weight_decay"] for g in optimizer_groups(small, 0.05, lr=1e-3) for p in g["params"]}
+    assert all(wd[id(p)] == 0.0 for n, p in small.named_parameters() if n.endswith("gamma"))
+    with pytest.raises(ConfigError, match="model.layer_scale"):
+        load_config("debug", ["model.layer_scale=-0.1"])
+
+
 def test_layer_decay_run_steps_every_group_at_its_own_rate(small_shards, tmp_path):
     train(_cfg("optim.layer_decay=0.5", "train.epochs=1"), small_shards, tmp_path / "run")
     saved = ckpt.load_checkpoint(ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")[-1][1])

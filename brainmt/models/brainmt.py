@@ -86,10 +86,10 @@ class BrainMT(nn.Module):
         mixer = dict(d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand, dt_rank=cfg.dt_rank,
                      dt_min=cfg.dt_min, dt_max=cfg.dt_max, bidirectional=cfg.bidirectional,
                      backend=cfg.backend, chunk_size=cfg.scan_chunk_size, fused=cfg.fused_kernels)
-        self.mamba_blocks = nn.ModuleList(MambaBlock(dim, rates[i], **mixer) for i in range(cfg.mamba_depth))
+        self.mamba_blocks = nn.ModuleList(MambaBlock(dim, rates[i], cfg.layer_scale, **mixer) for i in range(cfg.mamba_depth))
         self.attention_blocks = nn.ModuleList(
             AttentionBlock(dim, cfg.num_heads, cfg.mlp_ratio, cfg.drop_rate, cfg.attn_drop_rate, rates[cfg.mamba_depth + i],
-                           cfg.sdpa_backend)
+                           cfg.sdpa_backend, cfg.layer_scale)
             for i in range(cfg.attention_depth)
         )
         self.norm = nn.LayerNorm(dim)

@@ -144,27 +144,45 @@ class RunningStandardize(nn.Module):
         return (x - self.mean) / torch.sqrt(self.var + self.eps)
 
 
+class LayerScale(nn.Module):
+    """A learned per-channel scale of a residual branch, initialised to ``init`` (CaiT's LayerScale)."""
+
+    def __init__(self, dim: int, init: float) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Scale the last axis."""
+        return x * self.gamma
+
+
+def layer_scale(dim: int, init: float) -> nn.Module:
+    """``model.layer_scale``: a :class:`LayerScale` starting at ``init``, or the identity when ``init`` is 0."""
+    return LayerScale(dim, init) if init > 0 else nn.Identity()
+
+
 class MambaBlock(nn.Module):
-    """Pre-norm residual Mamba block: x + DropPath(BiMamba(RMSNorm(x))); (B, L, E) -> (B, L, E).
+    """Pre-norm residual Mamba block: x + DropPath(LayerScale(BiMamba(RMSNorm(x)))); (B, L, E) -> (B, L, E).
 
     ``forward_fused`` is the same block on the split stream x = hidden + residual (mamba-ssm's layout),
     with the residual add fused into the RMSNorm kernel and the residual kept in float32.
     """
 
-    def __init__(self, dim: int, drop_path: float, **mixer_kwargs) -> None:
+    def __init__(self, dim: int, drop_path: float, layer_scale_init: float = 0.0, **mixer_kwargs) -> None:
         super().__init__()
         self.norm = nn.RMSNorm(dim, eps=1e-5)
         self.mixer = BiMambaMixer(dim, **mixer_kwargs)
+        self.ls = layer_scale(dim, layer_scale_init)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the block."""
-        return x + self.drop_path(self.mixer(self.norm(x)))
+        return x + self.drop_path(self.ls(self.mixer(self.norm(x))))
 
     def forward_fused(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden, residual) -> (hidden', residual'), where residual' = hidden + residual is this block's input."""
         normed, residual = fused.add_rms_norm(hidden, residual, self.norm.weight, self.norm.eps or 1e-5)
-        return self.drop_path(self.mixer(normed)), residual
+        return self.drop_path(self.ls(self.mixer(normed))), residual
 
 
 class Attention(nn.Module):
@@ -216,21 +234,23 @@ class Mlp(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Pre-norm transformer block with its own norms and MLP: (B, L, E) -> (B, L, E)."""
+    """Pre-norm transformer block with its own norms and MLP, each branch through its LayerScale: (B, L, E) -> (B, L, E)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop: float, attn_drop: float, drop_path: float,
-                 sdpa_backend: str = "auto") -> None:
+                 sdpa_backend: str = "auto", layer_scale_init: float = 0.0) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, num_heads, attn_drop, drop, sdpa_backend)
+        self.ls1 = layer_scale(dim, layer_scale_init)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.ls2 = layer_scale(dim, layer_scale_init)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, first_only: bool = False) -> torch.Tensor:
         """Apply the block: (B, L, E) -> (B, L, E), or only its first token's output (B, 1, E) when ``first_only``."""
         if first_only:
-            x = x[:, :1] + self.drop_path(self.attn(self.norm1(x), first_only=True))
+            x = x[:, :1] + self.drop_path(self.ls1(self.attn(self.norm1(x), first_only=True)))
         else:
-            x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+            x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))

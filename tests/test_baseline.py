@@ -98,7 +98,7 @@ def test_learning_benchmark_smoke(tmp_path):
     by = {(r["seed"], r["labels"], r["method"]): r["test"] for r in record["rows"]}
     assert set(by) == {(seed, labels, method) for seed in (0, 1) for labels, method in [
         ("true", "brainmt:ld"), ("true", "connectome-logreg"), ("true", "amplitude-logreg"),
-        ("shuffled", "brainmt"), ("shuffled", "connectome-logreg")]}
+        ("shuffled", "brainmt:ld"), ("shuffled", "connectome-logreg")]}     # --variants-only: the variant's control
     assert all(by[(seed, "true", "connectome-logreg")]["auroc"]["value"] >= 0.75 for seed in (0, 1))
     splits = [json.loads((work / "views" / f"coupling-s{seed}-true" / "splits.json").read_text()) for seed in (0, 1)]
     assert splits[0]["test"] != splits[1]["test"]                # each seed its own split
@@ -108,7 +108,7 @@ def test_learning_benchmark_smoke(tmp_path):
         assert r["seconds"] > 0
         if r["method"].startswith("brainmt"):
             assert r["selected_by"] == "val_auroc" and r["validation"]
-        if r["method"] == "brainmt:ld":      # --ig: the group |IG| map scored on the planted regions and the control
+        if r["method"] == "brainmt:ld" and r["labels"] == "true":   # --ig: the group |IG| map scored on the truth
             ig = r["ig"]
             assert ig["subjects"] == 4 and ig["truth_regions"] == ["region-a", "region-b"]
             assert 0 <= ig["truth_auroc"] <= 1 and 0 <= ig["effect_vs_control_auroc"] <= 1
@@ -170,6 +170,24 @@ def test_learning_benchmark_lists_per_seed_values_in_seed_order():
 
     [entry] = summarise([row(2, 0.7), row(0, 0.9), row(1, 0.8)])
     assert entry["seed_list"] == [0, 1, 2] and entry["auroc"]["values"] == [0.9, 0.8, 0.7]
+
+
+def test_learning_benchmark_gives_each_brainmt_config_its_shuffled_control():
+    """--shuffled repeats sex with every BrainMT config that runs on true labels: under --variants-only the variants,
+    not the plain config the user left out (a lever's control must carry the lever)."""
+    from brainmt.bench.learning import plan
+
+    def runs(default_run, baselines=False):
+        return {(j.seed, j.task, j.labels, j.method, tuple(j.overrides))
+                for j in plan(["coupling"], 1, ["sex", "score"], {"ls": ["model.layer_scale=0.1"]}, ["coupling"],
+                              baselines, default_run)}
+
+    variant = ("brainmt:ls", ("model.layer_scale=0.1",))
+    assert runs(False) == {(0, "sex", "true", *variant), (0, "score", "true", *variant), (0, "sex", "shuffled", *variant)}
+    assert runs(True) == runs(False) | {(0, "sex", "true", "brainmt", ()), (0, "score", "true", "brainmt", ()),
+                                        (0, "sex", "shuffled", "brainmt", ())}
+    assert (0, "sex", "shuffled", "connectome-logreg", ()) in runs(False, baselines=True)
+    assert not [j for j in plan(["coupling"], 1, ["sex"], {}, [], False) if j.labels == "shuffled"]
 
 
 def _learning_benchmark_refuses_mixing(work, main, common):

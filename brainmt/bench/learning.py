@@ -177,16 +177,15 @@ def fit_baseline(job: BenchRun, shards: Path, out: Path, n_boot: int) -> dict:
 
 def plan(effects: list[str], seeds: int, tasks: list[str], variants: dict[str, list[str]], shuffled: list[str],
          baselines: bool, default_run: bool = True) -> list[BenchRun]:
-    """Every job of the benchmark, BrainMT runs first (the long ones start early)."""
+    """Every job of the benchmark, BrainMT runs first (the long ones start early). Each BrainMT config (the plain one
+    unless ``default_run`` is False, and each variant) gets its shuffled-label control on the ``shuffled`` effects."""
+    configs = ([("brainmt", [])] if default_run else []) + [(f"brainmt:{v}", o) for v, o in variants.items()]
     jobs = []
     for effect in effects:
         for seed in range(seeds):
             for task_name in tasks:
-                if default_run:
-                    jobs.append(BenchRun(effect, seed, task_name, "true", "brainmt"))
-                jobs += [BenchRun(effect, seed, task_name, "true", f"brainmt:{v}", o) for v, o in variants.items()]
-                if effect in shuffled and task_name == "sex":
-                    jobs.append(BenchRun(effect, seed, task_name, "shuffled", "brainmt"))
+                labels = ("true", "shuffled") if effect in shuffled and task_name == "sex" else ("true",)
+                jobs += [BenchRun(effect, seed, task_name, lab, m, list(o)) for lab in labels for m, o in configs]
     if baselines:
         for effect in effects:
             for seed in range(seeds):
@@ -261,11 +260,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=1, help="splits and initialisations per effect")
     p.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     p.add_argument("--shuffled", nargs="*", choices=EFFECTS, default=None, metavar="EFFECT",
-                   help="effects whose sex task is repeated with shuffled labels (default: the first effect)")
+                   help="effects whose sex task is repeated with shuffled labels, by every BrainMT config run (default: "
+                        "the first effect; none when given without an effect)")
     p.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"),
                    help="an extra BrainMT run per seed with these overrides (repeatable)")
     p.add_argument("--no-baselines", action="store_true", help="BrainMT only")
-    p.add_argument("--variants-only", action="store_true", help="no BrainMT run with the plain config (the variants)")
+    p.add_argument("--variants-only", action="store_true",
+                   help="no BrainMT run with the plain config, shuffled labels included (the variants)")
     p.add_argument("--parallel", type=int, default=1, help="runs at a time")
     p.add_argument("--work-dir", default="runs/bench-learning")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic cohorts")

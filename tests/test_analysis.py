@@ -259,7 +259,7 @@ def test_group_maps_average_the_smoothed_subject_maps(demo, tmp_path, capsys):
     """The group step smooths each subject map by analysis.smooth_fwhm (default 6 mm) before the group voxel maps (the
     contrast map too: male minus female mean of the signed maps); the subject maps on disk and the region table (which
     averages over regions itself) stay unsmoothed; 0 turns smoothing off; a negative width is a config error; a group
-    of one class has no contrast map, and an earlier one is removed."""
+    of one class has no contrast map, and the other class's maps and the contrast of an earlier merge are removed."""
     out = tmp_path / "ig"
     shutil.copytree(demo["ig"] / "subjects", out / "subjects")
     args = ["analyze", "--run", str(demo["run"]), "--out", str(out), "--subjects", *demo["subjects"], "--group-only",
@@ -284,8 +284,10 @@ def test_group_maps_average_the_smoothed_subject_maps(demo, tmp_path, capsys):
     assert tables[0] == tables[1]
     assert np.array_equal(grid.load(out / "subjects" / f"{demo['subjects'][0]}_abs_ig.nii.gz"), raw[0])
     males = [s for s, is_male in zip(demo["subjects"], male) if is_male]
+    assert list(out.glob("group_female_*")) and list(out.glob("group_male_*"))
     assert main([*args[:6], *males, *args[6 + len(demo["subjects"]):]]) == 0
-    assert not list(out.glob("group_contrast_ig*"))
+    assert not list(out.glob("group_contrast_ig*")) and not list(out.glob("group_female_*"))
+    assert list(out.glob("group_male_*")) and (out / "group_mean_abs_ig.nii.gz").exists()
     assert main([*args, "--smooth-fwhm", "-1"]) == 2
     assert "analysis.smooth_fwhm: must be zero or more (mm) (given as --smooth-fwhm -1.0)" in capsys.readouterr().err
 

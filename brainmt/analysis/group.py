@@ -158,6 +158,14 @@ def _brain_figures(out: Path, grid: BrainGrid, maps: dict, groups: dict, names: 
     return records
 
 
+def _remove_stale(out: Path, absent_classes: list[str], has_contrast: bool) -> None:
+    """Remove the group maps and figures an earlier merge wrote for a class (or a contrast) this merge has none of."""
+    patterns = [f"group_{name}_*" for name in absent_classes] + ([] if has_contrast else ["group_contrast_ig*"])
+    for pattern in patterns:
+        for stale in out.glob(pattern):
+            stale.unlink()
+
+
 def merge(run_dir: str | Path, out: str | Path | None, settings: AnalysisConfig, subjects: list[str] | None = None,
           shards_dir: str | Path | None = None) -> dict:
     """Group maps, completeness table, region table, figures and ``summary.json`` from the subject maps."""
@@ -188,9 +196,7 @@ def merge(run_dir: str | Path, out: str | Path | None, settings: AnalysisConfig,
     contrast_map = maps["all"].get("contrast_ig")      # where the targets differ: what differs with them
     if contrast_map is not None:
         files.append(str(grid.save(contrast_map, out / "group_contrast_ig.nii.gz")))
-    else:                   # one class (or one score) only: no contrast, and none left from an earlier merge
-        for stale in out.glob("group_contrast_ig*"):
-            stale.unlink()
+    _remove_stale(out, [n for n in names.values() if n not in maps], contrast_map is not None)
     completeness = _write_completeness(done, out / "completeness.csv")
     region_maps = {g: acc.result() for g, acc in unsmoothed.items() if acc.n}
     rows = region_table(parcellation.labels, parcellation.names, region_maps["all"],

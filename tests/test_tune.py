@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from brainmt.config import ConfigError
-from brainmt.tune.space import load_sweep
+from brainmt.tune.space import load_sweep, trial_count
 
 ROOT = Path(__file__).parent.parent
 
@@ -233,6 +233,18 @@ def test_a_trial_that_needs_a_gpu_the_cluster_lacks_fails_at_once(small_shards, 
                     "--run-dir", str(tmp_path / "sweep"), timeout=300)
     assert proc.returncode == 1
     assert "sweep.gpus_per_trial=1 but the largest Ray node has 0 GPUs" in proc.stderr
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_the_shipped_sweep_files_load(path):
+    """Every sweep file in sweeps/ passes the checks a sweep job makes before it starts; restarts.yaml's trials
+    differ only in their seed and none is stopped early (a run at the prior can still learn)."""
+    cfg, space = load_sweep(path, ["data.task=classification", "data.target=sex"])
+    assert trial_count(space, cfg.sweep.num_samples) >= 2
+    if path.name == "restarts.yaml":
+        assert list(space) == ["train.seed"] and trial_count(space, cfg.sweep.num_samples) == 3
+        assert cfg.sweep.grace_period == cfg.sweep.max_epochs == cfg.train.epochs
+        assert cfg.sweep.metric == "val_auroc" and cfg.sweep.mode == "max"
 
 
 @pytest.mark.parametrize(("change", "message"), [

@@ -529,7 +529,7 @@ def validate(cfg: Config) -> None:
         (m.d_state > 0 and m.d_conv > 0 and m.expand > 0, "model.d_state/d_conv/expand", "positive"),
         (0 < m.dt_min <= m.dt_max, "model.dt_min", "positive and at most model.dt_max"),
         (0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate", "in [0, 1)"),
-        (m.layer_scale >= 0, "model.layer_scale", "zero (off) or a positive initial scale"),
+        (0 <= m.layer_scale < math.inf, "model.layer_scale", "zero (off) or a positive, finite initial scale"),
         (0 < cfg.data.num_frames <= m.max_frames, "data.num_frames", f"between 1 and model.max_frames ({m.max_frames})"),
         (m.scan_chunk_size is None or m.scan_chunk_size > 0, "model.scan_chunk_size", "positive or null"),
         (cfg.optim.lr > 0, "optim.lr", "positive"),

@@ -91,12 +91,16 @@ def test_layer_scale_scales_every_residual_branch_and_starts_where_asked():
         torch.testing.assert_close(scaled(x), plain(x))
         small = build_model(load_config("debug", ["model.layer_scale=1e-3"]).model).eval()
         assert all(torch.all(p == 1e-3) for n, p in small.named_parameters() if n.endswith("gamma"))
-        seq, _, _ = small.tokens(x)                          # each block adds at most a thousandth of its branch
-        assert (small._run_mamba(seq) - seq).abs().max() < 1e-2 * seq.abs().max()
+        seq, _, _ = small.tokens(x)                          # each branch is scaled by a thousandth
+        assert (small._run_mamba(seq) - seq).abs().max() < 1e-4 * seq.abs().max()
+        for blk in small.attention_blocks:                   # both branches of both attention paths
+            assert (blk(seq) - seq).abs().max() < 1e-4 * seq.abs().max()
+            assert (blk(seq, first_only=True) - seq[:, :1]).abs().max() < 1e-4 * seq.abs().max()
     wd = {id(p): g["weight_decay"] for g in optimizer_groups(small, 0.05, lr=1e-3) for p in g["params"]}
     assert all(wd[id(p)] == 0.0 for n, p in small.named_parameters() if n.endswith("gamma"))
-    with pytest.raises(ConfigError, match="model.layer_scale"):
-        load_config("debug", ["model.layer_scale=-0.1"])
+    for bad in ("-0.1", "inf", "nan"):
+        with pytest.raises(ConfigError, match="model.layer_scale"):
+            load_config("debug", [f"model.layer_scale={bad}"])
 
 
 def test_layer_decay_run_steps_every_group_at_its_own_rate(small_shards, tmp_path):

@@ -152,8 +152,8 @@ class LayerScale(nn.Module):
         self.gamma = nn.Parameter(torch.full((dim,), float(init)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Scale the last axis."""
-        return x * self.gamma
+        """Scale the last axis, in the input's dtype (a bf16 branch stays bf16 under autocast)."""
+        return x * self.gamma.to(x.dtype)
 
 
 def layer_scale(dim: int, init: float) -> nn.Module:

@@ -7,6 +7,7 @@ reported (``summary.json``, the printed summary) and left out of the group.
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import logging
 import time
@@ -160,7 +161,7 @@ def _brain_figures(out: Path, grid: BrainGrid, maps: dict, groups: dict, names: 
 
 def _remove_stale(out: Path, absent_classes: list[str], has_contrast: bool) -> None:
     """Remove the group maps and figures an earlier merge wrote for a class (or a contrast) this merge has none of."""
-    patterns = [f"group_{name}_*" for name in absent_classes] + ([] if has_contrast else ["group_contrast_ig*"])
+    patterns = [f"group_{glob.escape(name)}_*" for name in absent_classes] + ([] if has_contrast else ["group_contrast_ig*"])
     for pattern in patterns:
         for stale in out.glob(pattern):
             stale.unlink()

@@ -235,6 +235,28 @@ def test_a_trial_that_needs_a_gpu_the_cluster_lacks_fails_at_once(small_shards, 
     assert "sweep.gpus_per_trial=1 but the largest Ray node has 0 GPUs" in proc.stderr
 
 
+def test_a_resumed_trial_drops_the_checkpoints_after_its_report_and_keeps_its_best(tmp_path, monkeypatch):
+    """restore_trial_checkpoint: checkpoints written after Tune's last report go (and their metrics), earlier ones,
+    the trial's best among them, stay, so `brainmt evaluate --run` of a resumed trial still finds its best."""
+    from ray import tune
+
+    from brainmt.train import checkpoint as ckpt
+    from brainmt.tune.trainable import restore_trial_checkpoint
+
+    run, reported = tmp_path / "trial", tmp_path / "tune-checkpoint"
+    for directory, steps in ((run / "checkpoints", (10, 20, 30)), (reported, (20,))):
+        directory.mkdir(parents=True)
+        for step in steps:
+            ckpt.checkpoint_path(directory, step).write_bytes(b"state")
+            ckpt.record_path(ckpt.checkpoint_path(directory, step)).write_text("{}")
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "val_auroc": 0.5}) + "\n" for s in (10, 20, 30)))
+    monkeypatch.setattr(tune, "get_checkpoint", lambda: tune.Checkpoint.from_directory(str(reported)))
+    assert restore_trial_checkpoint(run) == 20
+    assert [s for s, _ in ckpt.list_checkpoints(run / "checkpoints")] == [10, 20]
+    assert not ckpt.record_path(ckpt.checkpoint_path(run / "checkpoints", 30)).exists()
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [10, 20]
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
 def test_the_shipped_sweep_files_load(path):
     """Every sweep file in sweeps/ passes the checks a sweep job makes before it starts; restarts.yaml's trials

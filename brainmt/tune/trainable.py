@@ -51,7 +51,8 @@ def restore_trial_checkpoint(run_dir: Path) -> int | None:
 
     Tune knows the checkpoint of the trial's last persisted report. Checkpoints the loop wrote after it (a trial
     interrupted between a save and its report) are removed, so that the loop, Tune's iteration count and ASHA's
-    rungs stay in step; the reported checkpoint is copied back if it is missing (e.g. a fresh node-local copy).
+    rungs stay in step; earlier ones stay (the best checkpoint among them: a resumed trial keeps its "best"); the
+    reported checkpoint is copied back if it is missing (e.g. a fresh node-local copy).
     """
     from ray import tune
 
@@ -69,7 +70,7 @@ def restore_trial_checkpoint(run_dir: Path) -> int | None:
             raise RuntimeError(f"the Tune checkpoint {reported.path} holds no step-*.pt file")
         step, path = found[-1]
         for other_step, other in ckpt.list_checkpoints(local):
-            if other_step != step:
+            if other_step > step:
                 other.unlink()
                 ckpt.record_path(other).unlink(missing_ok=True)
         target = ckpt.checkpoint_path(local, step)

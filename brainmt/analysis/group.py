@@ -32,7 +32,6 @@ from brainmt.data.loader import ShardSet
 from brainmt.fileio import atomic_write_json
 
 log = logging.getLogger("brainmt.analysis")
-MAP_KINDS = ("mean_ig", "mean_abs_ig", "t_ig")
 
 
 def class_names(manifest: dict, stats: dict) -> dict[float, str]:
@@ -193,10 +192,9 @@ def merge(run_dir: str | Path, out: str | Path | None, settings: AnalysisConfig,
     groups, unsmoothed, kept = _accumulate(out, shards, chosen, done, names,
                                            int(getattr(settings, "subject_figures", SUBJECT_FIGURES)), settings.smooth_fwhm)
     maps = {g: acc.result() for g, acc in groups.items() if acc.n}
-    files = [str(grid.save(result[kind], _map_path(out, group, kind))) for group, result in maps.items() for kind in MAP_KINDS]
-    contrast_map = maps["all"].get("contrast_ig")      # where the targets differ: what differs with them
-    if contrast_map is not None:
-        files.append(str(grid.save(contrast_map, out / "group_contrast_ig.nii.gz")))
+    # every map of every group: mean, mean |IG|, t, and the contrast where the group's targets differ (only "all")
+    files = [str(grid.save(m, _map_path(out, group, kind))) for group, result in maps.items() for kind, m in result.items()]
+    contrast_map = maps["all"].get("contrast_ig")
     _remove_stale(out, [n for n in names.values() if n not in maps], contrast_map is not None)
     completeness = _write_completeness(done, out / "completeness.csv")
     region_maps = {g: acc.result() for g, acc in unsmoothed.items() if acc.n}

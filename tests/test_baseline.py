@@ -172,6 +172,35 @@ def test_learning_benchmark_lists_per_seed_values_in_seed_order():
     assert entry["seed_list"] == [0, 1, 2] and entry["auroc"]["values"] == [0.9, 0.8, 0.7]
 
 
+def test_learning_benchmark_restarts_pick_each_split_by_validation_not_test(tmp_path):
+    """--restarts 3: each split's BrainMT config runs from three initialisations (restart k > 0 with train.seed =
+    seed + 1000 k); the "best of 3" row keeps per split the run with the best validation value of the metric that
+    picked its checkpoint (lower is better for a loss), never the best test value."""
+    from brainmt.bench.learning import main, plan, summarise
+
+    jobs = plan(["lagged"], 2, ["sex"], {}, [], False, restarts=3)
+    assert [(j.seed, j.restart, j.overrides) for j in jobs] == [
+        (0, 0, []), (0, 1, ["train.seed=1000"]), (0, 2, ["train.seed=2000"]),
+        (1, 0, []), (1, 1, ["train.seed=1001"]), (1, 2, ["train.seed=2001"])]
+    assert len({j.name for j in jobs}) == 6 and jobs[0].name == "lagged-s0-sex-true-brainmt"
+
+    def row(seed, restart, curve, test, metric="val_auroc"):
+        scores = {k: {"value": test, "ci95": [test, test]} for k in ("auroc", "balanced_accuracy", "accuracy")}
+        return {"effect": "lagged", "task": "sex", "labels": "true", "method": "brainmt", "seed": seed,
+                "restart": restart, "seconds": 10.0, "test": scores, "selected_by": metric,
+                "validation": [{"epoch": i, metric: v} for i, v in enumerate(curve)]}
+
+    rows = [row(0, 0, [0.5, 0.6], 0.9), row(0, 1, [0.5, 0.95, 0.7], 0.6), row(0, 2, [float("nan"), 0.55], 0.99),
+            row(1, 0, [0.7, 0.4], 0.5, "val_loss"), row(1, 1, [0.69, 0.3], 0.8, "val_loss"),
+            row(1, 2, [0.69, 0.3], 0.7, "val_loss")]
+    by = {e["method"]: e for e in summarise(rows)}
+    assert by["brainmt"]["runs"] == 6 and by["brainmt"]["seeds"] == 2
+    picked = by["brainmt best of 3"]
+    assert picked["auroc"]["values"] == [0.6, 0.8]       # seed 0: restart 1 (val 0.95); seed 1: restart 1 (tie, first)
+    assert picked["runs"] == 2 and picked["seconds"] == 30.0     # the pick costs its three trainings
+    assert main(["--restarts", "0", "--work-dir", str(tmp_path / "none")]) == 2 and not (tmp_path / "none").exists()
+
+
 def test_learning_benchmark_gives_each_brainmt_config_its_shuffled_control():
     """--shuffled repeats sex with every BrainMT config that runs on true labels: under --variants-only the variants,
     not the plain config the user left out (a lever's control must carry the lever)."""

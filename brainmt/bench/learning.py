@@ -6,6 +6,8 @@ another family-grouped split (and another initialisation); on each split it trai
 CUDA, the demo's on the CPU) and fits the connectome and amplitude baselines, for sex (classification) and the
 cognitive score (regression). ``--shuffled EFFECT`` repeats sex with labels permuted across subjects (a control that
 must stay at chance). ``--variant NAME key=value,...`` trains BrainMT once more per variant (the lever table).
+``--restarts K`` trains each BrainMT config K times per split, each from its own initialisation, and adds a row for
+the run each split would keep by its best validation value (the restarts recipe, sweeps/restarts.yaml).
 Every BrainMT run is its own ``brainmt train`` process; ``--parallel`` runs several at once, spread over the visible
 GPUs (several on one GPU share it). Results go to ``learning.json`` after every run (a rerun skips finished ones)
 and a Markdown table at the end.
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from brainmt.config import DeviceType, literal_values
+from brainmt.config import LOWER_IS_BETTER, DeviceType, literal_values
 from brainmt.data.synthetic import EFFECTS
 
 TASKS = {"sex": ("classification", "sex"), "score": ("regression", "cognition")}
@@ -51,11 +53,13 @@ class BenchRun:
     labels: str                     # "true" or "shuffled"
     method: str                     # "brainmt", "brainmt:<variant>" or a baseline
     overrides: list[str] = field(default_factory=list)
+    restart: int = 0                # BrainMT: which of --restarts initialisations (0: train.seed = seed)
 
     @property
     def name(self) -> str:
         """The job's folder name."""
-        return f"{self.effect}-s{self.seed}-{self.task}-{self.labels}-{self.method.replace(':', '_')}"
+        restart = f"-r{self.restart}" if self.restart else ""
+        return f"{self.effect}-s{self.seed}-{self.task}-{self.labels}-{self.method.replace(':', '_')}{restart}"
 
 
 def seed_view(shards: Path, out: Path, seed: int, shuffle: bool = False) -> Path:
@@ -175,17 +179,24 @@ def fit_baseline(job: BenchRun, shards: Path, out: Path, n_boot: int) -> dict:
     return {"test": run_baseline(shards, job.method, out, target=TASKS[job.task][1], n_boot=n_boot)}
 
 
+def restart_seed(seed: int, restart: int) -> list[str]:
+    """The override that gives restart ``k`` > 0 of a split its own initialisation (none for restart 0)."""
+    return [f"train.seed={seed + 1000 * restart}"] if restart else []
+
+
 def plan(effects: list[str], seeds: int, tasks: list[str], variants: dict[str, list[str]], shuffled: list[str],
-         baselines: bool, default_run: bool = True) -> list[BenchRun]:
+         baselines: bool, default_run: bool = True, restarts: int = 1) -> list[BenchRun]:
     """Every job of the benchmark, BrainMT runs first (the long ones start early). Each BrainMT config (the plain one
-    unless ``default_run`` is False, and each variant) gets its shuffled-label control on the ``shuffled`` effects."""
+    unless ``default_run`` is False, and each variant) gets its shuffled-label control on the ``shuffled`` effects, and
+    runs ``restarts`` times per split: restart k > 0 with ``train.seed = seed + 1000 k``."""
     configs = ([("brainmt", [])] if default_run else []) + [(f"brainmt:{v}", o) for v, o in variants.items()]
     jobs = []
     for effect in effects:
         for seed in range(seeds):
             for task_name in tasks:
                 labels = ("true", "shuffled") if effect in shuffled and task_name == "sex" else ("true",)
-                jobs += [BenchRun(effect, seed, task_name, lab, m, list(o)) for lab in labels for m, o in configs]
+                jobs += [BenchRun(effect, seed, task_name, lab, m, [*o, *restart_seed(seed, k)], k)
+                         for k in range(max(1, restarts)) for lab in labels for m, o in configs]
     if baselines:
         for effect in effects:
             for seed in range(seeds):
@@ -197,16 +208,39 @@ def plan(effects: list[str], seeds: int, tasks: list[str], variants: dict[str, l
     return jobs
 
 
-def summarise(rows: list[dict]) -> list[dict]:
-    """Mean and sd over seeds of each (effect, task, labels, method): the test metrics and the best validation.
-    Per-seed values are listed in seed order (``seed_list``), whatever order the runs finished in."""
+def best_validation(row: dict) -> float:
+    """A BrainMT run's best validation value of the metric that picked its checkpoint, signed so that higher is
+    better (-inf when it never had a finite one)."""
+    name = row["selected_by"]
+    sign = -1.0 if name in LOWER_IS_BETTER else 1.0
+    values = [sign * p[name] for p in row["validation"] if p.get(name) is not None and np.isfinite(p[name])]
+    return max(values, default=float("-inf"))
+
+
+def best_of_restarts(rows: list[dict]) -> list[dict]:
+    """For each split and BrainMT config trained from several initialisations, the run with the best validation value
+    (ties to the earlier restart), as a row of method ``"<method> best of K"``: the restarts recipe's pick, made without
+    looking at the test set."""
     groups: dict[tuple, list[dict]] = {}
-    for r in sorted(rows, key=lambda r: r["seed"]):
+    for r in sorted(rows, key=lambda r: r.get("restart", 0)):
+        if r["method"].startswith("brainmt"):
+            groups.setdefault((r["effect"], r["seed"], r["task"], r["labels"], r["method"]), []).append(r)
+    return [{**max(members, key=best_validation), "method": f"{members[0]['method']} best of {len(members)}",
+             "seconds": sum(m["seconds"] for m in members)} for members in groups.values() if len(members) > 1]
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean and sd over seeds (and restarts) of each (effect, task, labels, method): the test metrics and the best
+    validation, then the restarts' picks (:func:`best_of_restarts`). Per-seed values are listed in seed order
+    (``seed_list``), whatever order the runs finished in."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in sorted(rows + best_of_restarts(rows), key=lambda r: (r["seed"], r.get("restart", 0))):
         groups.setdefault((r["effect"], r["task"], r["labels"], r["method"]), []).append(r)
     out = []
     for (effect, task, labels, method), members in groups.items():
         kind = TASKS[task][0]
-        entry = {"effect": effect, "task": task, "labels": labels, "method": method, "seeds": len(members),
+        entry = {"effect": effect, "task": task, "labels": labels, "method": method,
+                 "seeds": len({m["seed"] for m in members}), "runs": len(members),
                  "seed_list": [m["seed"] for m in members], "seconds": float(np.mean([m["seconds"] for m in members]))}
         for k in SHOWN[kind]:
             values = [m["test"][k]["value"] for m in members]
@@ -229,7 +263,8 @@ def markdown(summary: list[dict]) -> str:
                           for k in SHOWN[TASKS[e["task"]][0]][:2])
         cells += "".join(f"; {k} {e[k]['mean']:.3f} ({', '.join(f'{v:.2f}' for v in e[k]['values'])})"
                          for k in (f"ig_{k}" for k in IG_SCORES) if k in e)
-        lines.append(f"| {e['effect']} | {e['task']} | {e['labels']} | {e['method']} | {e['seeds']} | {cells} | "
+        seeds = f"{e['seeds']}" + (f" ({e['runs']} runs)" if e.get("runs", e["seeds"]) != e["seeds"] else "")
+        lines.append(f"| {e['effect']} | {e['task']} | {e['labels']} | {e['method']} | {seeds} | {cells} | "
                      f"{e['seconds']:.0f} |")
     return "\n".join(lines)
 
@@ -267,6 +302,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-baselines", action="store_true", help="BrainMT only")
     p.add_argument("--variants-only", action="store_true",
                    help="no BrainMT run with the plain config, shuffled labels included (the variants)")
+    p.add_argument("--restarts", type=int, default=1, metavar="K",
+                   help="BrainMT runs per split and config, each its own initialisation; the table adds each split's "
+                        "pick by validation (the restarts recipe)")
     p.add_argument("--parallel", type=int, default=1, help="runs at a time")
     p.add_argument("--work-dir", default="runs/bench-learning")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic cohorts")
@@ -283,8 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     work = Path(args.work_dir).resolve()
     shuffled = [args.effects[0]] if args.shuffled is None else args.shuffled
+    if args.restarts < 1:
+        print(f"python -m brainmt.bench.learning: --restarts must be at least 1, got {args.restarts}", file=sys.stderr)
+        return 2
     jobs = plan(args.effects, args.seeds, args.tasks, parse_variants(args.variant), shuffled, not args.no_baselines,
-                not args.variants_only)
+                not args.variants_only, args.restarts)
     for job in jobs:
         if job.method.startswith("brainmt"):
             job.overrides = [*args.overrides, *job.overrides]

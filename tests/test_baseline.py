@@ -184,20 +184,24 @@ def test_learning_benchmark_restarts_pick_each_split_by_validation_not_test(tmp_
         (1, 0, []), (1, 1, ["train.seed=1001"]), (1, 2, ["train.seed=2001"])]
     assert len({j.name for j in jobs}) == 6 and jobs[0].name == "lagged-s0-sex-true-brainmt"
 
-    def row(seed, restart, curve, test, metric="val_auroc"):
+    def row(seed, restart, curve, test, metric="val_auroc", loss=None):
         scores = {k: {"value": test, "ci95": [test, test]} for k in ("auroc", "balanced_accuracy", "accuracy")}
+        validation = [{"epoch": i, metric: v} | ({"val_loss": loss[i]} if loss else {}) for i, v in enumerate(curve)]
         return {"effect": "lagged", "task": "sex", "labels": "true", "method": "brainmt", "seed": seed,
-                "restart": restart, "seconds": 10.0, "test": scores, "selected_by": metric,
-                "validation": [{"epoch": i, metric: v} for i, v in enumerate(curve)]}
+                "restart": restart, "seconds": 10.0, "test": scores, "selected_by": metric, "validation": validation}
 
     rows = [row(0, 0, [0.5, 0.6], 0.9), row(0, 1, [0.5, 0.95, 0.7], 0.6), row(0, 2, [float("nan"), 0.55], 0.99),
             row(1, 0, [0.7, 0.4], 0.5, "val_loss"), row(1, 1, [0.69, 0.3], 0.8, "val_loss"),
-            row(1, 2, [0.69, 0.3], 0.7, "val_loss")]
+            row(1, 2, [0.69, 0.3], 0.7, "val_loss"),
+            row(2, 0, [0.5, 1.0], 0.7, loss=[0.7, 0.4]), row(2, 1, [1.0, 1.0], 0.95, loss=[0.5, 0.1]),
+            row(2, 2, [0.9, 0.8], 1.0, loss=[0.05, 0.01])]
     by = {e["method"]: e for e in summarise(rows)}
-    assert by["brainmt"]["runs"] == 6 and by["brainmt"]["seeds"] == 2
+    assert by["brainmt"]["runs"] == 9 and by["brainmt"]["seeds"] == 3
     picked = by["brainmt best of 3"]
-    assert picked["auroc"]["values"] == [0.6, 0.8]       # seed 0: restart 1 (val 0.95); seed 1: restart 1 (tie, first)
-    assert picked["runs"] == 2 and picked["seconds"] == 30.0     # the pick costs its three trainings
+    # seed 0: restart 1 (validation 0.95); seed 1: restart 1 (a full tie: the first); seed 2: restart 1 (AUROC 1.0 as
+    # restart 0, at a lower validation loss)
+    assert picked["auroc"]["values"] == [0.6, 0.8, 0.95]
+    assert picked["runs"] == 3 and picked["seconds"] == 30.0     # the pick costs its three trainings
     assert main(["--restarts", "0", "--work-dir", str(tmp_path / "none")]) == 2 and not (tmp_path / "none").exists()
 
 

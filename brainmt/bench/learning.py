@@ -208,19 +208,21 @@ def plan(effects: list[str], seeds: int, tasks: list[str], variants: dict[str, l
     return jobs
 
 
-def best_validation(row: dict) -> float:
+def best_validation(row: dict) -> tuple[float, float]:
     """A BrainMT run's best validation value of the metric that picked its checkpoint, signed so that higher is
-    better (-inf when it never had a finite one)."""
+    better (-inf when it never had a finite one), then minus the lowest validation loss at that value: runs are ranked
+    as a run ranks its checkpoints (ties to the lower loss)."""
     name = row["selected_by"]
     sign = -1.0 if name in LOWER_IS_BETTER else 1.0
-    values = [sign * p[name] for p in row["validation"] if p.get(name) is not None and np.isfinite(p[name])]
-    return max(values, default=float("-inf"))
+    points = [(sign * p[name], -p.get("val_loss", np.inf)) for p in row["validation"]
+              if p.get(name) is not None and np.isfinite(p[name])]
+    return max(points, default=(float("-inf"), float("-inf")))
 
 
 def best_of_restarts(rows: list[dict]) -> list[dict]:
     """For each split and BrainMT config trained from several initialisations, the run with the best validation value
-    (ties to the earlier restart), as a row of method ``"<method> best of K"``: the restarts recipe's pick, made without
-    looking at the test set."""
+    (:func:`best_validation`; full ties to the earlier restart), as a row of method ``"<method> best of K"``: the
+    restarts recipe's pick, made without looking at the test set."""
     groups: dict[tuple, list[dict]] = {}
     for r in sorted(rows, key=lambda r: r.get("restart", 0)):
         if r["method"].startswith("brainmt"):

@@ -42,3 +42,16 @@ def ddp_step_worker(rank: int, world: int, port: int, x: torch.Tensor, y: torch.
     if rank == 0:
         torch.save({"losses": losses, "params": gathered}, out_path)
     torch.distributed.destroy_process_group()
+
+
+def running_standardize_worker(rank: int, world: int, port: int, batches: list, out_path: str) -> None:
+    """``RunningStandardize`` trained under a gloo process group, each rank on its own part of every batch (rank r:
+    rows r, r + world, ...; unequal sizes); every rank saves its buffers."""
+    from brainmt.models.layers import RunningStandardize
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    norm = RunningStandardize(batches[0].shape[1]).train()
+    for x in batches:
+        norm(x[rank::world])
+    torch.save({k: b.clone() for k, b in norm.named_buffers()}, f"{out_path}.{rank}")
+    torch.distributed.destroy_process_group()

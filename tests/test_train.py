@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from ddp_helpers import ddp_step_worker, sgd_steps
+from ddp_helpers import ddp_step_worker, running_standardize_worker, sgd_steps
 
 from brainmt.config import ConfigError, load_config
 from brainmt.data.shards import ShardError
@@ -118,6 +118,25 @@ def test_ddp_two_processes_match_one_process_with_twice_the_batch(tmp_path):
     np.testing.assert_allclose(ddp["losses"], losses, rtol=1e-5, atol=1e-6)
     for a, b in zip(rank0, model.parameters()):
         torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_head_norm_statistics_under_ddp_are_the_global_batch_s_on_every_rank(tmp_path):
+    """``model.head_norm: running`` under two gloo processes, each with its own part of every batch (3 and 2 rows):
+    both ranks hold the same running mean and variance, equal to one process's that saw the whole batches."""
+    from brainmt.models.layers import RunningStandardize
+
+    torch.manual_seed(2)
+    batches = [torch.randn(5, 6) * 3 + 7 for _ in range(4)]
+    torch.multiprocessing.spawn(running_standardize_worker, args=(2, _free_port(), batches, str(tmp_path / "b")),
+                                nprocs=2)
+    ranks = [torch.load(tmp_path / f"b.{r}", weights_only=True) for r in (0, 1)]
+    one = RunningStandardize(6).train()
+    for x in batches:
+        one(x)
+    for rank in ranks:
+        assert int(rank["updates"]) == 4
+        for name in ("mean", "var"):
+            torch.testing.assert_close(rank[name], getattr(one, name), rtol=1e-5, atol=1e-6)
 
 
 def test_ddp_training_under_torchrun(shards, tmp_path):

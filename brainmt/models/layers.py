@@ -107,12 +107,26 @@ class DropPath(nn.Module):
         return x * mask / keep
 
 
+def _mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The mean of ``t`` over its first dimension and, in a distributed run, over every rank's ``t`` (the ranks'
+    batch sizes may differ); one all-reduce."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return t.mean(0)
+    sums = torch.cat([t.sum(0), t.new_tensor([len(t)])])
+    dist.all_reduce(sums)
+    return sums[:-1] / sums[-1]
+
+
 class RunningStandardize(nn.Module):
     """Each feature standardised across scans with running mean and variance (``model.head_norm: running``).
 
     The statistics are updated from every training batch without gradient (a running average over the first
     1 / momentum batches, then exponential) and used as they are in training and evaluation alike, so a batch of 1
     or 2 does not set the scale as a BatchNorm's would. Until two batches have been seen the input passes unchanged.
+    Under DDP each update takes the whole global batch (an all-reduce, as SyncBatchNorm), so every rank keeps the same
+    statistics and normalises alike, and they are those of one process seeing the global batch.
     """
 
     def __init__(self, dim: int, momentum: float = 0.01, eps: float = 1e-12) -> None:
@@ -124,14 +138,15 @@ class RunningStandardize(nn.Module):
 
     @torch.no_grad()
     def _update(self, x: torch.Tensor, seen: int) -> None:
-        if seen == 0:
-            self.mean.copy_(x.mean(0))
-            self.var.copy_(x.var(0, correction=0))
+        if seen == 0:                                # two passes: a near-constant feature's spread survives
+            self.mean.copy_(_mean_over_ranks(x))
+            self.var.copy_(_mean_over_ranks((x - self.mean).square()))
         else:
             rate = max(self.momentum, 1.0 / (seen + 1))
             delta = x - self.mean
-            self.mean.add_(delta.mean(0), alpha=rate)
-            self.var.lerp_(delta.square().mean(0), rate)
+            moments = _mean_over_ranks(torch.cat([delta, delta.square()], 1))
+            self.mean.add_(moments[:len(self.mean)], alpha=rate)
+            self.var.lerp_(moments[len(self.mean):], rate)
         self.updates += 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

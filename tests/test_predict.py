@@ -256,6 +256,25 @@ def test_job_array_merges_the_parts_and_a_rerun_skips_done_scans(runs, new, sex_
     assert (out / "predictions.csv").read_text() == (sex_predictions / "predictions.csv").read_text()
 
 
+def test_job_array_and_merge_on_a_real_slurm(slurm, runs, new, sex_predictions, tmp_path):
+    """``jobs/predict.py`` submitted to the local single-node SLURM: two array tasks and an afterany merge job, whose
+    tables equal the single command's."""
+    import os
+
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "predict.py"), "--run", str(runs["sex"]), "--input",
+                           str(new["raw"]), "--out", str(out), "--device", "cpu", "--cluster", "slurm", "--partition",
+                           "cpu", "--gpus-per-node", "0", "--cpus-per-task", "1", "--time", "10", "--array-size", "2",
+                           "--wait"], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "array of 2 tasks over 6 scans (0 already predicted)" in proc.stdout and "(slurm)" in proc.stdout
+    jobs = json.loads((out / "slurm" / "jobs.jsonl").read_text().splitlines()[-1])
+    assert jobs["cluster"] == "slurm" and jobs["merge"] != jobs["array"]
+    assert (out / "predictions.csv").read_text() == (sex_predictions / "predictions.csv").read_text()
+    assert (out / "windows.csv").read_text() == (sex_predictions / "windows.csv").read_text()
+
+
 def test_resampled_scan_onto_its_own_grid_is_the_scan(new):
     path = _good_scan(new).get_filename()
     with OpenScan(path) as scan:

@@ -195,13 +195,18 @@ def test_learning_benchmark_restarts_pick_each_split_by_validation_not_test(tmp_
             row(1, 2, [0.69, 0.3], 0.7, "val_loss"),
             row(2, 0, [0.5, 1.0], 0.7, loss=[0.7, 0.4]), row(2, 1, [1.0, 1.0], 0.95, loss=[0.5, 0.1]),
             row(2, 2, [0.9, 0.8], 1.0, loss=[0.05, 0.01])]
-    by = {e["method"]: e for e in summarise(rows)}
+    by = {e["method"]: e for e in summarise(rows, 3)}
     assert by["brainmt"]["runs"] == 9 and by["brainmt"]["seeds"] == 3
     picked = by["brainmt best of 3"]
     # seed 0: restart 1 (validation 0.95); seed 1: restart 1 (a full tie: the first); seed 2: restart 1 (AUROC 1.0 as
     # restart 0, at a lower validation loss)
     assert picked["auroc"]["values"] == [0.6, 0.8, 0.95]
     assert picked["runs"] == 3 and picked["seconds"] == 30.0     # the pick costs its three trainings
+    # a split whose restart failed keeps its place in the row, picked among the two that finished
+    partial = {e["method"]: e for e in summarise([r for r in rows if (r["seed"], r["restart"]) != (0, 1)], 3)}
+    assert set(partial) == {"brainmt", "brainmt best of 3"}
+    assert partial["brainmt best of 3"]["auroc"]["values"] == [0.9, 0.8, 0.95]
+    assert [e["method"] for e in summarise(rows)] == ["brainmt"]         # no restarts asked for: no pick
     assert main(["--restarts", "0", "--work-dir", str(tmp_path / "none")]) == 2 and not (tmp_path / "none").exists()
 
 

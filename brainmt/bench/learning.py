@@ -212,31 +212,35 @@ def best_validation(row: dict) -> tuple[float, float]:
     """A BrainMT run's best validation value of the metric that picked its checkpoint, signed so that higher is
     better (-inf when it never had a finite one), then minus the lowest validation loss at that value: runs are ranked
     as a run ranks its checkpoints (ties to the lower loss)."""
-    name = row["selected_by"]
+    name = row.get("selected_by") or "val_loss"
     sign = -1.0 if name in LOWER_IS_BETTER else 1.0
-    points = [(sign * p[name], -p.get("val_loss", np.inf)) for p in row["validation"]
-              if p.get(name) is not None and np.isfinite(p[name])]
+    points = [(sign * p[name], -loss if np.isfinite(loss := p.get("val_loss", np.inf)) else float("-inf"))
+              for p in row["validation"] if p.get(name) is not None and np.isfinite(p[name])]
     return max(points, default=(float("-inf"), float("-inf")))
 
 
-def best_of_restarts(rows: list[dict]) -> list[dict]:
-    """For each split and BrainMT config trained from several initialisations, the run with the best validation value
-    (:func:`best_validation`; full ties to the earlier restart), as a row of method ``"<method> best of K"``: the
-    restarts recipe's pick, made without looking at the test set."""
+def best_of_restarts(rows: list[dict], restarts: int) -> list[dict]:
+    """For each split and BrainMT config trained from ``restarts`` initialisations, the run with the best validation
+    value (:func:`best_validation`; full ties to the earlier restart), as a row of method ``"<method> best of K"``:
+    the restarts recipe's pick, made without looking at the test set. A split whose restarts did not all finish keeps
+    its row, picked among those that did (``restarts_found``)."""
+    if restarts < 2:
+        return []
     groups: dict[tuple, list[dict]] = {}
     for r in sorted(rows, key=lambda r: r.get("restart", 0)):
-        if r["method"].startswith("brainmt"):
+        if r["method"].startswith("brainmt") and r.get("restart", 0) < restarts:
             groups.setdefault((r["effect"], r["seed"], r["task"], r["labels"], r["method"]), []).append(r)
-    return [{**max(members, key=best_validation), "method": f"{members[0]['method']} best of {len(members)}",
-             "seconds": sum(m["seconds"] for m in members)} for members in groups.values() if len(members) > 1]
+    return [{**max(members, key=best_validation), "method": f"{members[0]['method']} best of {restarts}",
+             "seconds": sum(m["seconds"] for m in members), "restarts_found": len(members)}
+            for members in groups.values()]
 
 
-def summarise(rows: list[dict]) -> list[dict]:
+def summarise(rows: list[dict], restarts: int = 1) -> list[dict]:
     """Mean and sd over seeds (and restarts) of each (effect, task, labels, method): the test metrics and the best
-    validation, then the restarts' picks (:func:`best_of_restarts`). Per-seed values are listed in seed order
-    (``seed_list``), whatever order the runs finished in."""
+    validation, then the picks of ``restarts`` restarts (:func:`best_of_restarts`). Per-run values are listed in seed
+    order (``seed_list``), whatever order the runs finished in."""
     groups: dict[tuple, list[dict]] = {}
-    for r in sorted(rows + best_of_restarts(rows), key=lambda r: (r["seed"], r.get("restart", 0))):
+    for r in sorted(rows + best_of_restarts(rows, restarts), key=lambda r: (r["seed"], r.get("restart", 0))):
         groups.setdefault((r["effect"], r["task"], r["labels"], r["method"]), []).append(r)
     out = []
     for (effect, task, labels, method), members in groups.items():
@@ -258,7 +262,7 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 def markdown(summary: list[dict]) -> str:
     """The summary as a Markdown table (mean ± sd over seeds; the per-seed values in brackets)."""
-    lines = ["| effect | task | labels | method | seeds | metric: mean ± sd (per seed) | s/run |",
+    lines = ["| effect | task | labels | method | seeds | metric: mean ± sd (per run, in seed order) | s/run |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for e in summary:
         cells = "; ".join(f"{k} {e[k]['mean']:.3f} ± {e[k]['sd']:.3f} ({', '.join(f'{v:.2f}' for v in e[k]['values'])})"
@@ -370,11 +374,13 @@ def main(argv: list[str] | None = None) -> int:
                   shuffle=job.labels == "shuffled")
     with ThreadPoolExecutor(max(1, args.parallel)) as pool:
         list(pool.map(one, jobs))
-    summary = summarise(rows)
+    planned = {job.name for job in jobs}
+    finished = [r for r in rows if r["name"] in planned]        # not the rows of a larger earlier call
+    summary = summarise(finished, args.restarts)
     save(record_path, rows, args, time.perf_counter() - started, summary)
     print(f"\n{args.subjects} subjects a cohort ({'x'.join(map(str, args.shape))} voxels, {args.frames} frames), "
           f"device {args.device}, {time.perf_counter() - started:.0f} s in all\n{markdown(summary)}", flush=True)
-    return 0 if len(rows) == len(jobs) else 1
+    return 0 if len(finished) == len(jobs) else 1
 
 
 class ReuseError(ValueError):

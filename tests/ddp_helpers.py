@@ -53,5 +53,6 @@ def running_standardize_worker(rank: int, world: int, port: int, batches: list, 
     norm = RunningStandardize(batches[0].shape[1]).train()
     for x in batches:
         norm(x[rank::world])
+        norm(x[:0])                                  # an empty global batch changes nothing
     torch.save({k: b.clone() for k, b in norm.named_buffers()}, f"{out_path}.{rank}")
     torch.distributed.destroy_process_group()

@@ -140,16 +140,20 @@ def test_head_norm_statistics_under_ddp_are_the_global_batch_s_on_every_rank(tmp
 
 
 def test_ddp_training_under_torchrun(shards, tmp_path):
+    """Two processes under torchrun train one model (with ``head_norm: running``, whose statistics all-reduce inside
+    DDP's forward); the last checkpoint's statistics have seen every step."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            "-m", "brainmt.cli", "train", "--config", "debug", "--shards", str(shards), "--run-dir", str(tmp_path / "ddp"),
-           *OVERRIDES]
+           *OVERRIDES, "model.head_norm=running"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "ddp" / "logs" / "rank-1.log").exists()
     assert "init gloo process group: rank 1/2" in (tmp_path / "ddp" / "logs" / "rank-1.log").read_text()
     assert "training finished at step 6/6" in proc.stdout                  # global batch 8: half the steps
     assert json.loads((tmp_path / "ddp" / "metrics.json").read_text())["subjects"] > 0
+    last = max((tmp_path / "ddp" / "checkpoints").glob("step-*.pt"))
+    assert int(torch.load(last, weights_only=False)["model"]["head_norm.updates"]) == 6
 
 
 def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):

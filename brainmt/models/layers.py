@@ -107,16 +107,17 @@ class DropPath(nn.Module):
         return x * mask / keep
 
 
-def _mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+def _mean_over_ranks(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The mean of ``t`` over its first dimension and, in a distributed run, over every rank's ``t`` (the ranks'
-    batch sizes may differ); one all-reduce."""
+    batch sizes may differ; one all-reduce), and how many rows it is over (the same number on every rank)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return t.mean(0)
+        return t.sum(0) / max(len(t), 1), len(t)
     sums = torch.cat([t.sum(0), t.new_tensor([len(t)])])
     dist.all_reduce(sums)
-    return sums[:-1] / sums[-1]
+    count = int(sums[-1])
+    return sums[:-1] / max(count, 1), count
 
 
 class RunningStandardize(nn.Module):
@@ -137,22 +138,28 @@ class RunningStandardize(nn.Module):
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
-    def _update(self, x: torch.Tensor, seen: int) -> None:
+    def _update(self, x: torch.Tensor, seen: int) -> bool:
+        """Fold this (global) batch into the statistics; False for an empty one."""
         if seen == 0:                                # two passes: a near-constant feature's spread survives
-            self.mean.copy_(_mean_over_ranks(x))
-            self.var.copy_(_mean_over_ranks((x - self.mean).square()))
+            mean, count = _mean_over_ranks(x)
+            if count == 0:                           # an empty global batch: nothing to learn (every rank agrees)
+                return False
+            self.mean.copy_(mean)
+            self.var.copy_(_mean_over_ranks((x - self.mean).square())[0])
         else:
-            rate = max(self.momentum, 1.0 / (seen + 1))
             delta = x - self.mean
-            moments = _mean_over_ranks(torch.cat([delta, delta.square()], 1))
+            moments, count = _mean_over_ranks(torch.cat([delta, delta.square()], 1))
+            if count == 0:
+                return False
+            rate = max(self.momentum, 1.0 / (seen + 1))
             self.mean.add_(moments[:len(self.mean)], alpha=rate)
             self.var.lerp_(moments[len(self.mean):], rate)
         self.updates += 1
+        return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        seen = int(self.updates)                     # one host read a forward
-        if self.training:
-            self._update(x.float(), seen)
+        seen = int(self.updates)                     # one host read a forward (two under DDP: the batch count)
+        if self.training and self._update(x.float(), seen):
             seen += 1
         if seen < 2:
             return x

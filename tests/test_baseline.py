@@ -85,13 +85,14 @@ def test_baseline_command_line(small_shards, tmp_path):
 
 
 def test_learning_benchmark_smoke(tmp_path):
-    """A reduced learning benchmark: the sex task only, few subjects, short training, two seeds' splits, a variant;
-    loose thresholds."""
-    from brainmt.bench.learning import main
+    """A reduced learning benchmark: the sex task only, few subjects, short training, two seeds' splits, a variant, two
+    restarts (IG of each split's pick only); loose thresholds."""
+    from brainmt.bench.learning import best_of_restarts, main
 
     work = tmp_path / "bench"
     assert main(["--subjects", "60", "--frames", "24", "--work-dir", str(work), "--tasks", "sex", "--n-boot", "50",
-                 "--effects", "coupling", "--seeds", "2", "--parallel", "2", "--variant", "ld", "optim.layer_decay=0.75",
+                 "--effects", "coupling", "--seeds", "2", "--restarts", "2", "--parallel", "2", "--variant", "ld",
+                 "optim.layer_decay=0.75",
                  "analysis.baseline=scans", "analysis.reference_scans=2", "--shuffled", "coupling", "--variants-only",
                  "--ig", "4", "train.epochs=3", "data.num_frames=8", "model.num_frames=8"]) == 0
     record = json.loads((work / "learning.json").read_text())
@@ -103,12 +104,16 @@ def test_learning_benchmark_smoke(tmp_path):
     splits = [json.loads((work / "views" / f"coupling-s{seed}-true" / "splits.json").read_text()) for seed in (0, 1)]
     assert splits[0]["test"] != splits[1]["test"]                # each seed its own split
     summary = {(e["labels"], e["method"]): e for e in record["summary"]}
-    assert summary[("true", "brainmt:ld")]["seeds"] == 2 and len(summary[("true", "brainmt:ld")]["auroc"]["values"]) == 2
+    assert summary[("true", "brainmt:ld")]["seeds"] == 2 and summary[("true", "brainmt:ld")]["runs"] == 4
+    assert len(summary[("true", "brainmt:ld best of 2")]["auroc"]["values"]) == 2
+    assert len(summary[("shuffled", "brainmt:ld best of 2")]["auroc"]["values"]) == 2
+    picks = {p["name"] for p in best_of_restarts(record["rows"], 2) if p["labels"] == "true"}
+    assert len(picks) == 2 and {r["name"] for r in record["rows"] if "ig" in r} == picks   # IG of the picks only
     for r in record["rows"]:
         assert r["seconds"] > 0
         if r["method"].startswith("brainmt"):
             assert r["selected_by"] == "val_auroc" and r["validation"]
-        if r["method"] == "brainmt:ld" and r["labels"] == "true":   # --ig: the group |IG| map scored on the truth
+        if r["name"] in picks:                                       # --ig: the group |IG| map scored on the truth
             ig = r["ig"]
             assert ig["subjects"] == 4 and ig["truth_regions"] == ["region-a", "region-b"]
             assert 0 <= ig["truth_auroc"] <= 1 and 0 <= ig["effect_vs_control_auroc"] <= 1
@@ -119,7 +124,7 @@ def test_learning_benchmark_smoke(tmp_path):
             subject = json.loads(next((work / "runs" / r["name"] / "ig" / "subjects").glob("*_ig.json")).read_text())
             assert subject["settings"]["baseline"] == "scans" and subject["settings"]["reference_scans"] == 2
         else:
-            assert "ig" not in r                                    # not for shuffled labels or baselines
+            assert "ig" not in r                            # not for other restarts, shuffled labels or baselines
     assert {"ig_effect_vs_control_auroc", "ig_contrast_vs_control_auroc"} <= set(summary[("true", "brainmt:ld")])
     _learning_benchmark_refuses_mixing(work, main, common=["--n-boot", "50", "--tasks", "sex", "--effects", "coupling",
                                                                "--seeds", "2", "--variants-only", "--no-baselines"])

@@ -7,7 +7,8 @@ CUDA, the demo's on the CPU) and fits the connectome and amplitude baselines, fo
 cognitive score (regression). ``--shuffled EFFECT`` repeats sex with labels permuted across subjects (a control that
 must stay at chance). ``--variant NAME key=value,...`` trains BrainMT once more per variant (the lever table).
 ``--restarts K`` trains each BrainMT config K times per split, each from its own initialisation, and adds a row for
-the run each split would keep by its best validation value (the restarts recipe, sweeps/restarts.yaml).
+the run each split would keep by its best validation value (the restarts recipe, sweeps/restarts.yaml); ``--ig``
+then analyses only those picks.
 Every BrainMT run is its own ``brainmt train`` process; ``--parallel`` runs several at once, spread over the visible
 GPUs (several on one GPU share it). Results go to ``learning.json`` after every run (a rerun skips finished ones)
 and a Markdown table at the end.
@@ -235,6 +236,13 @@ def best_of_restarts(rows: list[dict], restarts: int) -> list[dict]:
             for members in groups.values()]
 
 
+def picks_to_analyse(rows: list[dict], restarts: int) -> list[dict]:
+    """With ``--ig`` and ``--restarts``: the rows (themselves, not copies) of each split's pick on true labels that
+    have no IG yet; the other restarts are not analysed."""
+    by_name = {r["name"]: r for r in rows}
+    return [by_name[p["name"]] for p in best_of_restarts(rows, restarts) if p["labels"] == "true" and "ig" not in p]
+
+
 def summarise(rows: list[dict], restarts: int = 1) -> list[dict]:
     """Mean and sd over seeds (and restarts) of each (effect, task, labels, method): the test metrics and the best
     validation, then the picks of ``restarts`` restarts (:func:`best_of_restarts`). Per-run values are listed in seed
@@ -322,9 +330,80 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+class Bench:
+    """One call's runs: each job in its own slot (threads, GPU), its row saved to ``learning.json`` as it finishes."""
+
+    def __init__(self, args: argparse.Namespace, work: Path, jobs: list[BenchRun], done: dict[str, dict],
+                 cohorts: dict[str, Path], started: float) -> None:
+        self.args, self.work, self.done, self.cohorts = args, work, done, cohorts
+        self.by_name = {job.name: job for job in jobs}
+        self.rows, self.lock = list(done.values()), threading.Lock()
+        self.slots = run_slots(args.parallel, visible_gpus(args.device))
+        self.record_path, self.started = work / "learning.json", started
+
+    def view(self, job: BenchRun) -> Path:
+        """The seed view (split, labels) a job trains and is analysed on."""
+        return self.work / "views" / f"{job.effect}-s{job.seed}-{job.labels}"
+
+    def ig(self, job: BenchRun, slot: dict[str, str]) -> dict:
+        """``brainmt analyze --truth`` of a trained BrainMT run."""
+        planted = self.cohorts[job.effect].parent / "raw" / "derivatives" / "planted"
+        return analyse_brainmt(job, self.view(job), self.work / "runs" / job.name, planted, self.args.device,
+                               self.args.ig, self.work / "logs", slot)
+
+    def record(self, row: dict, new: bool) -> None:
+        """Save ``learning.json`` with a new or updated row, and print it."""
+        with self.lock:
+            if new:
+                self.rows.append(row)
+            save(self.record_path, self.rows, self.args, time.perf_counter() - self.started)
+            print(format_row(row), flush=True)
+
+    def one(self, job: BenchRun) -> None:
+        """Train (or fit) one job, and with ``--ig`` and no restarts analyse it; a failure is reported, not raised."""
+        if job.name in self.done:
+            return
+        a, out, t0, slot = self.args, self.work / "runs" / job.name, time.perf_counter(), self.slots.get()
+        try:
+            result = (train_brainmt(job, self.view(job), out, a.device, a.window or a.frames, self.work / "logs", slot)
+                      if job.method.startswith("brainmt") else fit_baseline(job, self.view(job), out, a.n_boot))
+            if a.ig and a.restarts == 1 and job.method.startswith("brainmt") and job.labels == "true":
+                result["ig"] = self.ig(job, slot)
+        except Exception as exc:    # one failed run is reported, the others go on
+            print(f"FAILED {job.name}: {exc}", flush=True)
+            return
+        finally:
+            self.slots.put(slot)
+        self.record({**asdict(job), "name": job.name, "seconds": time.perf_counter() - t0, **result}, new=True)
+
+    def pick_ig(self, row: dict) -> None:
+        """With ``--restarts``: the IG of a split's pick, stored in its row."""
+        slot = self.slots.get()
+        try:
+            row["ig"] = self.ig(self.by_name[row["name"]], slot)
+        except Exception as exc:
+            print(f"FAILED {row['name']}: IG: {exc}", flush=True)
+            return
+        finally:
+            self.slots.put(slot)
+        self.record(row, new=False)
+
+    def run(self) -> list[dict]:
+        """Every job, then (``--ig`` with ``--restarts``) each split's pick analysed; this call's finished rows."""
+        (self.work / "logs").mkdir(parents=True, exist_ok=True)
+        for job in {(j.effect, j.seed, j.labels): j for j in self.by_name.values()}.values():   # once, before sharing
+            seed_view(self.cohorts[job.effect], self.view(job), job.seed, shuffle=job.labels == "shuffled")
+        with ThreadPoolExecutor(max(1, self.args.parallel)) as pool:
+            list(pool.map(self.one, self.by_name.values()))
+            finished = [r for r in self.rows if r["name"] in self.by_name]   # not the rows of a larger earlier call
+            if self.args.ig and self.args.restarts > 1:
+                list(pool.map(self.pick_ig, picks_to_analyse(finished, self.args.restarts)))
+        return finished
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: ``python -m brainmt.bench.learning``."""
-    args = parser().parse_args(argv)
+    args, started = parser().parse_args(argv), time.perf_counter()
     work = Path(args.work_dir).resolve()
     shuffled = [args.effects[0]] if args.shuffled is None else args.shuffled
     if args.restarts < 1:
@@ -335,7 +414,6 @@ def main(argv: list[str] | None = None) -> int:
     for job in jobs:
         if job.method.startswith("brainmt"):
             job.overrides = [*args.overrides, *job.overrides]
-    started, slots = time.perf_counter(), run_slots(args.parallel, visible_gpus(args.device))
     record_path = work / "learning.json"
     done = {r["name"]: r for r in json.loads(record_path.read_text())["rows"]} if record_path.exists() else {}
     try:
@@ -344,42 +422,12 @@ def main(argv: list[str] | None = None) -> int:
     except ReuseError as exc:
         print(f"python -m brainmt.bench.learning: {exc}", file=sys.stderr)
         return 2
-    rows, lock = list(done.values()), threading.Lock()
-
-    def one(job: BenchRun) -> None:
-        if job.name in done:
-            return
-        view = work / "views" / f"{job.effect}-s{job.seed}-{job.labels}"
-        out, t0, slot = work / "runs" / job.name, time.perf_counter(), slots.get()
-        try:
-            result = (train_brainmt(job, view, out, args.device, args.window or args.frames, work / "logs", slot)
-                      if job.method.startswith("brainmt") else fit_baseline(job, view, out, args.n_boot))
-            if args.ig and job.method.startswith("brainmt") and job.labels == "true":
-                planted = cohorts[job.effect].parent / "raw" / "derivatives" / "planted"
-                result["ig"] = analyse_brainmt(job, view, out, planted, args.device, args.ig, work / "logs", slot)
-        except Exception as exc:    # one failed run is reported, the others go on
-            print(f"FAILED {job.name}: {exc}", flush=True)
-            return
-        finally:
-            slots.put(slot)
-        row = {**asdict(job), "name": job.name, "seconds": time.perf_counter() - t0, **result}
-        with lock:
-            rows.append(row)
-            save(record_path, rows, args, time.perf_counter() - started)
-            print(format_row(row), flush=True)
-
-    (work / "logs").mkdir(parents=True, exist_ok=True)
-    for job in {(j.effect, j.seed, j.labels): j for j in jobs}.values():   # written once, before the runs share them
-        seed_view(cohorts[job.effect], work / "views" / f"{job.effect}-s{job.seed}-{job.labels}", job.seed,
-                  shuffle=job.labels == "shuffled")
-    with ThreadPoolExecutor(max(1, args.parallel)) as pool:
-        list(pool.map(one, jobs))
-    planned = {job.name for job in jobs}
-    finished = [r for r in rows if r["name"] in planned]        # not the rows of a larger earlier call
-    summary = summarise(finished, args.restarts)
-    save(record_path, rows, args, time.perf_counter() - started, summary)
+    bench = Bench(args, work, jobs, done, cohorts, started)
+    finished = bench.run()
+    summary, seconds = summarise(finished, args.restarts), time.perf_counter() - started
+    save(record_path, bench.rows, args, seconds, summary)
     print(f"\n{args.subjects} subjects a cohort ({'x'.join(map(str, args.shape))} voxels, {args.frames} frames), "
-          f"device {args.device}, {time.perf_counter() - started:.0f} s in all\n{markdown(summary)}", flush=True)
+          f"device {args.device}, {seconds:.0f} s in all\n{markdown(summary)}", flush=True)
     return 0 if len(finished) == len(jobs) else 1
 
 

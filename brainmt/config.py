@@ -515,6 +515,13 @@ def select_metric(cfg: Config) -> tuple[str, str]:
     return name, "min" if name in LOWER_IS_BETTER else "max"
 
 
+def selection_key(name: str, value: float, val_loss: float | None) -> tuple[float, float]:
+    """How checkpoints (and runs) rank by the metric ``name``: its value signed so that higher is better, then the lower
+    validation loss (a missing or non-finite loss ranks last); compare keys with ``>``."""
+    loss = val_loss if val_loss is not None and math.isfinite(val_loss) else math.inf
+    return (-value if name in LOWER_IS_BETTER else value), -loss
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that types alone cannot express."""
     m = cfg.model

@@ -177,3 +177,15 @@ def test_importing_the_config_and_the_shard_options_stays_light():
             "print(sorted(m for m in ('torch', 'nibabel', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_selection_key_ranks_by_the_metric_then_the_lower_validation_loss():
+    """One rule for the best checkpoint and the best restart: the metric (lower is better for a loss), then the lower
+    validation loss; a missing or non-finite loss ranks last."""
+    from brainmt.config import selection_key
+
+    assert selection_key("val_auroc", 0.9, 0.7) > selection_key("val_auroc", 0.8, 0.1)
+    assert selection_key("val_mse", 0.2, 0.7) > selection_key("val_mse", 0.3, 0.1)
+    assert selection_key("val_auroc", 1.0, 0.1) > selection_key("val_auroc", 1.0, 0.3)
+    assert selection_key("val_auroc", 1.0, 0.3) > selection_key("val_auroc", 1.0, float("nan"))
+    assert selection_key("val_auroc", 1.0, 0.3) > selection_key("val_auroc", 1.0, None)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from brainmt.config import LOWER_IS_BETTER, DeviceType, literal_values
+from brainmt.config import DeviceType, literal_values, selection_key
 from brainmt.data.synthetic import EFFECTS
 
 TASKS = {"sex": ("classification", "sex"), "score": ("regression", "cognition")}
@@ -210,13 +210,11 @@ def plan(effects: list[str], seeds: int, tasks: list[str], variants: dict[str, l
 
 
 def best_validation(row: dict) -> tuple[float, float]:
-    """A BrainMT run's best validation value of the metric that picked its checkpoint, signed so that higher is
-    better (-inf when it never had a finite one), then minus the lowest validation loss at that value: runs are ranked
-    as a run ranks its checkpoints (ties to the lower loss)."""
+    """A BrainMT run's best validation point by the metric that picked its checkpoint, as a run ranks its checkpoints
+    (:func:`brainmt.config.selection_key`); (-inf, -inf) when it never had a finite value."""
     name = row.get("selected_by") or "val_loss"
-    sign = -1.0 if name in LOWER_IS_BETTER else 1.0
-    points = [(sign * p[name], -loss if np.isfinite(loss := p.get("val_loss", np.inf)) else float("-inf"))
-              for p in row["validation"] if p.get(name) is not None and np.isfinite(p[name])]
+    points = [selection_key(name, p[name], p.get("val_loss")) for p in row["validation"]
+              if p.get(name) is not None and np.isfinite(p[name])]
     return max(points, default=(float("-inf"), float("-inf")))
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from brainmt import signals
-from brainmt.config import Config, config_to_dict, save_config, select_metric
+from brainmt.config import Config, config_to_dict, save_config, select_metric, selection_key
 from brainmt.data.loader import ShardSet, TrainStream
 from brainmt.distributed import DistEnv, cleanup, detect, device_for, init_distributed
 from brainmt.models import build_model
@@ -288,8 +288,8 @@ def validate_and_save(s: Session, state: TrainState) -> bool:
     s.calibration = val.pop("calibration")
     name, mode = select_metric(s.cfg)
     value = val[name]
-    better = state.best_metric is None or (value < state.best_metric if mode == "min" else value > state.best_metric) \
-        or (value == state.best_metric and val["val_loss"] < (state.best_val_loss or math.inf))
+    better = state.best_metric is None or \
+        selection_key(name, value, val["val_loss"]) > selection_key(name, state.best_metric, state.best_val_loss)
     if better and math.isfinite(value):
         state.best_metric, state.best_val_loss, state.best_step, state.bad_evals = value, val["val_loss"], state.step, 0
     else:

@@ -112,6 +112,24 @@ def test_bad_requests_are_refused_with_a_clear_message(slurm, shards, tmp_path):
     assert (owned / "config.yaml").read_text() == "model:\n  embed_dim: 64\n"   # nothing lost
 
 
+def test_dry_run_refuses_a_resume_on_another_global_batch(shards, tmp_path):
+    """A run of one task with batch 4, launched again on 2 tasks: refused before submitting, naming the batch that
+    keeps the global batch; with it the dry run passes."""
+    from brainmt.config import load_config
+    from brainmt.train.loop import train
+
+    extra = [*TRAIN, "train.epochs=1", "data.samples_per_epoch=16"]
+    run_dir = tmp_path / "run"
+    assert train(load_config("debug", extra), shards, run_dir, stop_at_step=1)["status"] == "interrupted"
+    two = ["--cluster", "local", "--gpus-per-node", "0", "--tasks-per-node", "2", "--config", "debug", "--shards",
+           str(shards), "--run-dir", str(run_dir), "--dry-run", *extra]
+    proc = launch(*two)
+    assert proc.returncode == 2 and "global batch of 4" in proc.stderr, proc.stderr
+    assert "train.batch_size=2 optim.accumulate_steps=1" in proc.stderr
+    proc = launch(*two, "train.batch_size=2")
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_force_moves_a_foreign_run_directory_aside(shards, tmp_path):
     owned = tmp_path / "owned"
     owned.mkdir()

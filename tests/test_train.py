@@ -58,15 +58,18 @@ class SignalAt:
             os.kill(os.getpid(), signal.SIGUSR2)
 
 
-def test_interrupted_run_resumes_to_the_same_result(shards, tmp_path):
-    full = train(_cfg(), shards, tmp_path / "full")
+@pytest.mark.parametrize("extra", [[], ["data.intensity_jitter=0.1"]], ids=["plain", "jitter"])
+def test_interrupted_run_resumes_to_the_same_result(shards, tmp_path, extra):
+    """Also with draws from the CPU generator each step (jitter), which a resume must continue where it left off."""
+    full = train(_cfg(*extra), shards, tmp_path / "full")
     assert full["status"] == "finished" and full["step"] == 12
-    first = train(_cfg(), shards, tmp_path / "resumed", sink=SignalAt(tmp_path / "resumed" / "metrics.jsonl", 4))
+    first = train(_cfg(*extra), shards, tmp_path / "resumed",
+                  sink=SignalAt(tmp_path / "resumed" / "metrics.jsonl", 4))
     assert first["status"] == "interrupted" and first["step"] == 5       # the signal is honoured at the next step
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "resumed" / "checkpoints")] == [5]
-    second = train(_cfg(), shards, tmp_path / "resumed", stop_at_step=9)
+    second = train(_cfg(*extra), shards, tmp_path / "resumed", stop_at_step=9)
     assert second["status"] == "interrupted" and second["step"] == 9
-    third = train(_cfg(), shards, tmp_path / "resumed")
+    third = train(_cfg(*extra), shards, tmp_path / "resumed")
     assert third["status"] == "finished" and third["step"] == 12
     # same data order, RNG and optimizer state: bitwise equal on the CPU
     assert _train_losses(tmp_path / "resumed") == _train_losses(tmp_path / "full")
@@ -173,6 +176,78 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
                                            ckpt.checkpoint_path(directory, 1)]   # no temporary left
     path, state = ckpt.latest_checkpoint(directory)
     assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
+
+
+def test_pruning_after_resuming_before_an_unreadable_checkpoint_keeps_the_new_ones(tmp_path):
+    """Resumed at 900 past a damaged 1000: the new 950 and 960 are the last two, not 960 and the damaged file."""
+    directory = tmp_path / "checkpoints"
+    for step in (900, 1000):
+        ckpt.save_checkpoint(directory, step, {"step": step}, keep_last=2, best_step=None)
+    ckpt.checkpoint_path(directory, 1000).write_bytes(b"garbage")
+    assert ckpt.latest_checkpoint(directory)[1]["step"] == 900
+    for step in (950, 960):
+        ckpt.save_checkpoint(directory, step, {"step": step}, keep_last=2, best_step=None)
+    assert [s for s, _ in ckpt.list_checkpoints(directory)] == [950, 960, 1000]   # the damaged one is not deleted
+    assert ckpt.latest_checkpoint(directory)[1]["step"] == 960
+
+
+def test_a_rerun_of_an_early_stopped_run_does_not_train_on(shards, tmp_path, monkeypatch):
+    """Validation that never improves stops the run at its second evaluation (patience 1); running it again keeps
+    that end instead of training past it."""
+    import brainmt.train.loop as loop
+
+    flat = {"val_loss": 0.7, "val_accuracy": 0.5, "val_balanced_accuracy": 0.5, "val_auroc": 0.5, "calibration": None}
+    monkeypatch.setattr(loop, "validate", lambda *args, **kwargs: dict(flat))
+    cfg = _cfg("data.task=classification", "data.target=sex", "train.epochs=4", "train.early_stopping_patience=1")
+    first = train(cfg, shards, tmp_path / "run")
+    assert first["status"] == "early_stopped" and first["step"] == 12 and first["best_step"] == 6
+    again = train(cfg, shards, tmp_path / "run")
+    assert again["status"] == "early_stopped" and again["step"] == 12
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")] == [6, 12]
+
+
+def test_a_split_of_one_class_is_refused_before_any_work(shards, tmp_path):
+    """Validation of one class: AUROC, which picks the best checkpoint, is undefined; training of one class: nothing
+    to learn. Each names splits.json, the split and the class; with val_loss picking, one-class validation is fine."""
+    import shutil
+
+    from brainmt.data.loader import ShardSet
+    from brainmt.train.run_config import check_data
+
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    splits = json.loads((copy / "splits.json").read_text())
+    sex = {s["subject"]: s["targets"]["sex"] for s in json.loads((copy / "manifest.json").read_text())["scans"].values()}
+    held_out = splits["validation"] + splits["test"]
+    ones = [s for s in held_out if sex[s] == 1.0]
+    splits["validation"], splits["test"] = ones, [s for s in held_out if s not in ones]
+    (copy / "splits.json").write_text(json.dumps(splits))
+    cfg = _cfg("data.task=classification", "data.target=sex")
+    with pytest.raises(ShardError, match=r"splits.json: every scan of the validation split has sex = 1 .*val_auroc"):
+        train(cfg, copy, tmp_path / "run")
+    assert not (tmp_path / "run").exists()                                 # nothing written
+    check_data(_cfg("data.task=classification", "data.target=sex", "train.select_metric=val_loss"), ShardSet(copy),
+               ("train", "validation"))
+    splits["train"] = [s for s in splits["train"] if sex[s] == 0.0]
+    (copy / "splits.json").write_text(json.dumps(splits))
+    with pytest.raises(ShardError, match=r"every scan of the train split has sex = 0 .*nothing to learn"):
+        train(cfg, copy, tmp_path / "run")
+
+
+def test_resume_with_another_global_batch_is_refused_and_names_the_setting_that_keeps_it(shards, tmp_path):
+    """Batch 4 on one rank, then batch 2: refused before anything is written, naming optim.accumulate_steps=2;
+    batch 2 with 2 accumulation steps (the same global batch) resumes and ends where an unchanged run ends."""
+    from brainmt.train.run_config import ResumeConflict
+
+    run_dir = tmp_path / "run"
+    assert train(_cfg(), shards, run_dir, stop_at_step=3)["status"] == "interrupted"
+    config_before = (run_dir / "config.yaml").read_text()
+    with pytest.raises(ResumeConflict, match=r"global batch of 4 .* now 2\. .*optim\.accumulate_steps=2"):
+        train(_cfg("train.batch_size=2"), shards, run_dir)
+    assert (run_dir / "config.yaml").read_text() == config_before
+    assert [s for s, _ in ckpt.list_checkpoints(run_dir / "checkpoints")] == [3]
+    done = train(_cfg("train.batch_size=2", "optim.accumulate_steps=2"), shards, run_dir)
+    assert done["status"] == "finished" and done["step"] == done["total_steps"] == 12
 
 
 def test_keep_last_and_best_and_weights_only(shards, tmp_path):

@@ -157,6 +157,19 @@ def measure_count(args: argparse.Namespace, shards: Path, work: Path, count: int
             "run_dir": str(run_dir)}
 
 
+def keep_global_batch(cfg_dict: dict, saved_on: int, count: int) -> dict:
+    """The config with the per-task batch, or accumulation, that keeps the global batch of ``saved_on`` tasks on
+    ``count`` (a resume requires it): the fewest accumulation steps whose micro-batch is no larger than before."""
+    train, optim = cfg_dict["train"], cfg_dict["optim"]
+    total = train["batch_size"] * optim["accumulate_steps"] * saved_on
+    if total % count:
+        raise ValueError(f"a global batch of {total} does not divide among {count} tasks")
+    per_task = total // count
+    accumulate = next(a for a in range(1, per_task + 1) if per_task % a == 0 and per_task // a <= train["batch_size"])
+    train["batch_size"], optim["accumulate_steps"] = per_task // accumulate, accumulate
+    return cfg_dict
+
+
 def resume_on(args: argparse.Namespace, shards: Path, work: Path, saved_on: int, count: int) -> dict:
     """Copy the ``saved_on``-GPU run and continue it on ``count`` GPUs for ``resume_steps`` steps."""
     source = work / f"run-{saved_on}"
@@ -165,7 +178,7 @@ def resume_on(args: argparse.Namespace, shards: Path, work: Path, saved_on: int,
         shutil.rmtree(run_dir)
     shutil.copytree(source, run_dir)
     start = args.warmup + args.steps
-    cfg_dict = bench_config(args, count)
+    cfg_dict = keep_global_batch(bench_config(args, count), saved_on, count)
     results = run_job(cfg_dict, shards, run_dir, count, start + args.resume_steps)
     digests = [r["param_digest"] for r in results]
     saved_digest, saved_world = checkpoint_digest(run_dir, start + args.resume_steps)

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from brainmt.config import SPLIT_NAMES, ClusterConfig, ConfigError, config_choices, config_to_dict, load_config
+from brainmt.config import SPLIT_NAMES, ClusterConfig, Config, ConfigError, config_choices, config_to_dict, load_config
 
 
 def parse_part(text: str) -> tuple[int, int]:
@@ -176,6 +176,28 @@ def show_status(run_dir: Path) -> int:
     return 0
 
 
+def check_run_dir(run_dir: Path, cfg: Config, force: bool, dry_run: bool) -> None:
+    """A run directory of another configuration is refused (TrainingError), or moved aside with ``--force``; a run
+    to resume must keep its global batch on this job's number of tasks."""
+    from brainmt.launch.slurm import move_aside, tasks_per_node
+    from brainmt.train.checkpoint import latest_checkpoint
+    from brainmt.train.run_config import TrainingError, check_global_batch, check_resume_config
+
+    try:
+        check_resume_config(run_dir, cfg)
+    except TrainingError:
+        if not force:
+            raise
+        if dry_run:
+            print(f"# --force: the run directory {run_dir} (another configuration) would be moved aside")
+        else:
+            print(f"--force: moved the run directory of the other configuration to {move_aside(run_dir)}", flush=True)
+        return
+    found = latest_checkpoint(run_dir / "checkpoints")
+    if found:
+        check_global_batch(*found, cfg, cfg.cluster.nodes * tasks_per_node(cfg.cluster))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of jobs/launch.py."""
     import submitit
@@ -183,16 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     from brainmt.data.loader import ShardSet
     from brainmt.data.shards import ShardError
     from brainmt.launch.job import TrainTask
-    from brainmt.launch.slurm import (
-        LaunchError,
-        checked_executor,
-        clean_slurm_env,
-        move_aside,
-        record_submission,
-        sbatch_preview,
-        shard_dir,
-    )
-    from brainmt.train.run_config import TrainingError, check_data, check_resume_config, resolve
+    from brainmt.launch.slurm import LaunchError, checked_executor, clean_slurm_env, record_submission, sbatch_preview, shard_dir
+    from brainmt.train.run_config import TrainingError, check_data, resolve
 
     args = parser().parse_args(argv)
     if args.status:
@@ -209,15 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"warning: train.device=cpu, but {cfg.cluster.gpus_per_node} GPU(s) a node are requested",
                   file=sys.stderr)
         job_name = args.job_name or f"brainmt-{cfg.name}"
-        try:
-            check_resume_config(run_dir, cfg)
-        except TrainingError:
-            if not args.force:
-                raise
-            if args.dry_run:
-                print(f"# --force: the run directory {run_dir} (another configuration) would be moved aside")
-            else:
-                print(f"--force: moved the run directory of the other configuration to {move_aside(run_dir)}", flush=True)
+        check_run_dir(run_dir, cfg, args.force, args.dry_run)
         if args.dry_run:
             print(sbatch_preview(cfg.cluster, run_dir / "slurm", job_name))
             print("# resolved config\n" + yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -46,7 +46,9 @@ def record_path(path: Path) -> Path:
 def save_checkpoint(directory: Path, step: int, state: dict, keep_last: int, best_step: int | None,
                     metric: dict | None = None) -> Path:
     """Write ``state`` atomically as step-<step>.pt with its record (SHA-256, ``metric`` such as {"name", "mode",
-    "value"}), then delete all but the last ``keep_last`` and the best."""
+    "value"}), then delete all but the last ``keep_last`` up to ``step`` and the best. Files of later steps (an
+    unreadable one the run resumed before) are left alone: they must not count among the last, or pruning would
+    delete the run's new checkpoints."""
     directory.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(directory, step)
     tmp = directory / f".tmp-{final.name}.{os.getpid()}"
@@ -60,8 +62,9 @@ def save_checkpoint(directory: Path, step: int, state: dict, keep_last: int, bes
         if tmp.exists():
             tmp.unlink()
     atomic_write_json(record_path(final), {"sha256": sha256_file(final), "metric": metric})
-    keep = {s for s, _ in list_checkpoints(directory)[-keep_last:]} | ({best_step} if best_step is not None else set())
-    for s, p in list_checkpoints(directory):
+    written = [(s, p) for s, p in list_checkpoints(directory) if s <= step]
+    keep = {s for s, _ in written[-keep_last:]} | ({best_step} if best_step is not None else set())
+    for s, p in written:
         if s not in keep:
             p.unlink(missing_ok=True)
             record_path(p).unlink(missing_ok=True)

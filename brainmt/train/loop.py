@@ -14,6 +14,7 @@ import math
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from brainmt.models import build_model
 from brainmt.train import checkpoint as ckpt
 from brainmt.train import finetune
 from brainmt.train.evaluation import dense_batch, evaluate, open_shards, param_digest, validate
-from brainmt.train.run_config import TrainingError, check_data, check_resume_config, resolve
+from brainmt.train.run_config import TrainingError, check_data, check_global_batch, check_resume_config, resolve
 from brainmt.train.runlog import MetricsSink, setup_run_logging
 from brainmt.train.state import capture_rng, optimizer_groups, restore_rng, warmup_cosine
 from brainmt.train.step import compute_loss, jitter_intensity, normalise, replicas_agree
@@ -100,6 +101,7 @@ class Session:
     total_steps: int
     sink: MetricsSink | None
     calibration: dict | None = None
+    resume_from: tuple[Path, dict] | None = None     # the newest readable checkpoint, found before anything is written
 
 
 def train(cfg: Config, shards_dir: str | Path | None, run_dir: str | Path, sink: MetricsSink | None = None,
@@ -112,12 +114,12 @@ def train(cfg: Config, shards_dir: str | Path | None, run_dir: str | Path, sink:
     """
     s = setup(cfg, shards_dir, Path(run_dir), sink, env or detect(), splits)
     state = resume(s)
-    batches = iter(training_batches(s, state))
-    stop, status, saved_step = StopFlag(), "finished", -1
+    batches = training_iterator(s, state)
+    stop, status, saved_step = StopFlag(), stopped_early(s, state), -1
     stop.install()
     meter = Throughput()
     try:
-        while state.step < s.total_steps:
+        while status == "finished" and state.step < s.total_steps:
             loss, grad_norm, asked_to_stop = train_step(s, state, batches, meter, stop, stop_at_step)
             meter.step(s, state, loss, grad_norm)
             if state.step % s.steps_per_epoch == 0:
@@ -158,6 +160,9 @@ def setup(cfg: Config, shards_dir: str | Path | None, run_dir: Path, sink: Metri
     cfg = resolve(cfg, shards)
     scans, stats = check_data(cfg, shards, splits)
     check_resume_config(run_dir, cfg)
+    found = ckpt.latest_checkpoint(run_dir / "checkpoints", map_location="cpu")
+    if found:
+        check_global_batch(*found, cfg, env.world_size)
     init_source = finetune.open_init_source(cfg, run_dir)   # a bad train.init_from fails before config.yaml is written
     setup_run_logging(run_dir, env.rank)
     device = device_for(env, cfg.train.device)
@@ -191,7 +196,7 @@ def setup(cfg: Config, shards_dir: str | Path | None, run_dir: Path, sink: Metri
              len(scans["train"]), len(scans["validation"]), select_metric(cfg)[0])
     return Session(cfg, run_dir, env, device, precision, shards, scans, stats, model, ddp_model, opt, sched,
                    torch.amp.GradScaler("cuda", enabled=precision == "fp16"), steps_per_epoch, total,
-                   make_sink(cfg, run_dir, sink, main=env.is_main))
+                   make_sink(cfg, run_dir, sink, main=env.is_main), resume_from=found)
 
 
 def init_head_bias(model: torch.nn.Module, cfg: Config, stats: dict) -> None:
@@ -206,7 +211,7 @@ def init_head_bias(model: torch.nn.Module, cfg: Config, stats: dict) -> None:
 
 def resume(s: Session) -> TrainState:
     """The state of the newest readable checkpoint (weights, optimizer, schedule, RNG streams), or a fresh one."""
-    found = ckpt.latest_checkpoint(s.run_dir / "checkpoints", map_location="cpu")
+    found, s.resume_from = s.resume_from, None
     if not found:
         torch.manual_seed(s.cfg.train.seed + s.env.rank)     # dropout / drop-path streams differ per rank
         return TrainState()
@@ -230,6 +235,25 @@ def resume(s: Session) -> TrainState:
         torch.manual_seed(s.cfg.train.seed + 1000 * state.step + s.env.rank)
     log.info("resumed from %s at step %d (epoch %d)", path, state.step, state.epoch)
     return state
+
+
+def stopped_early(s: Session, state: TrainState) -> str:
+    """"early_stopped" when the resumed checkpoint is the one where early stopping ended the run (a re-run of an
+    early-stopped run does not train on), else "finished"."""
+    if state.bad_evals < s.cfg.train.early_stopping_patience:
+        return "finished"
+    log.info("the run stopped early at step %d (no better %s for %d evaluations): nothing to train", state.step,
+             select_metric(s.cfg)[0], state.bad_evals)
+    return "early_stopped"
+
+
+def training_iterator(s: Session, state: TrainState) -> Iterator[dict]:
+    """The training batches' iterator, made without moving the CPU random stream that :func:`resume` restored (a
+    DataLoader draws its base seed from it): a resumed run then draws the jitter and drop-path of the one it resumes."""
+    cpu = torch.get_rng_state()
+    batches = iter(training_batches(s, state))
+    torch.set_rng_state(cpu)
+    return batches
 
 
 def training_batches(s: Session, state: TrainState) -> torch.utils.data.DataLoader:

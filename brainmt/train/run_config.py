@@ -5,14 +5,14 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from brainmt.config import Config, config_to_dict, load_config, validate
+from brainmt.config import Config, config_to_dict, load_config, select_metric, validate
 from brainmt.data.loader import ShardSet, check_lengths
 from brainmt.data.shards import ShardError
 
 # keys that may change when a run resumes; anything else must match the run's config.yaml
 RESUMABLE_CHANGES = ("train.epochs", "train.log_every", "train.checkpoint_every_steps", "train.keep_last",
                      "train.device", "train.loggers", "data.shards", "data.num_workers", "cluster", "sweep", "analysis",
-                     "shard", "name")
+                     "shard", "name", "train.batch_size", "optim.accumulate_steps")   # the last two: see check_global_batch
 
 
 class TrainingError(RuntimeError):
@@ -53,7 +53,49 @@ def check_data(cfg: Config, shards: ShardSet, splits: tuple[str, ...]) -> tuple[
     scans = check_splits(shards, tuple(dict.fromkeys(("train", "validation", *splits))))
     for found in scans.values():
         check_lengths(shards, found, cfg.data.num_frames)
-    return scans, target_stats(shards, scans["train"], cfg.data.target, cfg.data.task)
+    stats = target_stats(shards, scans["train"], cfg.data.target, cfg.data.task)
+    if cfg.data.task == "classification":
+        check_classes(cfg, shards, scans)
+    return scans, stats
+
+
+def check_classes(cfg: Config, shards: ShardSet, scans: dict[str, list[str]]) -> None:
+    """ShardError naming splits.json when the training split holds one class only (nothing to learn), or the
+    validation split does while AUROC picks the best checkpoint (it would be undefined at every evaluation, and
+    early stopping would end the run however it trained)."""
+    metric = select_metric(cfg)[0]
+    for split in ("train", "validation"):
+        values = sorted({shards.target(s, cfg.data.target) for s in scans[split]})
+        if len(values) > 1 or (split == "validation" and metric != "val_auroc"):
+            continue
+        why = ("a classifier has nothing to learn" if split == "train" else
+               "val_auroc, which picks the best checkpoint, needs both; set train.select_metric=val_loss to keep it")
+        raise ShardError(f"{Path(shards.root) / 'splits.json'}: every scan of the {split} split has "
+                         f"{cfg.data.target} = {values[0]:g} ({len(scans[split])} scans): {why}, or re-split "
+                         "(brainmt shard --split/--split-seed)")
+
+
+def check_global_batch(path: Path, saved: dict, cfg: Config, world_size: int) -> None:
+    """ResumeConflict unless the run resumes with the global batch its checkpoint ``saved`` (at ``path``) was trained
+    with: the schedule, the epochs and the early-stopping count are counted in steps of that batch. On another number
+    of ranks it is kept by changing ``train.batch_size`` or ``optim.accumulate_steps``; the message says how."""
+    old_cfg = saved.get("config") or {}
+    b, a = old_cfg.get("train", {}).get("batch_size"), old_cfg.get("optim", {}).get("accumulate_steps", 1)
+    if b is None:
+        return
+    ranks = saved["world_size"]
+    old, new = b * a * ranks, cfg.train.batch_size * cfg.optim.accumulate_steps * world_size
+    if old == new:
+        return
+    if old % world_size:
+        hint = f"{old} does not divide among {world_size} ranks: resume on a number of ranks that divides it"
+    elif (old // world_size) % cfg.train.batch_size == 0:
+        hint = f"on {world_size} ranks pass optim.accumulate_steps={old // (world_size * cfg.train.batch_size)}"
+    else:
+        hint = f"on {world_size} ranks pass train.batch_size={old // world_size} optim.accumulate_steps=1"
+    raise ResumeConflict(f"{path}: trained with a global batch of {old} ({ranks} ranks x train.batch_size {b} x "
+                         f"optim.accumulate_steps {a}), now {new}. Its learning-rate schedule and epochs count steps "
+                         f"of that batch: {hint}")
 
 
 def check_resume_config(run_dir: Path, cfg: Config) -> None:

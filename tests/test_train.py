@@ -262,21 +262,31 @@ def test_keep_last_and_best_and_weights_only(shards, tmp_path):
     assert state["step"] == 11
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_path, monkeypatch):
+@pytest.mark.parametrize("what", ["training loss", "gradient"])
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_path, monkeypatch, what):
+    """At step 4 the output is NaN (the loss), or only its gradient is infinite (a finite loss whose update would
+    write NaN weights into the next checkpoint)."""
     from brainmt.models.brainmt import BrainMT
 
     original = BrainMT.forward
     calls = {"n": 0}
 
-    def sometimes_nan(self, x):
+    def sometimes_bad(self, x):
         calls["n"] += 1
         out = original(self, x)
-        return out * float("nan") if calls["n"] == 4 else out
+        if calls["n"] != 4:
+            return out
+        if what == "gradient":
+            out.register_hook(lambda grad: grad * float("inf"))
+            return out
+        return out * float("nan")
 
-    monkeypatch.setattr(BrainMT, "forward", sometimes_nan)
-    with pytest.raises(TrainingError, match="non-finite training loss at step 4.*last good checkpoint is kept"):
+    monkeypatch.setattr(BrainMT, "forward", sometimes_bad)
+    with pytest.raises(TrainingError, match=f"non-finite {what} at step 4.*last good checkpoint is kept"):
         train(_cfg("train.checkpoint_every_steps=1"), shards, tmp_path / "run")
-    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")][-1] == 3
+    kept = ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")
+    assert kept[-1][0] == 3
+    assert all(torch.isfinite(w).all() for w in ckpt.load_checkpoint(kept[-1][1])["model"].values() if w.is_floating_point())
 
 
 def test_bad_configuration_and_missing_shards_fail_before_work(shards, tmp_path):

@@ -269,7 +269,8 @@ def training_batches(s: Session, state: TrainState) -> torch.utils.data.DataLoad
 def train_step(s: Session, state: TrainState, batches, meter: Throughput, stop: StopFlag,
                stop_at_step: int | None) -> tuple[float, float, bool]:
     """One optimizer step over ``optim.accumulate_steps`` micro-batches; returns the loss (mean over ranks), the
-    gradient norm and whether any rank was asked to stop. A non-finite loss stops training before the update."""
+    gradient norm and whether any rank was asked to stop. A non-finite loss, or (without fp16's scaler, which skips
+    such steps) a non-finite gradient, stops training before the update."""
     acc, cfg = s.cfg.optim.accumulate_steps, s.cfg
     loss_sum = torch.zeros((), device=s.device)
     for micro in range(acc):
@@ -288,12 +289,11 @@ def train_step(s: Session, state: TrainState, batches, meter: Throughput, stop: 
         torch.distributed.all_reduce(loss_sum)
         loss_sum /= s.env.world_size
     if flags[0] > 0:
-        raise TrainingError(
-            f"non-finite training loss at step {state.step + 1} (epoch {state.epoch}); stopped without saving. The last "
-            f"good checkpoint is kept in {s.run_dir / 'checkpoints'}; lower optim.lr, check the data, or use "
-            "train.precision=bf16")
+        raise non_finite(s, state, "training loss")
     s.scaler.unscale_(s.opt)
     grad_norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), cfg.optim.grad_clip)
+    if not s.scaler.is_enabled() and not torch.isfinite(grad_norm):   # the same on every rank: gradients are reduced
+        raise non_finite(s, state, "gradient")
     s.scaler.step(s.opt)
     s.scaler.update()
     s.sched.step()
@@ -301,6 +301,14 @@ def train_step(s: Session, state: TrainState, batches, meter: Throughput, stop: 
     state.step += 1
     state.micro_batches += acc
     return float(loss_sum), float(grad_norm), bool(flags[1] > 0)
+
+
+def non_finite(s: Session, state: TrainState, what: str) -> TrainingError:
+    """The error that stops a run at a step whose ``what`` is not finite, before its update: nothing is saved."""
+    return TrainingError(
+        f"non-finite {what} at step {state.step + 1} (epoch {state.epoch}); stopped without saving. The last "
+        f"good checkpoint is kept in {s.run_dir / 'checkpoints'}; lower optim.lr, check the data, or use "
+        "train.precision=bf16")
 
 
 def validate_and_save(s: Session, state: TrainState) -> bool:

@@ -146,6 +146,21 @@ def test_splits_never_share_a_subject_or_family(tmp_path):
     assert json.loads((out / "splits.json").read_text()) == written
 
 
+def test_a_kept_split_file_without_some_subjects_is_warned_of(tmp_path, caplog):
+    """Scans added after the splits were drawn are in no split: the merge that keeps splits.json says so."""
+    _, out = _shard(tmp_path, n=8)
+    splits = json.loads((out / "splits.json").read_text())
+    dropped = splits["train"].pop()
+    (out / "splits.json").write_text(json.dumps(splits))
+    with caplog.at_level("WARNING", logger="brainmt.data.shards"):
+        merge_manifest(out, OPTS)
+    assert any(f"1 subject(s) of the manifest are in no split ({dropped})" in r.getMessage() and "--resplit" in
+               r.getMessage() for r in caplog.records)
+    caplog.clear()
+    merge_manifest(out, OPTS, resplit=True)
+    assert not any("in no split" in r.getMessage() for r in caplog.records)
+
+
 # ------------------------------------------------------------------ restart, parts
 
 
@@ -182,6 +197,35 @@ def test_parts_then_merge(tmp_path):
     assert not set(s0.written) & set(s1.written)
     merge_manifest(out, OPTS)
     assert len(ShardSet(out).scans) == 6
+
+
+def _part_file(out: Path, part: int, parts: int, finished: bool, age_s: float) -> None:
+    """A part record as another run of ``parts`` parts would have left it, written ``age_s`` seconds ago."""
+    import os
+    import time
+
+    record = json.loads((out / "parts" / "part-000-of-002.json").read_text())
+    path = out / "parts" / f"part-{part:03d}-of-{parts:03d}.json"
+    path.write_text(json.dumps({**record, "part": part, "parts": parts, "finished": finished}))
+    os.utime(path, (time.time() - age_s, time.time() - age_s))
+
+
+def test_merge_goes_by_the_newest_run_s_part_count(tmp_path):
+    """An older run of another part count (a stopped single run) neither blocks the merge of the newest run nor
+    stands in for it: a newer run with a part not finished is refused."""
+    raw = bids_dataset(tmp_path / "raw", 6)
+    out = tmp_path / "shards"
+    shard_dataset(raw, raw / "participants.tsv", out, mask_only=True, options=OPTS, progress=False)
+    for i in range(2):
+        shard_dataset(raw, raw / "participants.tsv", out, part=(i, 2), options=OPTS, progress=False)
+    _part_file(out, 0, 1, finished=False, age_s=3600)                        # a single run stopped an hour ago
+    merge_manifest(out, OPTS)
+    assert len(ShardSet(out).scans) == 6
+    (out / "parts" / "part-000-of-001.json").unlink()
+    for i in range(2):
+        _part_file(out, i, 3, finished=True, age_s=0)                         # a newer run of 3: part 2 not done
+    with pytest.raises(ShardError, match=r"part\(s\) \[2\] of 3 have not finished"):
+        merge_manifest(out, OPTS)
 
 
 # ------------------------------------------------------------------ loader
@@ -345,6 +389,30 @@ def test_truncated_shard_and_bad_checksum_are_caught_at_read(tmp_path):
         ShardSet(out)
     with pytest.raises(ShardError, match=f"{entry['shard']}: truncated: sample {scan}"):
         shards.read_frames(scan, FRAMES - 8, 8)                        # opened before the truncation
+
+
+def _save_masks(path: str, rounds: int, start) -> None:
+    from brainmt.data.nifti import save_mask
+
+    start.wait()                                       # all at once, as the tasks of an array
+    for _ in range(rounds):
+        save_mask(np.ones(SHAPE, dtype=bool), np.eye(4), path)
+
+
+def test_a_mask_saved_by_parallel_parts_at_once_lands_whole(tmp_path):
+    """The parts of an array given one --mask each save it as they start: none may fail or leave it truncated."""
+    import multiprocessing
+
+    path, ctx = tmp_path / "mask.nii.gz", multiprocessing.get_context("spawn")
+    start = ctx.Barrier(8)
+    procs = [ctx.Process(target=_save_masks, args=(str(path), 20, start)) for _ in range(8)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * 8
+    assert nib.load(path).get_fdata().sum() == np.prod(SHAPE)
+    assert [p.name for p in tmp_path.iterdir()] == ["mask.nii.gz"]                # no temporary left
 
 
 def test_data_mask_and_user_mask(tmp_path):

@@ -202,11 +202,15 @@ def read_brain_series(scan: OpenScan, mask: np.ndarray, background: str = "min")
 
 
 def save_mask(mask: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
-    """Write a bool mask as a uint8 NIfTI (atomically)."""
+    """Write a bool mask as a uint8 NIfTI (atomically, through a temporary file of this process: the parts of a
+    sharding job array given one --mask may write it at the same time)."""
     path = Path(path)
-    tmp = path.with_name(".tmp-" + path.name)
-    nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine), tmp)
-    tmp.replace(path)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine), tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

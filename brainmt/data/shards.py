@@ -597,7 +597,9 @@ def merge_manifest(output: str | Path, options: ShardOptions | None = None, resp
     if not parts:
         raise ShardError(f"{out}: no parts/part-*.json: nothing was sharded here")
     infos = [json.loads(p.read_text()) for p in parts]
-    n_parts = infos[0]["parts"]
+    # the newest run's part count: an earlier run of another count (a stopped single run before an array, or an
+    # array before a single run that adds scans) must neither block nor stand in for the current one's parts
+    n_parts = max(zip(parts, infos), key=lambda pair: pair[0].stat().st_mtime_ns)[1]["parts"]
     have = {i["part"] for i in infos if i["finished"] and i["parts"] == n_parts}
     missing = sorted(set(range(n_parts)) - have)
     if missing:
@@ -623,7 +625,20 @@ def merge_manifest(output: str | Path, options: ShardOptions | None = None, resp
         splits = draw_splits(manifest, opts.split_fractions, opts.split_seed)
         check_split_sizes(splits, opts.split_fractions, f"{out}: splits.json not written", opts.min_split_subjects)
         atomic_write_json(splits_path, splits)
+    else:
+        warn_unsplit(manifest, splits_path)
     return path
+
+
+def warn_unsplit(manifest: dict, splits_path: Path) -> None:
+    """Warn when the kept ``splits.json`` has no place for subjects of the manifest: nothing would use their scans."""
+    splits = json.loads(splits_path.read_text())
+    placed = {s for name in SPLIT_NAMES for s in splits.get(name, [])}
+    left = sorted({m["subject"] for m in manifest["scans"].values()} - placed)
+    if left:
+        log.warning("%s: kept, but %d subject(s) of the manifest are in no split (%s%s), so no training or evaluation "
+                    "uses them; --merge --resplit draws the splits again (subjects may change split)", splits_path,
+                    len(left), ", ".join(left[:5]), ", ..." if len(left) > 5 else "")
 
 
 def _manifest(out: Path, infos: list[dict], mask_info: dict, scans: dict, shards: list, skipped: list,

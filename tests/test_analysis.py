@@ -204,6 +204,64 @@ def test_scans_baseline_through_analyze(demo, tmp_path):
     assert main([*args, "analysis.reference_scans=0"]) == 2
 
 
+def test_maps_rewritten_with_other_settings_lose_their_old_record_first(demo, tmp_path, monkeypatch):
+    """A subject analysed with 8 steps, then with 16 stopped between its two maps: its 8-step record is gone, so an
+    8-step run recomputes it instead of taking a 16-step signed map for its own."""
+    out, subject = tmp_path / "ig", demo["subjects"][0]
+    args = ["analyze", "--run", str(demo["run"]), "--out", str(out), "--subjects", subject, "--maps-only"]
+    assert main([*args, "--steps", "8"]) == 0
+    original, calls = BrainGrid.save, {"n": 0}
+
+    def stop_after_one(self, values, path):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("time limit")
+        return original(self, values, path)
+
+    monkeypatch.setattr(BrainGrid, "save", stop_after_one)
+    main([*args, "--steps", "16"])
+    monkeypatch.undo()
+    assert not (out / "subjects" / f"{subject}_ig.json").exists()
+    assert main([*args, "--steps", "8"]) == 0
+    assert json.loads((out / "subjects" / f"{subject}_ig.json").read_text())["settings"]["steps"] == 8
+
+
+def test_the_settings_name_the_model_by_its_weights(demo):
+    """Another run's step-N.pt has the same name: the fingerprint holds the checkpoint's recorded SHA-256; a record
+    of a version that did not store it still matches."""
+    from brainmt.analysis.pipeline import fingerprint, open_run, settings_match
+    from brainmt.train.checkpoint import record_path
+
+    run = open_run(demo["run"])
+    want = fingerprint(run, load_config("demo").analysis)
+    assert want["weights"] == json.loads(record_path(run.checkpoint).read_text())["sha256"][:16]
+    assert settings_match(dict(want), want) and settings_match({k: v for k, v in want.items() if k != "weights"}, want)
+    assert not settings_match({**want, "weights": "0" * 16}, want) and not settings_match(None, want)
+
+
+def test_train_split_subjects_are_not_their_own_scans_reference(demo, tmp_path):
+    """--split train --baseline scans: the first training scan is always a reference; its subject gets references
+    drawn from the other scans, a subject outside them the shared ones. The prediction applies the run's Platt fit."""
+    import dataclasses
+
+    from brainmt.analysis.pipeline import SubjectAnalyzer, open_run
+
+    run = open_run(demo["run"])
+    settings = dataclasses.replace(load_config("demo").analysis, baseline="scans", reference_scans=3, split="train")
+    train = run.shards.scans_of("train")
+    analyzer = SubjectAnalyzer(run, settings, tmp_path, train)
+    frames = run.cfg.data.num_frames
+    own = torch.from_numpy(run.shards.read_frames(train[0], 0, frames).astype(np.float32))
+    refs = analyzer._references_for([train[0]])
+    assert refs.shape == analyzer.references.shape and not any(torch.equal(r, own) for r in refs)
+    assert any(torch.equal(r, own) for r in analyzer.references)
+    assert analyzer._references_for([train[1]]) is analyzer.references
+    analyzer.run_info = dataclasses.replace(run, calibration={"scale": 2.0, "bias": 0.5})
+    rows = [{"f_input": 0.3}, {"f_input": -0.1}]
+    expected = np.mean(1 / (1 + np.exp(-(2.0 * np.array([0.3, -0.1]) + 0.5))))
+    assert analyzer._prediction([train[0]], rows)["prediction"] == pytest.approx(expected)
+
+
 @pytest.mark.parametrize("baseline", ["mean", "temporal_mean", "zeros", "background"])
 def test_a_centring_model_refuses_baselines_constant_in_time(small_shards, baseline):
     """With model.input_norm=center every point of the path from a static baseline is the input rescaled, which the

@@ -79,14 +79,19 @@ def training_fluctuation(shards: ShardSet, scans: list[str], max_scans: int = 64
     return np.sqrt(np.mean([block.var(axis=0) for block in blocks], axis=0)).astype(np.float32)
 
 
-def reference_windows(shards: ShardSet, scans: list[str], count: int, frames: int) -> np.ndarray:
-    """The ``scans`` baseline's references: float32 (K, frames, n_brain), the first ``frames`` frames of up to
-    ``count`` evenly spaced ``scans`` that have that many (real windows of other subjects, the same for every
-    analysed subject)."""
+def reference_scans(shards: ShardSet, scans: list[str], count: int, frames: int) -> list[str]:
+    """The ``scans`` baseline's reference scans: up to ``count`` evenly spaced ``scans`` that have ``frames`` frames."""
     long_enough = [s for s in scans if shards.scans[s]["frames"] >= frames]
     if not long_enough:
         raise AttributionError(f"no scan in {shards.root} has the {frames} frames a reference window needs")
-    return np.stack([shards.read_frames(scan, 0, frames) for scan in _evenly_spaced(long_enough, count)]).astype(np.float32)
+    return _evenly_spaced(long_enough, count)
+
+
+def reference_windows(shards: ShardSet, scans: list[str], count: int, frames: int) -> np.ndarray:
+    """The ``scans`` baseline's references: float32 (K, frames, n_brain), the first ``frames`` frames of
+    :func:`reference_scans` (real windows of other subjects: the caller leaves the analysed subject's scans out)."""
+    chosen = reference_scans(shards, scans, count, frames)
+    return np.stack([shards.read_frames(scan, 0, frames) for scan in chosen]).astype(np.float32)
 
 
 def resolve_baseline(kind: str, input_norm: str, stem_norm: str = "group") -> str:

@@ -24,6 +24,7 @@ from brainmt.analysis.pipeline import (
     baseline_scans,
     fingerprint,
     open_run,
+    settings_match,
     settings_to_dict,
     subjects_of,
 )
@@ -53,7 +54,7 @@ def _collect(out: Path, chosen: dict[str, list[str]], want: dict) -> tuple[dict,
         record_path = out / "subjects" / f"{subject}_ig.json"
         error_path = out / "subjects" / f"{subject}_error.json"
         record = json.loads(record_path.read_text()) if record_path.exists() else None
-        if record is not None and record.get("settings") == want:
+        if record is not None and settings_match(record.get("settings"), want):
             done[subject] = record
         elif error_path.exists():
             failed[subject] = json.loads(error_path.read_text())["error"]

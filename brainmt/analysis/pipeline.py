@@ -50,12 +50,13 @@ class RunInfo:
     stats: dict
     shards: ShardSet
     weights: dict
+    calibration: dict | None = None     # the checkpoint's Platt fit, applied as ``brainmt evaluate`` applies it
 
 
 def open_run(run_dir: str | Path, checkpoint: str = "best", shards_dir: str | Path | None = None) -> RunInfo:
     """Resolve and load a run's checkpoint and open its shards; clear errors for a missing run, checkpoint or data."""
     from brainmt.data.shards import ShardError
-    from brainmt.train.evaluation import load_run
+    from brainmt.train.evaluation import load_run, run_calibration
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -65,7 +66,7 @@ def open_run(run_dir: str | Path, checkpoint: str = "best", shards_dir: str | Pa
     except ShardError as exc:
         raise AnalysisError(str(exc)) from None
     return RunInfo(run_dir, loaded.checkpoint, int(loaded.saved["step"]), loaded.cfg, loaded.stats, loaded.shards,
-                   loaded.saved["model"])
+                   loaded.saved["model"], run_calibration(loaded.saved, loaded.cfg))
 
 
 def subjects_of(shards: ShardSet, split: str, wanted: list[str] | None = None) -> dict[str, list[str]]:
@@ -110,7 +111,27 @@ def fingerprint(run: RunInfo, settings: AnalysisConfig) -> dict:
         raise AnalysisError(f"{run.run_dir}: {exc}") from None
     found = {"checkpoint": run.checkpoint.name, "step": run.step, "steps": settings.steps, "baseline": baseline,
              "method": settings.method, "baseline_scans": settings.baseline_scans if baseline in ("mean", "noise") else None}
-    return found | ({"reference_scans": settings.reference_scans} if baseline == "scans" else {})   # older maps stay valid
+    weights = _recorded_sha256(run.checkpoint)          # which model: another run's step-N.pt has the same name
+    return found | ({"reference_scans": settings.reference_scans} if baseline == "scans" else {}) | \
+        ({"weights": weights} if weights else {})       # older maps (without these keys) stay valid
+
+
+def _recorded_sha256(checkpoint: Path) -> str | None:
+    """The first 16 hex digits of the SHA-256 recorded beside a checkpoint when it was written (None: no record)."""
+    from brainmt.train.checkpoint import record_path
+
+    try:
+        return json.loads(record_path(checkpoint).read_text())["sha256"][:16]
+    except (OSError, KeyError, TypeError, json.JSONDecodeError):
+        return None
+
+
+def settings_match(stored: dict | None, want: dict) -> bool:
+    """Whether a subject record's settings are :func:`fingerprint`'s ``want``; a record of a version that did not
+    record the weights matches without them."""
+    if stored is None:
+        return False
+    return stored == (want if "weights" in stored else {k: v for k, v in want.items() if k != "weights"})
 
 
 def baseline_scans(shards: ShardSet, split_scans: list[str]) -> list[str]:
@@ -147,10 +168,10 @@ class SubjectAnalyzer:
         if self.baseline == "noise":
             fluctuation = training_fluctuation(run.shards, scans, settings.baseline_scans)
             self.fluctuation = torch.from_numpy(fluctuation).to(self.device)
-        self.references = None
+        self.references, self.reference_pool = None, []
         if self.baseline == "scans":
-            windows = reference_windows(run.shards, baseline_scans(run.shards, split_scans), settings.reference_scans,
-                                        run.cfg.data.num_frames)
+            self.reference_pool = baseline_scans(run.shards, split_scans)
+            windows = reference_windows(run.shards, self.reference_pool, settings.reference_scans, run.cfg.data.num_frames)
             self.references = torch.from_numpy(windows).to(self.device)
         self.internal_batch_size = settings.internal_batch_size
         self.bytes_per_sample: int | None = None
@@ -181,7 +202,7 @@ class SubjectAnalyzer:
         windows, packed, background = self._windows(scans)
         noise = torch.Generator().manual_seed(zlib.crc32(subject.encode()))    # the same noise baseline on a rerun
         baseline = make_baseline(self.baseline, packed, background, self.mean_brain, noise, self.fluctuation,
-                                 self.references)
+                                 self._references_for(scans))
         if self.internal_batch_size is None:
             self.internal_batch_size, self.bytes_per_sample = choose_internal_batch_size(
                 self.model, packed, background, self.settings.steps)
@@ -200,7 +221,8 @@ class SubjectAnalyzer:
         absolute = np.mean([r[1] for r in results], axis=0)
         grid = BrainGrid(self.run_info.shards, scans)
         subject_dir = self.out / "subjects"
-        grid.save(signed, subject_dir / f"{subject}_ig.nii.gz")
+        (subject_dir / f"{subject}_ig.json").unlink(missing_ok=True)   # a record of other settings must not vouch
+        grid.save(signed, subject_dir / f"{subject}_ig.nii.gz")             # for maps half rewritten
         grid.save(absolute, subject_dir / f"{subject}_abs_ig.nii.gz")
         record = {"subject": subject, "scans": scans, **self._prediction(scans, rows), "windows": rows,
                   **self._completeness(rows), "internal_batch_size": self.internal_batch_size,
@@ -209,12 +231,25 @@ class SubjectAnalyzer:
         (subject_dir / f"{subject}_error.json").unlink(missing_ok=True)
         return record
 
+    def _references_for(self, scans: list[str]):
+        """The ``scans`` baseline's references without the subject's own scans (``--split train`` analyses subjects
+        whose scans the references are drawn from): a reference equal to the input would attribute nothing."""
+        import torch
+
+        from brainmt.analysis.attribution import reference_scans, reference_windows
+
+        shards, count, frames = self.run_info.shards, self.settings.reference_scans, self.run_info.cfg.data.num_frames
+        if self.references is None or not set(scans) & set(reference_scans(shards, self.reference_pool, count, frames)):
+            return self.references
+        others = [s for s in self.reference_pool if s not in set(scans)]
+        return torch.from_numpy(reference_windows(shards, others, count, frames)).to(self.device)
+
     def _prediction(self, scans: list[str], rows: list[dict]) -> dict:
         from brainmt.train.metrics import to_predictions
 
         stats, shards = self.run_info.stats, self.run_info.shards
         outputs = np.array([r["f_input"] for r in rows])
-        prediction = float(np.mean(to_predictions(outputs, stats)))   # as evaluation: the mean over the windows
+        prediction = float(np.mean(to_predictions(outputs, stats, self.run_info.calibration)))   # as evaluation
         return {"target": shards.target(scans[0], stats["target"]), "prediction": prediction, "output": float(outputs.mean())}
 
     @staticmethod
@@ -230,7 +265,7 @@ class SubjectAnalyzer:
 
 def _is_done(path: Path, want: dict) -> bool:
     try:
-        return json.loads(path.read_text()).get("settings") == want
+        return settings_match(json.loads(path.read_text()).get("settings"), want)
     except (OSError, json.JSONDecodeError):
         return False
 

@@ -58,6 +58,11 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", shards_dir: str | Pa
     return LoadedRun(path, saved, cfg, shards, saved["target_stats"])
 
 
+def run_calibration(saved: dict, cfg: Config) -> dict | None:
+    """The checkpoint's Platt fit when the run calibrates (``train.calibration=platt``), else None."""
+    return saved.get("calibration") if cfg.train.calibration == "platt" else None
+
+
 def trained_model(cfg: Config, weights: Mapping[str, torch.Tensor], device: str | torch.device = "cpu") -> torch.nn.Module:
     """The model of ``cfg`` with a checkpoint's ``weights``, on ``device``."""
     model = build_model(cfg.model)
@@ -156,7 +161,7 @@ def evaluate(run_dir: str | Path, split: str = "test", checkpoint: str = "best",
     init_distributed(env, device)
     model = trained_model(cfg, saved["model"], device)
     subjects, targets, outputs = predict(model, shards, scans, cfg, device, env)
-    calibration = saved.get("calibration") if cfg.train.calibration == "platt" else None
+    calibration = run_calibration(saved, cfg)
     metrics, rows = subject_metrics(subjects, targets, outputs, stats, n_boot=n_boot, calibration=calibration)
     result = {**metrics, "split": split, "checkpoint": str(path), "step": saved["step"], "subjects": len(rows),
               "windows": len(subjects), "task": stats["task"], "target": stats["target"],

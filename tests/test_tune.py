@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -249,12 +250,37 @@ def test_a_resumed_trial_drops_the_checkpoints_after_its_report_and_keeps_its_be
         for step in steps:
             ckpt.checkpoint_path(directory, step).write_bytes(b"state")
             ckpt.record_path(ckpt.checkpoint_path(directory, step)).write_text("{}")
+    ckpt.checkpoint_path(run / "checkpoints", 20).write_bytes(b"sta")      # a copy an earlier attempt cut short
     (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "val_auroc": 0.5}) + "\n" for s in (10, 20, 30)))
     monkeypatch.setattr(tune, "get_checkpoint", lambda: tune.Checkpoint.from_directory(str(reported)))
     assert restore_trial_checkpoint(run) == 20
     assert [s for s, _ in ckpt.list_checkpoints(run / "checkpoints")] == [10, 20]
+    assert ckpt.checkpoint_path(run / "checkpoints", 20).read_bytes() == b"state"
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp")]
     assert not ckpt.record_path(ckpt.checkpoint_path(run / "checkpoints", 30)).exists()
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [10, 20]
+
+
+def test_ray_s_session_directory_leaves_its_sockets_within_the_path_limit(monkeypatch):
+    """A per-job $TMPDIR of 29 characters made Ray's plasma socket path longer than Linux's 107: /tmp is used then."""
+    import tempfile
+
+    from brainmt.tune.ray_cluster import MAX_SOCKET_PATH, RAY_SOCKET_SUFFIX, temp_dir
+
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: "/localscratch/user.12345678.0")
+    assert temp_dir("12345678") == "/tmp/brainmt-ray-12345678"
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: "/lscratch")
+    assert temp_dir("12345678") == "/lscratch/brainmt-ray-12345678"
+    assert len(temp_dir("12345678")) + RAY_SOCKET_SUFFIX <= MAX_SOCKET_PATH
+
+
+def test_resume_refuses_another_sample_count(small_shards, tmp_path):
+    """Tune restores its own sample count: --resume with another --num-samples would wait for trials never made."""
+    sweep_dir = tmp_path / "sweep"
+    sweep_dir.mkdir()
+    shutil.copy(sweep_file(tmp_path, small_shards), sweep_dir / "sweep.yaml")
+    proc = tune_cli("--cluster", "debug", "--resume", str(sweep_dir), "--num-samples", "48")
+    assert proc.returncode == 2 and "--num-samples cannot change it" in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "sweeps").glob("*.yaml")), ids=lambda p: p.name)

@@ -52,6 +52,12 @@ def resolve(args: argparse.Namespace) -> tuple[dict, Path, list[str]]:
         if args.overrides:
             raise LaunchError("--resume continues the saved sweep as it is: key=value overrides are not allowed")
         cfg = load_config([source] + ([args.profile] if args.profile else []))
+        changed = [flag for flag, given, saved in (("--num-samples", args.num_samples, cfg.sweep.num_samples),
+                                                   ("--max-concurrent", args.max_concurrent, cfg.sweep.max_concurrent_trials))
+                   if given is not None and given != saved]
+        if changed:     # Tune restores its own sample count and searcher: the sweep would wait for trials never made
+            raise LaunchError(f"--resume continues the saved sweep as it is ({source}): {' and '.join(changed)} cannot "
+                              "change it; start a new sweep (--sweep FILE --run-dir NEW) for another count")
     else:
         source = Path(args.sweep)
         cfg = load_config([source] + ([args.profile] if args.profile else []), args.overrides)

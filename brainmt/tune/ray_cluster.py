@@ -71,12 +71,20 @@ def auth_environment(sweep_dir: Path, mode: str) -> dict[str, str]:
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(path.resolve())}
 
 
+# what Ray appends to its session directory for its longest Unix socket: /session_<date>_<time>_<us>_<pid>/sockets/
+# plasma_store (about 64 characters with a 7-digit pid); Linux allows 107 for the whole path
+RAY_SOCKET_SUFFIX = 66
+MAX_SOCKET_PATH = 107
+
+
 def temp_dir(job_id: str) -> str:
-    """Node-local Ray session directory, short enough for Ray's Unix socket paths, private to this job."""
-    base = tempfile.gettempdir()
-    if len(base) > 40:
-        base = "/tmp"
-    return str(Path(base) / f"brainmt-ray-{re.sub(r'[^A-Za-z0-9_-]', '', job_id) or os.getpid()}")
+    """Node-local Ray session directory, short enough for Ray's Unix socket paths, private to this job ($TMPDIR, or
+    /tmp when $TMPDIR's path would make them too long)."""
+    name = f"brainmt-ray-{re.sub(r'[^A-Za-z0-9_-]', '', job_id) or os.getpid()}"
+    path = Path(tempfile.gettempdir()) / name
+    if len(str(path)) + RAY_SOCKET_SUFFIX > MAX_SOCKET_PATH:
+        path = Path("/tmp") / name
+    return str(path)
 
 
 def remove_temp_dir(job_id: str) -> None:

@@ -74,9 +74,11 @@ def restore_trial_checkpoint(run_dir: Path) -> int | None:
                 other.unlink()
                 ckpt.record_path(other).unlink(missing_ok=True)
         target = ckpt.checkpoint_path(local, step)
-        if not target.exists():
+        if not target.exists() or target.stat().st_size != path.stat().st_size:   # absent, or a copy cut short
             local.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, target)
+            partial = target.with_name(f".tmp-{target.name}.{os.getpid()}")
+            shutil.copy2(path, partial)
+            os.replace(partial, target)                  # whole, or not there
             if ckpt.record_path(path).exists():
                 shutil.copy2(ckpt.record_path(path), ckpt.record_path(target))
             else:

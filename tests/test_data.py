@@ -210,14 +210,26 @@ def _part_file(out: Path, part: int, parts: int, finished: bool, age_s: float) -
     os.utime(path, (time.time() - age_s, time.time() - age_s))
 
 
-def test_merge_goes_by_the_newest_run_s_part_count(tmp_path):
+def test_merge_goes_by_the_newest_run_s_part_count(tmp_path, monkeypatch):
     """An older run of another part count (a stopped single run) neither blocks the merge of the newest run nor
-    stands in for it: a newer run with a part not finished is refused."""
+    stands in for it: a newer run with a part not finished is refused. A part is on record from its start, so a
+    part still running (or killed) counts as not finished."""
+    import brainmt.data.shards as shards_module
+
     raw = bids_dataset(tmp_path / "raw", 6)
     out = tmp_path / "shards"
     shard_dataset(raw, raw / "participants.tsv", out, mask_only=True, options=OPTS, progress=False)
+    original, seen = shards_module._write_scans, []
+
+    def watching(*args, **kwargs):
+        seen.append(json.loads((out / "parts" / "part-000-of-002.json").read_text())["finished"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(shards_module, "_write_scans", watching)
     for i in range(2):
         shard_dataset(raw, raw / "participants.tsv", out, part=(i, 2), options=OPTS, progress=False)
+    monkeypatch.undo()
+    assert seen[0] is False                                                    # written before the first scan
     _part_file(out, 0, 1, finished=False, age_s=3600)                        # a single run stopped an hour ago
     merge_manifest(out, OPTS)
     assert len(ShardSet(out).scans) == 6

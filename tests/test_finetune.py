@@ -90,7 +90,7 @@ def test_another_frame_count_and_grid_are_interpolated(sex_run, source, tmp_path
     caplog.set_level(logging.INFO, logger="brainmt")
     path, weights = source
     cfg = load_config("debug", ["model.num_frames=12", "model.volume_shape=[36,24,20]", f"train.init_from={sex_run}"])
-    init = finetune.open_init_source(cfg, tmp_path / "new")
+    init = finetune.open_init_source(cfg, resuming=False)
     model = build_model(cfg.model)
     assert model.grid == (3, 2, 2)
     finetune.load_initial_weights(model, cfg, init)
@@ -107,7 +107,7 @@ def test_another_frame_count_and_grid_are_interpolated(sex_run, source, tmp_path
     cfg = load_config("debug", ["model.num_frames=12", f"model.volume_shape={trained.model.volume_shape}",
                                 f"train.init_from={sex_run}", "train.init_head=keep"])
     tuned = build_model(cfg.model)
-    finetune.load_initial_weights(tuned, cfg, finetune.open_init_source(cfg, tmp_path / "new"))
+    finetune.load_initial_weights(tuned, cfg, finetune.open_init_source(cfg, resuming=False))
     original = trained_model(trained, weights)
     x = torch.randn(2, 12, 1, *trained.model.volume_shape)
     with torch.no_grad():

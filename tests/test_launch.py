@@ -128,6 +128,8 @@ def test_dry_run_refuses_a_resume_on_another_global_batch(shards, tmp_path):
     assert "train.batch_size=2 optim.accumulate_steps=1" in proc.stderr
     proc = launch(*two, "train.batch_size=2")
     assert proc.returncode == 0, proc.stderr
+    proc = launch(*[a if a != "local" else "debug" for a in two])            # debug: one task, in this process
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_force_moves_a_foreign_run_directory_aside(shards, tmp_path):

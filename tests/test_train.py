@@ -191,6 +191,20 @@ def test_pruning_after_resuming_before_an_unreadable_checkpoint_keeps_the_new_on
     assert ckpt.latest_checkpoint(directory)[1]["step"] == 960
 
 
+def test_unreadable_checkpoints_after_the_resumed_one_are_set_aside(shards, tmp_path):
+    """Stopped at step 6 with checkpoints 5 and 6; 6 damaged (its file, or its record cut short): the run resumes
+    from 5, renames 6 to *.damaged (kept, not counted or picked) and finishes."""
+    for damage in ("file", "record"):
+        run_dir = tmp_path / damage
+        cfg = _cfg("train.checkpoint_every_steps=1")
+        assert train(cfg, shards, run_dir, stop_at_step=6)["step"] == 6
+        six = ckpt.checkpoint_path(run_dir / "checkpoints", 6)
+        (six if damage == "file" else ckpt.record_path(six)).write_text("garbage" if damage == "file" else '{"sha2')
+        assert train(cfg, shards, run_dir)["step"] == 12
+        assert six.with_name(six.name + ".damaged").exists() and 6 not in dict(ckpt.list_checkpoints(six.parent))
+        assert [s for s, _ in ckpt.list_checkpoints(six.parent)][-2:] == [11, 12]
+
+
 def test_a_rerun_of_an_early_stopped_run_does_not_train_on(shards, tmp_path, monkeypatch):
     """Validation that never improves stops the run at its second evaluation (patience 1); running it again keeps
     that end instead of training past it."""

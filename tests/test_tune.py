@@ -251,11 +251,13 @@ def test_a_resumed_trial_drops_the_checkpoints_after_its_report_and_keeps_its_be
             ckpt.checkpoint_path(directory, step).write_bytes(b"state")
             ckpt.record_path(ckpt.checkpoint_path(directory, step)).write_text("{}")
     ckpt.checkpoint_path(run / "checkpoints", 20).write_bytes(b"sta")      # a copy an earlier attempt cut short
+    ckpt.record_path(ckpt.checkpoint_path(reported, 20)).write_text('{"sha256": null}')
     (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "val_auroc": 0.5}) + "\n" for s in (10, 20, 30)))
     monkeypatch.setattr(tune, "get_checkpoint", lambda: tune.Checkpoint.from_directory(str(reported)))
     assert restore_trial_checkpoint(run) == 20
     assert [s for s, _ in ckpt.list_checkpoints(run / "checkpoints")] == [10, 20]
     assert ckpt.checkpoint_path(run / "checkpoints", 20).read_bytes() == b"state"
+    assert ckpt.record_path(ckpt.checkpoint_path(run / "checkpoints", 20)).read_text() == '{"sha256": null}'
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp")]
     assert not ckpt.record_path(ckpt.checkpoint_path(run / "checkpoints", 30)).exists()
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [10, 20]

@@ -160,13 +160,15 @@ def measure_count(args: argparse.Namespace, shards: Path, work: Path, count: int
 def keep_global_batch(cfg_dict: dict, saved_on: int, count: int) -> dict:
     """The config with the per-task batch, or accumulation, that keeps the global batch of ``saved_on`` tasks on
     ``count`` (a resume requires it): the fewest accumulation steps whose micro-batch is no larger than before."""
+    from brainmt.train.run_config import batch_for
+
     train, optim = cfg_dict["train"], cfg_dict["optim"]
     total = train["batch_size"] * optim["accumulate_steps"] * saved_on
-    if total % count:
-        raise ValueError(f"a global batch of {total} does not divide among {count} tasks")
-    per_task = total // count
-    accumulate = next(a for a in range(1, per_task + 1) if per_task % a == 0 and per_task // a <= train["batch_size"])
-    train["batch_size"], optim["accumulate_steps"] = per_task // accumulate, accumulate
+    keep = batch_for(total, count, train["batch_size"])
+    if keep is None:
+        raise ValueError(f"a global batch of {total} does not divide among {count} tasks: choose --gpus whose "
+                         "counts divide train.batch_size x the largest count")
+    train["batch_size"], optim["accumulate_steps"] = keep
     return cfg_dict
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -205,7 +206,7 @@ def save_mask(mask: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
     """Write a bool mask as a uint8 NIfTI (atomically, through a temporary file of this process: the parts of a
     sharding job array given one --mask may write it at the same time)."""
     path = Path(path)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    tmp = path.with_name(f".tmp-{socket.gethostname()}-{os.getpid()}-{path.name}")   # array tasks on other nodes too
     try:
         nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine), tmp)
         tmp.replace(path)

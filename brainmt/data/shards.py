@@ -502,18 +502,20 @@ def _write_part(out: Path, mine: list[ScanSource], all_scans: list[ScanSource], 
     if show:
         from tqdm import tqdm
         todo = tqdm(todo, desc=f"shard part {index}/{n_parts}", unit="scan")
+    record = {"part": index, "parts": n_parts, "finished": False, "skipped": summary.skipped,
+              "phenotypes": str(phen.path), "layout": layout, "targets": phen.targets, "sex_column": phen.sex_column,
+              "family_column": phen.family_column,
+              "rows_without_scan": sorted(set(phen.values) - {s.subject for s in all_scans})}
+    part_file = out / "parts" / f"part-{index:03d}-of-{n_parts:03d}.json"
+    part_file.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(part_file, record)      # on record from the start: a merge meanwhile goes by this run's count
     writer = _ShardWriter(shard_dir, index, opts.shard_bytes)
-    finished = False
     try:
         _write_scans(writer, todo, mask_info, full_mask, opts, phen, summary, skip)
-        finished = True
+        record["finished"] = True
     finally:
         writer.close()  # every scan added so far is kept, whatever stopped the loop
-        atomic_write_json(out / "parts" / f"part-{index:03d}-of-{n_parts:03d}.json",
-                          {"part": index, "parts": n_parts, "finished": finished,
-                           "skipped": summary.skipped, "phenotypes": str(phen.path), "layout": layout,
-                           "targets": phen.targets, "sex_column": phen.sex_column, "family_column": phen.family_column,
-                           "rows_without_scan": sorted(set(phen.values) - {s.subject for s in all_scans})})
+        atomic_write_json(part_file, {**record, "skipped": summary.skipped})
 
 
 def _start_output(out: Path, settings: dict, mask_info: dict, new_mask: np.ndarray | None, affine, part: int) -> None:

@@ -194,8 +194,9 @@ def check_run_dir(run_dir: Path, cfg: Config, force: bool, dry_run: bool) -> Non
             print(f"--force: moved the run directory of the other configuration to {move_aside(run_dir)}", flush=True)
         return
     found = latest_checkpoint(run_dir / "checkpoints")
-    if found:
-        check_global_batch(*found, cfg, cfg.cluster.nodes * tasks_per_node(cfg.cluster))
+    if found:       # --cluster debug runs one task in this process
+        ranks = 1 if cfg.cluster.cluster == "debug" else cfg.cluster.nodes * tasks_per_node(cfg.cluster)
+        check_global_batch(*found, cfg, ranks)
 
 
 def main(argv: list[str] | None = None) -> int:

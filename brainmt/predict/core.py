@@ -23,7 +23,7 @@ from brainmt.data.loader import window_starts
 from brainmt.data.phenotypes import Phenotypes, read_phenotypes
 from brainmt.predict.parts import PartWriter, PredictError, done_scans, start_output
 from brainmt.predict.scans import KIND_OUTPUT, ReadScan, RunGrid, SkipScan, read_scan
-from brainmt.train.evaluation import LoadedRun, load_run, trained_model
+from brainmt.train.evaluation import LoadedRun, load_run, run_calibration, trained_model
 from brainmt.train.step import autocast
 
 log = logging.getLogger("brainmt.predict")
@@ -77,7 +77,7 @@ def model_settings(req: PredictRequest, loaded: LoadedRun) -> dict:
     return {"run": str(Path(req.run).resolve()), "checkpoint": str(loaded.checkpoint.resolve()),
             "step": int(saved["step"]), "task": loaded.stats["task"], "target": loaded.stats["target"],
             "num_frames": int(cfg.data.num_frames), "target_stats": loaded.stats,
-            "calibration": saved.get("calibration") if cfg.train.calibration == "platt" else None,
+            "calibration": run_calibration(saved, cfg),
             "shards": str(Path(loaded.shards.root).resolve()), "sex_column": m.get("sex_column"),
             "grid": {k: m["mask"][k] for k in ("shape", "voxel_size", "affine")},
             "background": m["preprocessing"]["background"]}

@@ -77,7 +77,10 @@ def check_integrity(path: Path) -> None:
     record = record_path(path)
     if not record.exists() or not path.exists():
         return
-    expected = json.loads(record.read_text()).get("sha256")
+    try:
+        expected = json.loads(record.read_text()).get("sha256")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise CheckpointError(f"{path}: its record {record.name} is unreadable (cut short?)") from None
     actual = sha256_file(path)
     if expected and actual != expected:
         raise CheckpointError(f"{path}: damaged: its SHA-256 {actual[:16]}... differs from {expected[:16]}... "
@@ -103,6 +106,19 @@ def latest_checkpoint(directory: Path, map_location: str | torch.device = "cpu")
         except CheckpointError as exc:
             log.warning("%s; trying an older checkpoint", exc)
     return None
+
+
+def set_aside_newer(directory: Path, step: int) -> list[Path]:
+    """Rename the checkpoints after ``step`` (unreadable ones a run resumes before) and their records to
+    ``*.damaged``: kept, but no longer among the checkpoints that pruning counts or ``last`` picks."""
+    moved = []
+    for s, path in list_checkpoints(directory):
+        if s > step:
+            for p in (path, record_path(path)):
+                if p.exists():
+                    p.replace(p.with_name(p.name + ".damaged"))
+            moved.append(path)
+    return moved
 
 
 def resolve_checkpoint(run_dir: Path, which: str) -> Path:

@@ -72,24 +72,13 @@ def resolve_init_path(spec: str) -> Path:
     raise CheckpointError(f"train.init_from: {path}: not found (expected a run directory or a checkpoint file)")
 
 
-def resumes(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds an intact checkpoint of its own, which the run resumes from instead of init_from."""
-    for _, path in reversed(ckpt.list_checkpoints(Path(run_dir) / "checkpoints")):
-        try:
-            ckpt.check_integrity(path)
-            return True
-        except CheckpointError:
-            continue
-    return False
-
-
-def open_init_source(cfg: Config, run_dir: Path) -> InitSource | None:
-    """The loaded ``train.init_from`` checkpoint (None without one; not loaded when the run resumes); a missing,
-    damaged or foreign file is a CheckpointError naming it."""
+def open_init_source(cfg: Config, resuming: bool) -> InitSource | None:
+    """The loaded ``train.init_from`` checkpoint (None without one; not loaded when the run resumes from a checkpoint
+    of its own that loads); a missing, damaged or foreign file is a CheckpointError naming it."""
     spec = cfg.train.init_from
     if spec is None:
         return None
-    if resumes(run_dir):
+    if resuming:
         return InitSource(spec)
     path = resolve_init_path(spec)
     try:

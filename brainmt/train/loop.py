@@ -163,8 +163,11 @@ def setup(cfg: Config, shards_dir: str | Path | None, run_dir: Path, sink: Metri
     found = ckpt.latest_checkpoint(run_dir / "checkpoints", map_location="cpu")
     if found:
         check_global_batch(*found, cfg, env.world_size)
-    init_source = finetune.open_init_source(cfg, run_dir)   # a bad train.init_from fails before config.yaml is written
+    init_source = finetune.open_init_source(cfg, resuming=found is not None)   # a bad one fails before any write
     setup_run_logging(run_dir, env.rank)
+    if env.is_main:
+        for path in ckpt.set_aside_newer(run_dir / "checkpoints", int(found[1]["step"]) if found else -1):
+            log.warning("%s could not be read: renamed to %s.damaged", path, path.name)
     device = device_for(env, cfg.train.device)
     init_distributed(env, device)
     if env.is_main:

@@ -75,6 +75,16 @@ def check_classes(cfg: Config, shards: ShardSet, scans: dict[str, list[str]]) ->
                          "(brainmt shard --split/--split-seed)")
 
 
+def batch_for(global_batch: int, ranks: int, max_batch: int) -> tuple[int, int] | None:
+    """(train.batch_size, optim.accumulate_steps) that make ``global_batch`` on ``ranks``: the fewest accumulation
+    steps whose batch is at most ``max_batch`` (what fits now); None when it does not divide among the ranks."""
+    if global_batch % ranks:
+        return None
+    per_rank = global_batch // ranks
+    steps = next(a for a in range(1, per_rank + 1) if per_rank % a == 0 and per_rank // a <= max(1, max_batch))
+    return per_rank // steps, steps
+
+
 def check_global_batch(path: Path, saved: dict, cfg: Config, world_size: int) -> None:
     """ResumeConflict unless the run resumes with the global batch its checkpoint ``saved`` (at ``path``) was trained
     with: the schedule, the epochs and the early-stopping count are counted in steps of that batch. On another number
@@ -87,12 +97,9 @@ def check_global_batch(path: Path, saved: dict, cfg: Config, world_size: int) ->
     old, new = b * a * ranks, cfg.train.batch_size * cfg.optim.accumulate_steps * world_size
     if old == new:
         return
-    if old % world_size:
-        hint = f"{old} does not divide among {world_size} ranks: resume on a number of ranks that divides it"
-    elif (old // world_size) % cfg.train.batch_size == 0:
-        hint = f"on {world_size} ranks pass optim.accumulate_steps={old // (world_size * cfg.train.batch_size)}"
-    else:
-        hint = f"on {world_size} ranks pass train.batch_size={old // world_size} optim.accumulate_steps=1"
+    keep = batch_for(old, world_size, cfg.train.batch_size)
+    hint = (f"on {world_size} ranks pass train.batch_size={keep[0]} optim.accumulate_steps={keep[1]}" if keep else
+            f"{old} does not divide among {world_size} ranks: resume on a number of ranks that divides it")
     raise ResumeConflict(f"{path}: trained with a global batch of {old} ({ranks} ranks x train.batch_size {b} x "
                          f"optim.accumulate_steps {a}), now {new}. Its learning-rate schedule and epochs count steps "
                          f"of that batch: {hint}")

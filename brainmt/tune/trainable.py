@@ -76,15 +76,22 @@ def restore_trial_checkpoint(run_dir: Path) -> int | None:
         target = ckpt.checkpoint_path(local, step)
         if not target.exists() or target.stat().st_size != path.stat().st_size:   # absent, or a copy cut short
             local.mkdir(parents=True, exist_ok=True)
-            partial = target.with_name(f".tmp-{target.name}.{os.getpid()}")
-            shutil.copy2(path, partial)
-            os.replace(partial, target)                  # whole, or not there
+            ckpt.record_path(target).unlink(missing_ok=True)    # no record vouches for the file while it is copied
+            _copy_whole(path, target)
             if ckpt.record_path(path).exists():
-                shutil.copy2(ckpt.record_path(path), ckpt.record_path(target))
-            else:
-                ckpt.record_path(target).unlink(missing_ok=True)
+                _copy_whole(ckpt.record_path(path), ckpt.record_path(target))
     _truncate_metrics(Path(run_dir) / "metrics.jsonl", step)
     return step
+
+
+def _copy_whole(source: Path, target: Path) -> None:
+    """Copy through a temporary file of this process, so ``target`` is whole or not there."""
+    partial = target.with_name(f".tmp-{target.name}.{os.getpid()}")
+    try:
+        shutil.copy2(source, partial)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

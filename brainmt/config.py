@@ -492,12 +492,11 @@ def config_from_dict(data: dict, source: str = "<dict>") -> Config:
 
 def save_config(cfg: Config, path: str | Path) -> Path:
     """Write the resolved config as YAML (atomically); ``load_config`` reads it back unchanged."""
+    from brainmt.fileio import atomic_write_text
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def task_metrics(task: str) -> tuple[str, ...]:

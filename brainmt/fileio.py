@@ -2,21 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
+from collections.abc import Iterator
 from pathlib import Path
+
+
+@contextlib.contextmanager
+def replacing(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` (same suffix), private to this host and process, renamed to ``path`` when the
+    block ends without error and removed otherwise: ``path`` is whole or as it was, also when the tasks of a job
+    array on several nodes write it at once."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{socket.gethostname()}-{os.getpid()}-{path.name}")
+    try:
+        yield tmp
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` to a private temporary file beside ``path``, then rename it into place."""
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
-    try:
+    with replacing(path) as tmp:
         tmp.write_text(text)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def atomic_write_json(path: str | Path, obj: object) -> Path:

@@ -16,6 +16,7 @@ import numpy as np
 
 from brainmt.data.loader import ShardSet
 from brainmt.data.nifti import ScanError, read_volume
+from brainmt.fileio import replacing
 
 log = logging.getLogger("brainmt.analysis")
 CANONICAL = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)   # RAS+
@@ -143,9 +144,8 @@ class BrainGrid:
         path.parent.mkdir(parents=True, exist_ok=True)
         img = nib.Nifti1Image(self.unpack(np.asarray(values, dtype=np.float32)), self.affine)
         img.header.set_xyzt_units("mm")
-        tmp = path.with_name(".tmp-" + path.name)
-        nib.save(img, tmp)
-        tmp.replace(path)
+        with replacing(path) as tmp:
+            nib.save(img, tmp)
         return path
 
     def load(self, path: str | Path) -> np.ndarray:

@@ -148,7 +148,14 @@ class SubjectAnalyzer:
     def __init__(self, run: RunInfo, settings: AnalysisConfig, out: Path, split_scans: list[str]) -> None:
         import torch
 
-        from brainmt.analysis.attribution import BASELINES, PackedModel, reference_windows, training_fluctuation, training_mean
+        from brainmt.analysis.attribution import (
+            BASELINES,
+            PackedModel,
+            reference_scans,
+            reference_windows,
+            training_fluctuation,
+            training_mean,
+        )
         from brainmt.train.evaluation import trained_model
 
         if settings.baseline not in BASELINES:
@@ -168,10 +175,12 @@ class SubjectAnalyzer:
         if self.baseline == "noise":
             fluctuation = training_fluctuation(run.shards, scans, settings.baseline_scans)
             self.fluctuation = torch.from_numpy(fluctuation).to(self.device)
-        self.references, self.reference_pool = None, []
+        self.references, self.reference_pool, self.reference_ids = None, [], set()
         if self.baseline == "scans":
             self.reference_pool = baseline_scans(run.shards, split_scans)
-            windows = reference_windows(run.shards, self.reference_pool, settings.reference_scans, run.cfg.data.num_frames)
+            frames = run.cfg.data.num_frames
+            self.reference_ids = set(reference_scans(run.shards, self.reference_pool, settings.reference_scans, frames))
+            windows = reference_windows(run.shards, self.reference_pool, settings.reference_scans, frames)
             self.references = torch.from_numpy(windows).to(self.device)
         self.internal_batch_size = settings.internal_batch_size
         self.bytes_per_sample: int | None = None
@@ -236,13 +245,15 @@ class SubjectAnalyzer:
         whose scans the references are drawn from): a reference equal to the input would attribute nothing."""
         import torch
 
-        from brainmt.analysis.attribution import reference_scans, reference_windows
+        from brainmt.analysis.attribution import reference_windows
 
-        shards, count, frames = self.run_info.shards, self.settings.reference_scans, self.run_info.cfg.data.num_frames
-        if self.references is None or not set(scans) & set(reference_scans(shards, self.reference_pool, count, frames)):
+        own = set(scans)
+        if not own & self.reference_ids:
             return self.references
-        others = [s for s in self.reference_pool if s not in set(scans)]
-        return torch.from_numpy(reference_windows(shards, others, count, frames)).to(self.device)
+        others = [s for s in self.reference_pool if s not in own]
+        windows = reference_windows(self.run_info.shards, others, self.settings.reference_scans,
+                                    self.run_info.cfg.data.num_frames)
+        return torch.from_numpy(windows).to(self.device)
 
     def _prediction(self, scans: list[str], rows: list[dict]) -> dict:
         from brainmt.train.metrics import to_predictions

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from brainmt.fileio import replacing
 
 FRAME_BLOCK = 16
 
@@ -205,14 +206,9 @@ def read_brain_series(scan: OpenScan, mask: np.ndarray, background: str = "min")
 def save_mask(mask: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
     """Write a bool mask as a uint8 NIfTI (atomically, through a temporary file of this process: the parts of a
     sharding job array given one --mask may write it at the same time)."""
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{socket.gethostname()}-{os.getpid()}-{path.name}")   # array tasks on other nodes too
-    try:
+    with replacing(path) as tmp:
         nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine), tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def read_volume(path: str | Path, what: str = "volume") -> tuple[np.ndarray, nib.Nifti1Image]:

@@ -515,7 +515,7 @@ def _write_part(out: Path, mine: list[ScanSource], all_scans: list[ScanSource], 
         record["finished"] = True
     finally:
         writer.close()  # every scan added so far is kept, whatever stopped the loop
-        atomic_write_json(part_file, {**record, "skipped": summary.skipped})
+        atomic_write_json(part_file, record)          # "skipped" is the summary's list, as it now stands
 
 
 def _start_output(out: Path, settings: dict, mask_info: dict, new_mask: np.ndarray | None, affine, part: int) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from brainmt.fileio import atomic_write_json, sha256_file
+from brainmt.fileio import atomic_write_json, replacing, sha256_file
 
 log = logging.getLogger(__name__)
 _STEP = re.compile(r"^step-(\d{9})\.pt$")
@@ -51,16 +51,10 @@ def save_checkpoint(directory: Path, step: int, state: dict, keep_last: int, bes
     delete the run's new checkpoints."""
     directory.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(directory, step)
-    tmp = directory / f".tmp-{final.name}.{os.getpid()}"
-    try:
-        with tmp.open("wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with replacing(final) as tmp, tmp.open("wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     atomic_write_json(record_path(final), {"sha256": sha256_file(final), "metric": metric})
     written = [(s, p) for s, p in list_checkpoints(directory) if s <= step]
     keep = {s for s, _ in written[-keep_last:]} | ({best_step} if best_step is not None else set())

@@ -8,7 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
-from brainmt.fileio import atomic_write_text
+from brainmt.fileio import atomic_write_text, replacing
 
 log = logging.getLogger("brainmt.tune")
 
@@ -77,21 +77,12 @@ def restore_trial_checkpoint(run_dir: Path) -> int | None:
         if not target.exists() or target.stat().st_size != path.stat().st_size:   # absent, or a copy cut short
             local.mkdir(parents=True, exist_ok=True)
             ckpt.record_path(target).unlink(missing_ok=True)    # no record vouches for the file while it is copied
-            _copy_whole(path, target)
-            if ckpt.record_path(path).exists():
-                _copy_whole(ckpt.record_path(path), ckpt.record_path(target))
+            for source, copy in ((path, target), (ckpt.record_path(path), ckpt.record_path(target))):
+                if source.exists():
+                    with replacing(copy) as partial:     # whole, or not there
+                        shutil.copy2(source, partial)
     _truncate_metrics(Path(run_dir) / "metrics.jsonl", step)
     return step
-
-
-def _copy_whole(source: Path, target: Path) -> None:
-    """Copy through a temporary file of this process, so ``target`` is whole or not there."""
-    partial = target.with_name(f".tmp-{target.name}.{os.getpid()}")
-    try:
-        shutil.copy2(source, partial)
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

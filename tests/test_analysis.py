@@ -7,6 +7,7 @@ One demo-size model (synthetic scans with planted regions, the ``demo`` config, 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ from brainmt.analysis.attribution import (
     PackedModel,
     attribute_windows,
     make_baseline,
+    reference_scans,
     reference_windows,
     resolve_baseline,
     training_fluctuation,
@@ -188,6 +190,37 @@ def test_scans_baseline_averages_ig_over_real_reference_windows(small_shards):
         reference_windows(shards, train, 3, 10000)
 
 
+def _scans_with(targets: dict[str, float | None], frames: int = 40):
+    """A stand-in for a ShardSet's scan table: each scan's frames and (when not None) its ``y`` target."""
+    from types import SimpleNamespace
+
+    scans = {s: {"frames": frames, "targets": {} if y is None else {"y": y}} for s, y in targets.items()}
+    return SimpleNamespace(root=Path("shards"), scans=scans)
+
+
+def test_scans_baseline_references_come_from_every_class_or_the_scores_range():
+    """Evenly spaced ids would pick 4 males of 10 scans (1, 4, 7, 10); the references of a class label are 2 of each
+    class, evenly spaced within it; a small class gives what it has; a score's references span its range; scans
+    without the target (or no target at all) leave the choice by id."""
+    sex = {f"s{i:02d}": float(i in (0, 3, 6, 9)) for i in range(10)}
+    shards = _scans_with(sex)
+    ids = sorted(sex)
+    assert [sex[s] for s in reference_scans(shards, ids, 4, 20)] == [1.0] * 4             # by id: one class
+    chosen = reference_scans(shards, ids, 4, 20, "y", classes=True)
+    assert chosen == ["s01", "s00", "s08", "s09"]            # females 1..8, males 0..9, in turn
+    one_male = _scans_with({s: float(s == "s05") for s in ids})
+    assert sorted(reference_scans(one_male, ids, 4, 20, "y", classes=True)) == ["s00", "s04", "s05", "s09"]
+    assert sorted(reference_scans(shards, ids, 20, 20, "y", classes=True)) == ids           # more asked than there are
+    score = _scans_with({s: float(v) for s, v in zip(ids, [5, 1, 9, 3, 7, 2, 8, 4, 6, 0])})
+    assert reference_scans(score, ids, 3, 20, "y") == ["s09", "s07", "s02"]                 # scores 0, 4, 9
+    partly = _scans_with({**{s: 1.0 for s in ids[:8]}, "s08": 0.0, "s09": None})
+    assert "s09" not in reference_scans(partly, ids, 4, 20, "y", classes=True)
+    assert reference_scans(partly, ids, 4, 20, "other", classes=True) == reference_scans(partly, ids, 4, 20)
+    short = _scans_with(sex, frames=10)
+    with pytest.raises(AttributionError, match="has the 20 frames a reference window needs"):
+        reference_scans(short, ids, 4, 20, "y", classes=True)
+
+
 def test_scans_baseline_through_analyze(demo, tmp_path):
     """brainmt analyze --baseline scans: the references come from the training split, their count is part of the
     settings (another count recomputes the maps), and each subject's record is complete against their mean output."""
@@ -196,12 +229,32 @@ def test_scans_baseline_through_analyze(demo, tmp_path):
     assert main([*args, "analysis.reference_scans=2", "analysis.figures=false"]) == 0
     record = json.loads((out / "subjects" / f"{subjects[0]}_ig.json").read_text())
     assert record["settings"]["baseline"] == "scans" and record["settings"]["reference_scans"] == 2
+    assert record["settings"]["references"] == "spread over the target"   # maps of references by id are redone
     assert record["settings"]["baseline_scans"] is None
     assert record["ig_sum"] == pytest.approx(sum(w["ig_sum"] for w in record["windows"]) / len(record["windows"]))
     assert main([*args, "analysis.reference_scans=3", "analysis.figures=false"]) == 0
     again = json.loads((out / "subjects" / f"{subjects[0]}_ig.json").read_text())
     assert again["settings"]["reference_scans"] == 3 and again["f_baseline"] != record["f_baseline"]
     assert main([*args, "analysis.reference_scans=0"]) == 2
+
+
+def test_scans_baseline_references_hold_both_classes_where_ids_would_not(demo, tmp_path):
+    """The analyzer of a sex model takes as many references from each class as it can, at a count where evenly
+    spaced training ids alone would take two or more of one class than of the other."""
+    from brainmt.analysis.pipeline import SubjectAnalyzer, open_run
+
+    run = open_run(demo["run"])
+    train, sex = run.shards.scans_of("train"), run.stats["target"]
+
+    def excess(scans: list[str]) -> int:
+        return abs(sum(2 * run.shards.target(s, sex) - 1 for s in scans))
+
+    lopsided = [k for k in range(2, 17) if excess(reference_scans(run.shards, train, k, run.cfg.data.num_frames)) >= 2]
+    assert lopsided, "no count at which the ids alone pick lopsided references: the test shows nothing"
+    settings = dataclasses.replace(load_config("demo").analysis, baseline="scans", reference_scans=lopsided[0])
+    analyzer = SubjectAnalyzer(run, settings, tmp_path, run.shards.scans_of("test"))
+    assert len(analyzer.reference_ids) == lopsided[0] and excess(list(analyzer.reference_ids)) <= 1
+    assert analyzer.references.shape[0] == lopsided[0]
 
 
 def test_maps_rewritten_with_other_settings_lose_their_old_record_first(demo, tmp_path, monkeypatch):
@@ -240,9 +293,8 @@ def test_the_settings_name_the_model_by_its_weights(demo):
 
 
 def test_train_split_subjects_are_not_their_own_scans_reference(demo, tmp_path):
-    """--split train --baseline scans: the first training scan is always a reference; its subject gets references
-    drawn from the other scans, a subject outside them the shared ones. The prediction applies the run's Platt fit."""
-    import dataclasses
+    """--split train --baseline scans: the subject of a training scan among the references gets references drawn
+    from the other scans, a subject outside them the shared ones. The prediction applies the run's Platt fit."""
 
     from brainmt.analysis.pipeline import SubjectAnalyzer, open_run
 
@@ -250,16 +302,17 @@ def test_train_split_subjects_are_not_their_own_scans_reference(demo, tmp_path):
     settings = dataclasses.replace(load_config("demo").analysis, baseline="scans", reference_scans=3, split="train")
     train = run.shards.scans_of("train")
     analyzer = SubjectAnalyzer(run, settings, tmp_path, train)
-    frames = run.cfg.data.num_frames
-    own = torch.from_numpy(run.shards.read_frames(train[0], 0, frames).astype(np.float32))
-    refs = analyzer._references_for([train[0]])
+    frames, reference = run.cfg.data.num_frames, sorted(analyzer.reference_ids)[0]
+    own = torch.from_numpy(run.shards.read_frames(reference, 0, frames).astype(np.float32))
+    refs = analyzer._references_for([reference])
     assert refs.shape == analyzer.references.shape and not any(torch.equal(r, own) for r in refs)
     assert any(torch.equal(r, own) for r in analyzer.references)
-    assert analyzer._references_for([train[1]]) is analyzer.references
+    outside = next(scan for scan in train if scan not in analyzer.reference_ids)
+    assert analyzer._references_for([outside]) is analyzer.references
     analyzer.run_info = dataclasses.replace(run, calibration={"scale": 2.0, "bias": 0.5})
     rows = [{"f_input": 0.3}, {"f_input": -0.1}]
     expected = np.mean(1 / (1 + np.exp(-(2.0 * np.array([0.3, -0.1]) + 0.5))))
-    assert analyzer._prediction([train[0]], rows)["prediction"] == pytest.approx(expected)
+    assert analyzer._prediction([reference], rows)["prediction"] == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("baseline", ["mean", "temporal_mean", "zeros", "background"])

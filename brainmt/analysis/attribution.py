@@ -13,7 +13,9 @@ from the device's free memory and the activation bytes one sample keeps for the 
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import os
 
 import numpy as np
@@ -79,18 +81,52 @@ def training_fluctuation(shards: ShardSet, scans: list[str], max_scans: int = 64
     return np.sqrt(np.mean([block.var(axis=0) for block in blocks], axis=0)).astype(np.float32)
 
 
-def reference_scans(shards: ShardSet, scans: list[str], count: int, frames: int) -> list[str]:
-    """The ``scans`` baseline's reference scans: up to ``count`` evenly spaced ``scans`` that have ``frames`` frames."""
+def _target_values(shards: ShardSet, scans: list[str], target: str) -> dict[str, float]:
+    """Each scan's finite value of ``target`` (scans without one are left out)."""
+    values = {}
+    for scan in scans:
+        try:
+            value = float(shards.scans[scan].get("targets", {}).get(target))
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(value):
+            values[scan] = value
+    return values
+
+
+def _spread_over_target(values: dict[str, float], count: int, classes: bool) -> list[str]:
+    """Up to ``count`` of the scans in ``values``: for class labels as many of each class as it can give, taken in
+    turn and evenly spaced by id within it; for a score evenly spaced in the score's order."""
+    ordered = sorted(values, key=lambda scan: (values[scan], scan))
+    if not classes:
+        return _evenly_spaced(ordered, count)
+    groups = [[scan for scan in ordered if values[scan] == c] for c in sorted(set(values.values()))]
+    quota = [0] * len(groups)
+    while sum(quota) < min(count, len(ordered)):
+        for i, group in enumerate(groups):
+            if quota[i] < len(group) and sum(quota) < count:
+                quota[i] += 1
+    picks = [_evenly_spaced(group, n) if n else [] for group, n in zip(groups, quota)]
+    return [scan for turn in itertools.zip_longest(*picks) for scan in turn if scan is not None]
+
+
+def reference_scans(shards: ShardSet, scans: list[str], count: int, frames: int, target: str | None = None,
+                    classes: bool = False) -> list[str]:
+    """The ``scans`` baseline's reference scans: up to ``count`` of ``scans`` that have ``frames`` frames, spread over
+    the model's ``target`` (``classes``: as many of each class as can be; else over the score's range), so that their
+    mean output is not one class's; evenly spaced by id when no scan has the target."""
     long_enough = [s for s in scans if shards.scans[s]["frames"] >= frames]
     if not long_enough:
         raise AttributionError(f"no scan in {shards.root} has the {frames} frames a reference window needs")
-    return _evenly_spaced(long_enough, count)
+    values = _target_values(shards, long_enough, target) if target else {}
+    return _spread_over_target(values, count, classes) if values else _evenly_spaced(long_enough, count)
 
 
-def reference_windows(shards: ShardSet, scans: list[str], count: int, frames: int) -> np.ndarray:
+def reference_windows(shards: ShardSet, scans: list[str], count: int, frames: int, target: str | None = None,
+                      classes: bool = False) -> np.ndarray:
     """The ``scans`` baseline's references: float32 (K, frames, n_brain), the first ``frames`` frames of
     :func:`reference_scans` (real windows of other subjects: the caller leaves the analysed subject's scans out)."""
-    chosen = reference_scans(shards, scans, count, frames)
+    chosen = reference_scans(shards, scans, count, frames, target, classes)
     return np.stack([shards.read_frames(scan, 0, frames) for scan in chosen]).astype(np.float32)
 
 

@@ -112,8 +112,10 @@ def fingerprint(run: RunInfo, settings: AnalysisConfig) -> dict:
     found = {"checkpoint": run.checkpoint.name, "step": run.step, "steps": settings.steps, "baseline": baseline,
              "method": settings.method, "baseline_scans": settings.baseline_scans if baseline in ("mean", "noise") else None}
     weights = _recorded_sha256(run.checkpoint)          # which model: another run's step-N.pt has the same name
-    return found | ({"reference_scans": settings.reference_scans} if baseline == "scans" else {}) | \
-        ({"weights": weights} if weights else {})       # older maps (without these keys) stay valid
+    references = {"reference_scans": settings.reference_scans,
+                  "references": "spread over the target"}   # maps with references chosen by id alone are recomputed
+    return found | (references if baseline == "scans" else {}) | \
+        ({"weights": weights} if weights else {})       # older maps without the weights stay valid
 
 
 def _recorded_sha256(checkpoint: Path) -> str | None:
@@ -176,11 +178,12 @@ class SubjectAnalyzer:
             fluctuation = training_fluctuation(run.shards, scans, settings.baseline_scans)
             self.fluctuation = torch.from_numpy(fluctuation).to(self.device)
         self.references, self.reference_pool, self.reference_ids = None, [], set()
+        self.spread = (run.stats["target"], run.stats["task"] == "classification")    # references of every class
         if self.baseline == "scans":
             self.reference_pool = baseline_scans(run.shards, split_scans)
-            frames = run.cfg.data.num_frames
-            self.reference_ids = set(reference_scans(run.shards, self.reference_pool, settings.reference_scans, frames))
-            windows = reference_windows(run.shards, self.reference_pool, settings.reference_scans, frames)
+            frames, count = run.cfg.data.num_frames, settings.reference_scans
+            self.reference_ids = set(reference_scans(run.shards, self.reference_pool, count, frames, *self.spread))
+            windows = reference_windows(run.shards, self.reference_pool, count, frames, *self.spread)
             self.references = torch.from_numpy(windows).to(self.device)
         self.internal_batch_size = settings.internal_batch_size
         self.bytes_per_sample: int | None = None
@@ -252,7 +255,7 @@ class SubjectAnalyzer:
             return self.references
         others = [s for s in self.reference_pool if s not in own]
         windows = reference_windows(self.run_info.shards, others, self.settings.reference_scans,
-                                    self.run_info.cfg.data.num_frames)
+                                    self.run_info.cfg.data.num_frames, *self.spread)
         return torch.from_numpy(windows).to(self.device)
 
     def _prediction(self, scans: list[str], rows: list[dict]) -> dict:

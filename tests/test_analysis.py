@@ -254,7 +254,10 @@ def test_scans_baseline_references_hold_both_classes_where_ids_would_not(demo, t
     settings = dataclasses.replace(load_config("demo").analysis, baseline="scans", reference_scans=lopsided[0])
     analyzer = SubjectAnalyzer(run, settings, tmp_path, run.shards.scans_of("test"))
     assert len(analyzer.reference_ids) == lopsided[0] and excess(list(analyzer.reference_ids)) <= 1
+    frames = run.cfg.data.num_frames
+    chosen = [torch.from_numpy(run.shards.read_frames(s, 0, frames).astype(np.float32)) for s in analyzer.reference_ids]
     assert analyzer.references.shape[0] == lopsided[0]
+    assert all(any(torch.equal(r, c) for c in chosen) for r in analyzer.references)    # the windows are theirs
 
 
 def test_maps_rewritten_with_other_settings_lose_their_old_record_first(demo, tmp_path, monkeypatch):
@@ -307,6 +310,8 @@ def test_train_split_subjects_are_not_their_own_scans_reference(demo, tmp_path):
     refs = analyzer._references_for([reference])
     assert refs.shape == analyzer.references.shape and not any(torch.equal(r, own) for r in refs)
     assert any(torch.equal(r, own) for r in analyzer.references)
+    others = reference_windows(run.shards, [s for s in train if s != reference], 3, frames, *analyzer.spread)
+    assert torch.equal(refs, torch.from_numpy(others))                    # drawn again over the target too
     outside = next(scan for scan in train if scan not in analyzer.reference_ids)
     assert analyzer._references_for([outside]) is analyzer.references
     analyzer.run_info = dataclasses.replace(run, calibration={"scale": 2.0, "bias": 0.5})

@@ -322,7 +322,9 @@ def test_bad_scans_are_skipped_counted_and_named(tmp_path):
     write_scan(f("sub-19"), random_scan(19))                                          # missing target
     write_scan(f("sub-20"), random_scan(20))                                          # non-numeric target
     write_scan(f("sub-21"), random_scan(21))                                          # unknown sex
-    rows = [f"sub-{i:02d}\tF\t1\tfam{i}" for i in [0, 1, 2, 3, *range(10, 18)]]
+    f("sub-22").parent.mkdir(parents=True)
+    f("sub-22").symlink_to(tmp_path / "annex" / "not-fetched")                       # a dangling link (DataLad)
+    rows = [f"sub-{i:02d}\tF\t1\tfam{i}" for i in [0, 1, 2, 3, *range(10, 18), 22]]
     rows += ["sub-19\tM\t\tf19", "sub-20\tM\thigh\tf20", "sub-21\tX\t2\tf21", "sub-99\tF\t3\tf99"]
     (raw / "participants.tsv").write_text("participant_id\tsex\tscore\tfamily_id\n" + "\n".join(rows) + "\n")
     summary = shard_dataset(raw, raw / "participants.tsv", tmp_path / "out", options=OPTS, progress=False)
@@ -334,6 +336,7 @@ def test_bad_scans_are_skipped_counted_and_named(tmp_path):
         "sub-16": "voxel size [3.0, 3.0, 3.0] differs", "sub-17": "truncated or corrupt",
         "sub-18": "no row for subject '18'", "sub-19": "score: missing value",
         "sub-20": "score: non-numeric value 'high'", "sub-21": "unrecognised sex value 'X'",
+        "sub-22": "file not found",
     }
     assert set(skips) == set(expect), skips
     for sid, text in expect.items():
@@ -352,6 +355,15 @@ def test_table_wide_problems_stop_with_the_file_named(tmp_path):
     table.write_text("participant_id\tscore\nsub-00\t1\nsub-01\t2\nsub-00\t3\n")
     with pytest.raises(PhenotypeError, match=r"participants.tsv: duplicate subject id 'sub-00' on lines 2 and 4"):
         shard_dataset(raw, table, tmp_path / "out", options=OPTS, progress=False)
+    table.write_text("participant_id\tscore\nsub-00\t1\n\nsub-01\t2\nsub-00\t3\n")       # a blank line counts
+    with pytest.raises(PhenotypeError, match=r"duplicate subject id 'sub-00' on lines 2 and 5"):
+        read_phenotypes(table)
+    table.write_text("participant_id\tscore\tage\tscore\nsub-00\t1\t30\t2\n")
+    with pytest.raises(PhenotypeError, match=r"participants.tsv: column\(s\) \['score'\] appear more than once"):
+        read_phenotypes(table)
+    table.write_text("participant_id\tscore\nsub-00\t1\nsub-01\t2\t7\n")                  # values shifted?
+    with pytest.raises(PhenotypeError, match=r"participants.tsv: line 3 has 3 fields, the header 2"):
+        read_phenotypes(table)
     table.write_text("name\tscore\nsub-00\t1\n")
     with pytest.raises(PhenotypeError, match="no subject id column"):
         read_phenotypes(table)
@@ -366,6 +378,8 @@ def test_table_wide_problems_stop_with_the_file_named(tmp_path):
     write_scan(dup / "b" / "x_bold.nii.gz", random_scan(2))
     with pytest.raises(LayoutError, match="two scans map to the same id 'x'"):
         find_scans(dup, "glob", glob="*/*.nii.gz", subject_regex=r"/(x)_bold")
+    with pytest.raises(LayoutError, match=r"x_bold.nii.gz: --subject-regex .* with an empty subject"):
+        find_scans(dup, "glob", glob="*/*.nii.gz", subject_regex=r"(?P<subject>zzz)?")
 
 
 def test_strict_stops_but_keeps_what_was_written(tmp_path):

@@ -34,7 +34,9 @@ def safe_key(text: str) -> str:
 
 
 def _is_nifti(p: Path) -> bool:
-    return p.name.endswith((".nii", ".nii.gz")) and p.is_file()
+    """A NIfTI file, or a link to one (a dangling link, e.g. a DataLad file not fetched, is found and then skipped
+    with its reason, not dropped unseen)."""
+    return p.name.endswith((".nii", ".nii.gz")) and (p.is_file() or p.is_symlink())
 
 
 def _bids(root: Path, space: str | None) -> list[ScanSource]:
@@ -84,6 +86,8 @@ def _glob(root: Path, pattern: str | None, regex: str | None) -> list[ScanSource
         if not m:
             raise LayoutError(f"{p}: --subject-regex {regex!r} does not match its path {rel!r}")
         subject = m.group("subject") if "subject" in rx.groupindex else (m.group(1) if m.groups() else m.group(0))
+        if not subject:
+            raise LayoutError(f"{p}: --subject-regex {regex!r} matches its path {rel!r} with an empty subject")
         out.append(ScanSource(safe_key(subject), normalise_id(subject), p))
     return out
 

@@ -146,6 +146,9 @@ def read_phenotypes(
     hint = _separator_hint(path, lines[0], delimiter)
     reader = csv.DictReader(lines, delimiter=delimiter)
     columns = [c.strip() for c in (reader.fieldnames or [])]
+    repeated = sorted({c for c in columns if columns.count(c) > 1})
+    if repeated:
+        raise PhenotypeError(f"{path}: column(s) {repeated} appear more than once in the header{hint}")
     reader.fieldnames = columns
     id_col = _find(columns, id_column, ID_COLUMNS, "id", path, hint)
     if id_col is None:
@@ -153,7 +156,8 @@ def read_phenotypes(
                              + (hint.strip(" ()") if hint else "name it with --id-column"))
     sex_col = _find(columns, sex_column, SEX_COLUMNS, "sex", path, hint)
     fam_col = _find(columns, family_column, FAMILY_COLUMNS, "family", path, hint)
-    rows = list(reader)
+    numbered = [(reader.line_num, row) for row in reader]      # line_num: the file's line, blank lines counted
+    rows = [row for _, row in numbered]
     if targets:
         missing = [t for t in targets if t not in columns]
         if missing:
@@ -164,7 +168,10 @@ def read_phenotypes(
     phen = Phenotypes(str(path), target_cols, sex_col if sex_col in target_cols else None, fam_col,
                       auto_targets=not targets)
     first_line: dict[str, int] = {}
-    for line_no, row in enumerate(rows, start=2):
+    for line_no, row in numbered:
+        if None in row:                        # csv.DictReader's key for the fields past the header's
+            raise PhenotypeError(f"{path}: line {line_no} has {len(columns) + len(row[None])} fields, the header "
+                                 f"{len(columns)}{hint}")
         raw_id = (row.get(id_col) or "").strip()
         if not raw_id:
             raise PhenotypeError(f"{path}: line {line_no} has an empty subject id")

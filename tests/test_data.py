@@ -324,7 +324,10 @@ def test_bad_scans_are_skipped_counted_and_named(tmp_path):
     write_scan(f("sub-21"), random_scan(21))                                          # unknown sex
     f("sub-22").parent.mkdir(parents=True)
     f("sub-22").symlink_to(tmp_path / "annex" / "not-fetched")                       # a dangling link (DataLad)
-    rows = [f"sub-{i:02d}\tF\t1\tfam{i}" for i in [0, 1, 2, 3, *range(10, 18), 22]]
+    shifted = np.diag([2.0, 2.0, 2.0, 1.0])
+    shifted[0, 3] = 20.0
+    write_scan(f("sub-23"), random_scan(23), affine=shifted)                          # same grid size, moved
+    rows = [f"sub-{i:02d}\tF\t1\tfam{i}" for i in [0, 1, 2, 3, *range(10, 18), 22, 23]]
     rows += ["sub-19\tM\t\tf19", "sub-20\tM\thigh\tf20", "sub-21\tX\t2\tf21", "sub-99\tF\t3\tf99"]
     (raw / "participants.tsv").write_text("participant_id\tsex\tscore\tfamily_id\n" + "\n".join(rows) + "\n")
     summary = shard_dataset(raw, raw / "participants.tsv", tmp_path / "out", options=OPTS, progress=False)
@@ -336,7 +339,7 @@ def test_bad_scans_are_skipped_counted_and_named(tmp_path):
         "sub-16": "voxel size [3.0, 3.0, 3.0] differs", "sub-17": "truncated or corrupt",
         "sub-18": "no row for subject '18'", "sub-19": "score: missing value",
         "sub-20": "score: non-numeric value 'high'", "sub-21": "unrecognised sex value 'X'",
-        "sub-22": "file not found",
+        "sub-22": "file not found", "sub-23": "origin or axes differ from the mask's (origin [20.0, 0.0, 0.0]",
     }
     assert set(skips) == set(expect), skips
     for sid, text in expect.items():

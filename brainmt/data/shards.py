@@ -250,6 +250,12 @@ def _done_scans(shard_dir: Path) -> dict[str, str]:
     return done
 
 
+def _same_affine(affine: np.ndarray, reference, voxel_size) -> bool:
+    """Whether a scan's canonical affine is the reference grid's to a hundredth of a voxel (None: none recorded):
+    the same shape and voxel size on a shifted or rotated grid would put the mask on other voxels."""
+    return reference is None or bool(np.allclose(affine, reference, atol=0.01 * min(voxel_size)))
+
+
 def _grid_of(affine: np.ndarray) -> tuple[float, float, float]:
     return tuple(round(float(v), 5) for v in np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0)))  # type: ignore[return-value]
 
@@ -352,7 +358,8 @@ def _data_mask(scans: list[ScanSource], opts: ShardOptions, summary: ShardSummar
             continue
         if shape is None:
             shape, affine, zooms = header.shape, header.affine, header.voxel_size
-        if header.shape != shape or not np.allclose(header.voxel_size, zooms, atol=1e-3):
+        if (header.shape != shape or not np.allclose(header.voxel_size, zooms, atol=1e-3)
+                or not _same_affine(header.affine, affine, zooms)):
             why[KIND_GRID] += 1
             continue  # another grid: reported when the scan itself is read
         counts = varies.astype(np.int32) if counts is None else counts + varies
@@ -457,6 +464,12 @@ def _read_scan(src: ScanSource, mask_info: dict, full_mask: np.ndarray, opts: Sh
                 return None
             if not np.allclose(h.voxel_size, voxel_size, atol=1e-3):
                 skip(src, f"{src.path}: voxel size {list(h.voxel_size)} differs from the mask's {list(voxel_size)}",
+                     KIND_GRID)
+                return None
+            if not _same_affine(h.affine, mask_info.get("affine"), voxel_size):
+                origin, mask_origin = np.round(h.affine[:3, 3], 3).tolist(), np.round(mask_info["affine"], 3)[:3, 3]
+                skip(src, f"{src.path}: its grid's origin or axes differ from the mask's (origin {origin} against "
+                          f"{mask_origin.tolist()}): all scans must share one grid; resample them to one space first",
                      KIND_GRID)
                 return None
             if h.frames < opts.min_frames:

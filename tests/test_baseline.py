@@ -52,15 +52,16 @@ def test_a_user_atlas_is_used_and_bad_inputs_are_named(small_shards, tmp_path):
     meta = next(iter(shards.scans.values()))
     shape, affine = meta["shape"], np.asarray(meta["affine"])
     atlas = np.zeros(shape, dtype=np.int16)
-    atlas[: shape[0] // 2] = 1                                           # two hemispheres, in the scans' space
-    atlas[shape[0] // 2:] = 2
+    atlas[: shape[0] // 2] = 10                                          # two hemispheres, in the scans' space,
+    atlas[shape[0] // 2:] = 20                                           # labelled as atlases do: not 1..R
     path = tmp_path / "atlas.nii.gz"
     nib.save(nib.Nifti1Image(atlas, affine), path)
-    (tmp_path / "atlas.txt").write_text("1 left\n2 right\n")
+    (tmp_path / "atlas.txt").write_text("10 left\n20 right\n")
     result = run_baseline(small_shards, "amplitude-ridge", tmp_path / "a", atlas=str(path),
                           atlas_labels=str(tmp_path / "atlas.txt"), n_boot=20)
     info = json.loads((tmp_path / "a" / "baseline.json").read_text())
-    assert info["parcels"] == 2 and info["region_names"] == {"1": "left", "2": "right"} and result["target"] == "cognition"
+    assert info["parcels"] == 2 and info["region_names"] == {"10": "left", "20": "right"} and result["target"] == "cognition"
+    assert info["features_per_scan"] == 2                               # one amplitude a parcel, not one a label number
 
     with pytest.raises(ConfigError, match="unknown method 'connectome-svm'"):
         run_baseline(small_shards, "connectome-svm", tmp_path / "x")

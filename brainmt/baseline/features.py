@@ -61,11 +61,18 @@ def parcellation(shards: ShardSet, atlas: str | None = None, atlas_labels: str |
     return labels, names, f"built-in cubes of {size_mm:g} mm"
 
 
+def parcel_labels(labels: np.ndarray) -> np.ndarray:
+    """The parcels' labels present in ``labels`` (0: none), sorted: the order of the feature columns. An atlas's
+    labels need not run 1..R (1001, 1002, 2001, ...)."""
+    return np.unique(labels[labels > 0])
+
+
 def roi_timeseries(shards: ShardSet, scan: str, labels: np.ndarray, block: int = 64) -> np.ndarray:
-    """(T, R) mean signal of each parcel (labels 1..R) over a scan's frames, read ``block`` frames at a time."""
+    """(T, R) mean signal of each parcel (:func:`parcel_labels`' order) over a scan's frames, read ``block``
+    frames at a time."""
     frames = shards.scans[scan]["frames"]
     inside = labels > 0
-    index = labels[inside] - 1
+    _, index = np.unique(labels[inside], return_inverse=True)
     counts = np.bincount(index)
     n_parcels = len(counts)
     out = np.empty((frames, n_parcels))
@@ -97,7 +104,7 @@ def extract(shards: ShardSet, scans: list[str], labels: np.ndarray, kind: str, c
     if kind not in KINDS:
         raise ValueError(f"unknown feature kind {kind!r} (one of {', '.join(KINDS)})")
     key = hashlib.sha256(labels.astype(np.int64).tobytes() + json.dumps(
-        [shards.manifest.get("created"), kind]).encode()).hexdigest()[:16]
+        [shards.manifest.get("created"), kind, "columns: the labels present"]).encode()).hexdigest()[:16]
     stored: dict[str, np.ndarray] = {}
     if cache is not None and cache.exists():
         with np.load(cache) as z:

@@ -50,7 +50,7 @@ def run_baseline(shards_dir: str | Path, method: str, out: str | Path, target: s
     """Features on every train/validation/``split`` scan, the penalty chosen by validation loss, then the model fit on
     the training split evaluated on ``split``: writes predictions.csv, metrics.json and baseline.json into ``out``
     (the files ``brainmt evaluate`` writes) and returns the result."""
-    from brainmt.baseline.features import extract, parcellation
+    from brainmt.baseline.features import extract, parcel_labels, parcellation
     from brainmt.train.evaluation import write_evaluation
     from brainmt.train.metrics import subject_metrics, target_stats
 
@@ -91,11 +91,11 @@ def run_baseline(shards_dir: str | Path, method: str, out: str | Path, target: s
               "task": task, "target": target, "penalty": penalty, "seconds": time.perf_counter() - started}
     write_evaluation(out, split, rows, result)
     (out / "baseline.json").write_text(json.dumps({
-        "method": method, "features": kind, "parcellation": description, "parcels": int(labels.max()),
+        "method": method, "features": kind, "parcellation": description, "parcels": len(parcel_labels(labels)),
         "features_per_scan": int(feats["train"].shape[1]), "penalty_name": "C" if task == "classification" else "alpha",
         "validation_loss": curve, "chosen_penalty": penalty, "feature_seconds": feature_s,
         "train_scans": len(scans["train"]), "validation_scans": len(scans["validation"]), "shards": str(shards.root),
         "region_names": {str(k): v for k, v in names.items()}}, indent=1) + "\n")
-    log.info("%s: %d parcels (%s), %d features, %s=%g chosen on validation", method, int(labels.max()), description,
+    log.info("%s: %d parcels (%s), %d features, %s=%g chosen on validation", method, len(parcel_labels(labels)), description,
              feats["train"].shape[1], "C" if task == "classification" else "alpha", penalty)
     return result

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -156,6 +157,29 @@ def test_rerun_skips_predicted_scans_and_survives_a_cut_line(runs, new, sex_pred
     assert "holds the predictions of another model: checkpoint" in capsys.readouterr().err
 
 
+def test_a_scan_broken_or_replaced_since_its_prediction_is_not_reported_as_predicted(runs, new, tmp_path, capsys):
+    """The newest record of a scan decides: one that a rerun skips (its file cut short since) leaves the predictions
+    and is reported skipped; one predicted from another file since is predicted again from this one."""
+    raw, other, out = tmp_path / "raw", tmp_path / "other", tmp_path / "out"
+    shutil.copytree(new["raw"], raw)
+    assert _predict("--run", runs["sex"], "--input", raw, "--out", out) == 0
+    first = sorted(raw.glob("sub-*/func/*_bold.nii.gz"))[0]
+    subject = first.name.split("_")[0][len("sub-"):]
+    shutil.copytree(raw, other)
+    assert _predict("--run", runs["sex"], "--input", other, "--out", out) == 0           # every scan from other/
+    assert "6 scans predicted, 0 already predicted" in capsys.readouterr().out
+    assert _predict("--run", runs["sex"], "--input", raw, "--out", out) == 0
+    assert "6 scans predicted, 0 already predicted" in capsys.readouterr().out           # not "6 already predicted"
+    assert {r["source"] for r in _rows(out / "predictions.csv") if r["level"] == "scan"} == {
+        str(p.resolve()) for p in raw.glob("sub-*/func/*_bold.nii.gz")}
+    first.write_bytes(first.read_bytes()[:3000])
+    os.utime(first, (1, 1))                                                            # surely another mtime
+    assert _predict("--run", runs["sex"], "--input", raw, "--out", out) == 0
+    assert "0 scans predicted, 5 already predicted, 1 skipped" in capsys.readouterr().out
+    assert subject not in {r["subject"] for r in _rows(out / "predictions.csv")}
+    assert [r["scan"] for r in _rows(out / "skipped.csv")] == [f"sub-{subject}"]
+
+
 def _good_scan(new: dict) -> nib.Nifti1Image:
     return nib.load(sorted(new["raw"].glob("sub-*/func/*_bold.nii.gz"))[0])
 
@@ -232,6 +256,50 @@ def test_other_grid_is_refused_naming_both_or_resampled(runs, new, tmp_path, cap
     assert _predict("--run", runs["sex"], "--input", plain / "in", *GLOB, "--out", plain / "out") == 0
     (again,) = [r for r in _rows(plain / "out" / "predictions.csv") if r["level"] == "scan"]
     assert again["probability"] == rows["good"]["probability"]
+
+
+def test_a_moved_grid_is_refused_then_resampled_into_the_same_output(runs, new, tmp_path, capsys):
+    """The run's matrix and voxel size with the origin 4 mm off: the mask would fall on other voxels, so the scan is
+    skipped naming both origins; --resample into the same output then predicts it (the skip is not "done")."""
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    img = _good_scan(new)
+    moved = img.affine.copy()
+    moved[0, 3] += 4.0
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), moved), scans / "moved.nii.gz")
+    assert _predict("--run", runs["sex"], "--input", scans, *GLOB, "--out", out) == 1
+    err = capsys.readouterr().err
+    assert "moved.nii.gz: its grid's origin or axes differ from the run's (origin [" in err and "--resample" in err
+    assert _predict("--run", runs["sex"], "--input", scans, *GLOB, "--out", out, "--resample") == 0
+    assert "predicted 1 scans of 1 subjects (4 windows; 1 resampled)" in capsys.readouterr().out
+    (row,) = [r for r in _rows(out / "predictions.csv") if r["level"] == "scan"]
+    assert row["resampled"] == "1"
+
+
+def test_a_class_label_other_than_0_or_1_is_refused_naming_the_table(tmp_path):
+    """A run that classifies dx (0/1) given a table coding it 1/2: every metric would be wrong, so it stops."""
+    from brainmt.data.phenotypes import PhenotypeError
+    from brainmt.predict.core import check_phenotypes
+
+    table = tmp_path / "dx.tsv"
+    table.write_text("participant_id\tdx\nsub-01\t1\nsub-02\t2\nsub-03\tn/a\n")
+    settings = {"target": "dx", "task": "classification", "sex_column": "sex"}
+    with pytest.raises(PhenotypeError, match=r"dx.tsv: the run classifies dx as 0 or 1, but 1 subject\(s\) have other "
+                                             r"values \(subject 02: 2\)"):
+        check_phenotypes(str(table), None, settings)
+    table.write_text("participant_id\tdx\nsub-01\t1\nsub-02\t0\nsub-03\tn/a\n")
+    assert check_phenotypes(str(table), None, settings).values["02"]["dx"] == 0.0
+    assert check_phenotypes(str(table), None, {**settings, "task": "regression"}).values["01"]["dx"] == 1.0
+
+
+def test_the_printed_merge_command_keeps_the_phenotype_table():
+    """Without --phenotypes a merge writes no metrics and removes metrics.json: the hint must carry the table."""
+    from brainmt.predict.core import PredictRequest
+
+    plain = PredictRequest(run="runs/a", out="pred", input="scans")
+    assert predict_jobs.merge_command(plain) == "brainmt predict --run runs/a --out pred --merge-only"
+    table = PredictRequest(run="runs/a", out="pred", input="scans", phenotypes="my table.tsv", id_column="eid")
+    assert predict_jobs.merge_command(table).endswith("--merge-only --phenotypes 'my table.tsv' --id-column eid")
 
 
 def test_job_array_merges_the_parts_and_a_rerun_skips_done_scans(runs, new, sex_predictions, tmp_path, capsys):

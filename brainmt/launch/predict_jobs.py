@@ -98,6 +98,14 @@ def rerun_command(request, part: str) -> str:
     return shlex.join(["brainmt", "predict", *predict_argv(request, part)])
 
 
+def merge_command(request) -> str:
+    """The ``brainmt predict --merge-only`` command that merges the parts again, with the phenotype table (without
+    it the merge writes no metrics and removes an earlier metrics.json)."""
+    table = [w for flag, value in (("--phenotypes", request.phenotypes), ("--id-column", request.id_column)) if value
+             for w in (flag, value)]
+    return shlex.join(["brainmt", "predict", "--run", request.run, "--out", request.out, "--merge-only", *table])
+
+
 def predict_argv(request, part: str) -> list[str]:
     """The ``brainmt predict`` arguments of one slice (``part`` like ``i/n``) of ``request``, without the merge."""
     words = ["--run", request.run, "--input", request.input, "--out", request.out]
@@ -145,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     record_submission(out / "slurm", array=array_id, merge=merge_job.job_id, cluster=cluster, scans=len(sources))
     print(f"merge job {merge_job.job_id} (after the array); predictions in {out / 'predictions.csv'}; logs in "
           f"{out / 'slurm'}\na failed slice i can be re-run alone: {rerun_command(request, f'i/{n}')}, then "
-          f"brainmt predict --run {shlex.quote(request.run)} --out {shlex.quote(request.out)} --merge-only", flush=True)
+          f"{merge_command(request)}", flush=True)
     if not args.wait:
         return 0
     try:

@@ -20,7 +20,7 @@ import torch
 
 from brainmt.data.layouts import ScanSource, find_scans
 from brainmt.data.loader import window_starts
-from brainmt.data.phenotypes import Phenotypes, read_phenotypes
+from brainmt.data.phenotypes import PhenotypeError, Phenotypes, read_phenotypes
 from brainmt.predict.parts import PartWriter, PredictError, done_scans, start_output
 from brainmt.predict.scans import KIND_OUTPUT, ReadScan, RunGrid, SkipScan, read_scan
 from brainmt.train.evaluation import LoadedRun, load_run, run_calibration, trained_model
@@ -88,7 +88,14 @@ def check_phenotypes(path: str, id_column: str | None, settings: dict) -> Phenot
     the table or its target column cannot be used."""
     target = settings["target"]
     sex = target if target == settings.get("sex_column") else None
-    return read_phenotypes(path, id_column, [target], sex_column=sex)
+    phen = read_phenotypes(path, id_column, [target], sex_column=sex)
+    if settings["task"] == "classification":
+        bad = {s: v[target] for s, v in phen.values.items() if v.get(target) not in (None, 0.0, 1.0)}
+        if bad:
+            example = next(iter(bad.items()))
+            raise PhenotypeError(f"{path}: the run classifies {target} as 0 or 1, but {len(bad)} subject(s) have "
+                                 f"other values (subject {example[0]}: {example[1]:g}); recode the column")
+    return phen
 
 
 def check_request(req: PredictRequest) -> tuple[dict, list[ScanSource]]:

@@ -20,18 +20,16 @@ import numpy as np
 from brainmt.data.shards import count_skips
 from brainmt.fileio import atomic_write_json, atomic_write_text
 from brainmt.predict.core import check_phenotypes
-from brainmt.predict.parts import PredictError, read_records, read_settings
+from brainmt.predict.parts import PredictError, latest_by_scan, read_records, read_settings
 from brainmt.train.metrics import format_table, subject_metrics, to_predictions
 
 N_BOOT = 1000
 
 
 def _latest(records: list[dict]) -> tuple[dict[str, dict], dict[str, dict]]:
-    """(scan -> its latest predicted record, scan -> its latest skip record for scans never predicted)."""
-    predicted, skipped = {}, {}
-    for r in records:                       # oldest first: later records replace earlier ones
-        (predicted if "windows" in r else skipped)[r["scan"]] = r
-    return dict(sorted(predicted.items())), {s: r for s, r in sorted(skipped.items()) if s not in predicted}
+    """(scan -> its newest record where that is a prediction, scan -> its newest record where that is a skip)."""
+    latest = sorted(latest_by_scan(records).items())
+    return {s: r for s, r in latest if "windows" in r}, {s: r for s, r in latest if "windows" not in r}
 
 
 def _csv(header: list[str], rows: list[list]) -> str:

@@ -83,11 +83,16 @@ def _source_stat(path: Path) -> tuple[int, float] | None:
     return st.st_size, st.st_mtime
 
 
+def latest_by_scan(records: list[dict]) -> dict[str, dict]:
+    """scan -> its newest record, predicted or skipped (a scan that a later run skipped is skipped now)."""
+    return {r["scan"]: r for r in records}           # records oldest first: a later one replaces an earlier one
+
+
 def done_scans(out: str | Path, sources: list[ScanSource]) -> set[str]:
-    """The scans of ``sources`` already predicted into ``out`` from the same, unchanged file."""
+    """The scans of ``sources`` whose newest record in ``out`` is a prediction from the same, unchanged file."""
     wanted = {s.scan_id: s for s in sources}
     done = set()
-    for r in read_records(out):
+    for r in latest_by_scan(read_records(out)).values():
         src = wanted.get(r["scan"])
         if src is None or "windows" not in r or r.get("source") != _resolved(src):
             continue

@@ -86,7 +86,8 @@ def read_scan(src: ScanSource, grid: RunGrid, resample: bool = False) -> ReadSca
     """Read ``src`` as ``brainmt shard`` would have for the run; SkipScan when it cannot be predicted.
 
     With ``resample`` a scan not exactly on the run's grid (shape, voxel size or origin) is resampled onto it first;
-    without it, a scan of another shape or voxel size is skipped with both grids named."""
+    without it, such a scan is skipped with both grids named (the same matrix moved would put the mask on other
+    voxels)."""
     try:
         with OpenScan(src.path) as scan:
             h = scan.header
@@ -94,6 +95,11 @@ def read_scan(src: ScanSource, grid: RunGrid, resample: bool = False) -> ReadSca
                 raise SkipScan(KIND_GRID, f"{src.path}: grid {grid_text(h.shape, h.voxel_size)} differs from the run's "
                                           f"{grid.text()} (its mask {grid.mask_file}); pass --resample to resample "
                                           "the scan onto the run's grid")
+            if not grid.aligned(h) and not resample:
+                origin, run_origin = (np.round(a[:3, 3], 3).tolist() for a in (h.affine, grid.affine))
+                raise SkipScan(KIND_GRID, f"{src.path}: its grid's origin or axes differ from the run's (origin {origin} "
+                                          f"against {run_origin}; its mask {grid.mask_file}); pass --resample to "
+                                          "resample the scan onto the run's grid")
             if h.frames < grid.num_frames:
                 raise SkipScan(KIND_FRAMES, f"{src.path}: {h.frames} frames, fewer than one window of the run "
                                             f"(data.num_frames {grid.num_frames})")

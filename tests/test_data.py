@@ -164,6 +164,28 @@ def test_a_kept_split_file_without_some_subjects_is_warned_of(tmp_path, caplog):
 # ------------------------------------------------------------------ restart, parts
 
 
+def test_rerun_refuses_scans_whose_phenotypes_or_file_changed_since(tmp_path):
+    """A rerun after a phenotype was corrected (or a scan reprocessed) would keep the shards' old values without a
+    word: it stops naming each scan and what changed, and writes nothing; an unchanged rerun goes on."""
+    raw, out = _shard(tmp_path)
+    table = raw / "participants.tsv"
+    original = table.read_text()
+    indexes = {p: p.read_text() for p in (out / "shards").glob("*.json")}
+    table.write_text(original.replace("sub-01\tM\t11\tfam0", "sub-01\tF\t11\tfam0").replace(
+        "sub-02\tF\t12\tfam1", "sub-02\tF\t12\tfam9"))
+    with pytest.raises(ShardError, match=r"2 scan\(s\) already sharded have changed since: sub-01 \(sex 1 -> 0\); "
+                                         r"sub-02 \(family fam1 -> fam9\)\..*new --output"):
+        shard_dataset(raw, table, out, options=OPTS, progress=False)
+    table.write_text(original)
+    scan = raw / "sub-03" / "func" / "sub-03_task-rest_bold.nii.gz"
+    write_scan(scan, random_scan(99))                                            # reprocessed: other bytes
+    with pytest.raises(ShardError, match=r"sub-03 \(file .*sub-03_task-rest_bold.nii.gz of \d+ bytes is \d+ now\)"):
+        shard_dataset(raw, table, out, options=OPTS, progress=False)
+    assert {p: p.read_text() for p in (out / "shards").glob("*.json")} == indexes     # nothing rewritten
+    write_scan(scan, random_scan(3))                                             # the data it was sharded from
+    assert shard_dataset(raw, table, out, options=OPTS, progress=False).written == []
+
+
 def test_rerun_skips_written_scans_and_restores_a_lost_shard(tmp_path):
     raw, out = _shard(tmp_path)
     tars = sorted((out / "shards").glob("*.tar"))

@@ -250,6 +250,41 @@ def _done_scans(shard_dir: Path) -> dict[str, str]:
     return done
 
 
+def _changes(meta: dict, src: ScanSource, phen) -> list[str]:
+    """What differs now from what a complete shard recorded of a scan: its phenotype values (the targets both
+    have), its family, its file's size."""
+    now = phen.values.get(src.subject)
+    if now is None:
+        return [f"no row for subject '{src.subject}' now"]
+    old = meta.get("targets") or {}
+    found = [f"{k} {old[k]:g} -> {now[k]:g}" for k in sorted(set(old) & set(now))
+             if old[k] is not None and now[k] is not None and old[k] != now[k]]
+    if meta.get("family") != phen.families.get(src.subject):
+        found.append(f"family {meta.get('family')} -> {phen.families.get(src.subject)}")
+    try:
+        size = Path(src.path).stat().st_size
+    except OSError:
+        size = None
+    if size is not None and meta.get("source_bytes") not in (None, size):
+        found.append(f"file {src.path} of {meta['source_bytes']} bytes is {size} now")
+    return found
+
+
+def _check_unchanged(shard_dir: Path, mine: list[ScanSource], phen) -> None:
+    """ShardError naming the scans of ``mine`` already in a complete shard whose phenotype row or file changed
+    since: a rerun would keep their old values (or data) without a word."""
+    by_id, stale = {s.scan_id: s for s in mine}, []
+    for idx in sorted(shard_dir.glob("shard-*.json")):
+        if idx.with_suffix(".tar").exists():
+            for scan_id, meta in json.loads(idx.read_text())["scans"].items():
+                if scan_id in by_id and (found := _changes(meta, by_id[scan_id], phen)):
+                    stale.append(f"{scan_id} ({', '.join(found)})")
+    if stale:
+        raise ShardError(f"{shard_dir.parent}: {len(stale)} scan(s) already sharded have changed since: "
+                         f"{'; '.join(stale[:5])}{' ...' if len(stale) > 5 else ''}. Their shards hold the old "
+                         "values; shard into a new --output to use the new ones (nothing was written)")
+
+
 def _same_affine(affine: np.ndarray, reference, voxel_size) -> bool:
     """Whether a scan's canonical affine is the reference grid's to a hundredth of a voxel (None: none recorded):
     the same shape and voxel size on a shifted or rotated grid would put the mask on other voxels."""
@@ -508,6 +543,7 @@ def _write_part(out: Path, mine: list[ScanSource], all_scans: list[ScanSource], 
     index, n_parts = part
     shard_dir = out / "shards"
     full_mask, _ = load_mask(out / mask_info["file"])
+    _check_unchanged(shard_dir, mine, phen)
     done = _done_scans(shard_dir)
     todo = [s for s in mine if s.scan_id not in done]
     summary.already_done = [s.scan_id for s in mine if s.scan_id in done]

@@ -160,6 +160,22 @@ def test_damaged_best_checkpoint_falls_back_and_evaluation_refuses_to_replace(sm
     assert Path(again["checkpoint"]).name == chosen.name
 
 
+def test_evaluation_of_another_run_s_checkpoint_of_the_same_name_is_not_silently_replaced(small_shards, tmp_path):
+    """Two runs of as many steps have checkpoints of the same names: evaluating one run with the other's step-N.pt
+    would replace its metrics without --force had only the names been compared; the recorded SHA-256 tells them
+    apart. The same checkpoint again may be rewritten."""
+    runs = {seed: tmp_path / f"run{seed}" for seed in (0, 1)}
+    for seed, run_dir in runs.items():
+        train(_cfg("train.epochs=1", f"train.seed={seed}"), small_shards, run_dir)
+    mine = evaluate(runs[0], "validation", "last", n_boot=0)
+    theirs = ckpt.list_checkpoints(runs[1] / "checkpoints")[-1][1]
+    assert theirs.name == Path(mine["checkpoint"]).name and mine["weights"] != ckpt.recorded_sha256(theirs)
+    with pytest.raises(ShardError, match="--force"):
+        evaluate(runs[0], "validation", str(theirs), n_boot=0)
+    assert json.loads((runs[0] / "metrics-validation.json").read_text())["weights"] == mine["weights"]
+    assert evaluate(runs[0], "validation", "last", n_boot=0)["weights"] == mine["weights"]
+
+
 def test_non_finite_output_stops_evaluation_naming_scan_and_shard(small_shards, tmp_path):
     run_dir = tmp_path / "run"
     train(_cfg("train.epochs=1"), small_shards, run_dir)

@@ -104,6 +104,7 @@ def resolve_device(device: str) -> torch.device:
 def fingerprint(run: RunInfo, settings: AnalysisConfig) -> dict:
     """The settings a subject's maps depend on; maps made with other settings are recomputed."""
     from brainmt.analysis.attribution import AttributionError, resolve_baseline
+    from brainmt.train.checkpoint import recorded_sha256
 
     try:
         baseline = resolve_baseline(settings.baseline, run.cfg.model.input_norm, run.cfg.model.stem_norm)
@@ -111,21 +112,11 @@ def fingerprint(run: RunInfo, settings: AnalysisConfig) -> dict:
         raise AnalysisError(f"{run.run_dir}: {exc}") from None
     found = {"checkpoint": run.checkpoint.name, "step": run.step, "steps": settings.steps, "baseline": baseline,
              "method": settings.method, "baseline_scans": settings.baseline_scans if baseline in ("mean", "noise") else None}
-    weights = _recorded_sha256(run.checkpoint)          # which model: another run's step-N.pt has the same name
+    weights = recorded_sha256(run.checkpoint)          # which model: another run's step-N.pt has the same name
     references = {"reference_scans": settings.reference_scans,
                   "references": "spread over the target"}   # maps with references chosen by id alone are recomputed
     return found | (references if baseline == "scans" else {}) | \
         ({"weights": weights} if weights else {})       # older maps without the weights stay valid
-
-
-def _recorded_sha256(checkpoint: Path) -> str | None:
-    """The first 16 hex digits of the SHA-256 recorded beside a checkpoint when it was written (None: no record)."""
-    from brainmt.train.checkpoint import record_path
-
-    try:
-        return json.loads(record_path(checkpoint).read_text())["sha256"][:16]
-    except (OSError, KeyError, TypeError, json.JSONDecodeError):
-        return None
 
 
 def settings_match(stored: dict | None, want: dict) -> bool:

@@ -43,6 +43,15 @@ def record_path(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
+def recorded_sha256(path: Path) -> str | None:
+    """The first 16 hex digits of the SHA-256 recorded beside a checkpoint when it was written (None: no record):
+    which model, where another run's step-N.pt has the same name."""
+    try:
+        return json.loads(record_path(Path(path)).read_text())["sha256"][:16]
+    except (OSError, KeyError, TypeError, json.JSONDecodeError):
+        return None
+
+
 def save_checkpoint(directory: Path, step: int, state: dict, keep_last: int, best_step: int | None,
                     metric: dict | None = None) -> Path:
     """Write ``state`` atomically as step-<step>.pt with its record (SHA-256, ``metric`` such as {"name", "mode",

@@ -165,7 +165,8 @@ def evaluate(run_dir: str | Path, split: str = "test", checkpoint: str = "best",
     metrics, rows = subject_metrics(subjects, targets, outputs, stats, n_boot=n_boot, calibration=calibration)
     result = {**metrics, "split": split, "checkpoint": str(path), "step": saved["step"], "subjects": len(rows),
               "windows": len(subjects), "task": stats["task"], "target": stats["target"],
-              "selected_by": saved.get("select_metric", "val_loss"), "calibration": calibration}
+              "selected_by": saved.get("select_metric", "val_loss"), "calibration": calibration,
+              "weights": ckpt.recorded_sha256(Path(path))}
     result["shards"] = str(Path(shards.root).resolve())
     if env.is_main:
         if not force:
@@ -177,13 +178,16 @@ def evaluate(run_dir: str | Path, split: str = "test", checkpoint: str = "best",
 
 
 def check_overwrite(run_dir: Path, split: str, result: dict) -> None:
-    """ShardError when the split's metrics file holds the evaluation of another checkpoint or other shards (the same
-    one again, e.g. the end of a resumed run, may be rewritten)."""
+    """ShardError when the split's metrics file holds the evaluation of another checkpoint (by name and, where both
+    recorded it, by SHA-256: another run's step-N.pt) or other shards (the same one again, e.g. the end of a resumed
+    run, may be rewritten)."""
     path = result_paths(run_dir, split)[1]
     if not path.exists():
         return
     old = json.loads(path.read_text())
-    same_checkpoint = Path(old.get("checkpoint", "")).name == Path(result["checkpoint"]).name
+    weights = old.get("weights"), result.get("weights")          # None: recorded by an older version, or no record
+    same_checkpoint = Path(old.get("checkpoint", "")).name == Path(result["checkpoint"]).name and \
+        (None in weights or weights[0] == weights[1])
     if same_checkpoint and old.get("shards", result["shards"]) == result["shards"]:
         return
     raise ShardError(f"{path}: holds the evaluation of {Path(old.get('checkpoint', '?')).name} on "

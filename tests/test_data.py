@@ -184,6 +184,10 @@ def test_rerun_refuses_scans_whose_phenotypes_or_file_changed_since(tmp_path):
     assert {p: p.read_text() for p in (out / "shards").glob("*.json")} == indexes     # nothing rewritten
     write_scan(scan, random_scan(3))                                             # the data it was sharded from
     assert shard_dataset(raw, table, out, options=OPTS, progress=False).written == []
+    write_scan(raw / "sub-00" / "func" / "sub-00_task-movie_bold.nii.gz", random_scan(50))   # a second task:
+    with pytest.raises(ShardError, match=r"sub-00_task-rest \(sharded as sub-00 from the same file: the dataset's "
+                                         r"ids changed"):                        # every id gains its task
+        shard_dataset(raw, table, out, options=OPTS, progress=False)
 
 
 def test_rerun_skips_written_scans_and_restores_a_lost_shard(tmp_path):

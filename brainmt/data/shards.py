@@ -272,13 +272,17 @@ def _changes(meta: dict, src: ScanSource, phen) -> list[str]:
 
 def _check_unchanged(shard_dir: Path, mine: list[ScanSource], phen) -> None:
     """ShardError naming the scans of ``mine`` already in a complete shard whose phenotype row or file changed
-    since: a rerun would keep their old values (or data) without a word."""
-    by_id, stale = {s.scan_id: s for s in mine}, []
+    since (a rerun would keep their old values or data without a word), or whose file is there under another id
+    (ids change when a dataset gains a second task: every scan would be written twice)."""
+    by_id, by_file, stale = {s.scan_id: s for s in mine}, {str(s.path): s.scan_id for s in mine}, []
     for idx in sorted(shard_dir.glob("shard-*.json")):
         if idx.with_suffix(".tar").exists():
             for scan_id, meta in json.loads(idx.read_text())["scans"].items():
                 if scan_id in by_id and (found := _changes(meta, by_id[scan_id], phen)):
                     stale.append(f"{scan_id} ({', '.join(found)})")
+                elif by_file.get(meta.get("source"), scan_id) != scan_id:
+                    stale.append(f"{by_file[meta['source']]} (sharded as {scan_id} from the same file: the dataset's "
+                                 "ids changed, e.g. a second task or session added)")
     if stale:
         raise ShardError(f"{shard_dir.parent}: {len(stale)} scan(s) already sharded have changed since: "
                          f"{'; '.join(stale[:5])}{' ...' if len(stale) > 5 else ''}. Their shards hold the old "

@@ -173,9 +173,12 @@ def test_rerun_refuses_scans_whose_phenotypes_or_file_changed_since(tmp_path):
     indexes = {p: p.read_text() for p in (out / "shards").glob("*.json")}
     table.write_text(original.replace("sub-01\tM\t11\tfam0", "sub-01\tF\t11\tfam0").replace(
         "sub-02\tF\t12\tfam1", "sub-02\tF\t12\tfam9"))
-    with pytest.raises(ShardError, match=r"2 scan\(s\) already sharded have changed since: sub-01 \(sex 1 -> 0\); "
-                                         r"sub-02 \(family fam1 -> fam9\)\..*new --output"):
+    with pytest.raises(ShardError, match=r"2 scan\(s\) already sharded have changed since \(against .*participants."
+                                         r"tsv\): sub-01 \(sex 1.0 -> 0.0\); sub-02 \(family fam1 -> fam9\)\..*new --output"):
         shard_dataset(raw, table, out, options=OPTS, progress=False)
+    table.write_text(original.replace("sub-04\tF\t14\tfam2\n", "").replace("sub-05\tM\t15", "sub-05\tM\tn/a"))
+    with pytest.raises(ShardError, match=r"sub-04 \(no row for subject '04' now\); sub-05 \(score 15.0 -> missing\)"):
+        shard_dataset(raw, table, out, options=OPTS, progress=False)       # a row withdrawn: not kept unseen
     table.write_text(original)
     scan = raw / "sub-03" / "func" / "sub-03_task-rest_bold.nii.gz"
     write_scan(scan, random_scan(99))                                            # reprocessed: other bytes
@@ -353,7 +356,10 @@ def test_bad_scans_are_skipped_counted_and_named(tmp_path):
     shifted = np.diag([2.0, 2.0, 2.0, 1.0])
     shifted[0, 3] = 20.0
     write_scan(f("sub-23"), random_scan(23), affine=shifted)                          # same grid size, moved
-    rows = [f"sub-{i:02d}\tF\t1\tfam{i}" for i in [0, 1, 2, 3, *range(10, 18), 22, 23]]
+    noisy = np.diag([2.0, 2.0, 2.0, 1.0])
+    noisy[:3, 3] = 0.005                                                              # float noise: the same grid
+    write_scan(f("sub-24"), random_scan(24), affine=noisy)
+    rows = [f"sub-{i:02d}\tF\t1\tfam{i}" for i in [0, 1, 2, 3, *range(10, 18), 22, 23, 24]]
     rows += ["sub-19\tM\t\tf19", "sub-20\tM\thigh\tf20", "sub-21\tX\t2\tf21", "sub-99\tF\t3\tf99"]
     (raw / "participants.tsv").write_text("participant_id\tsex\tscore\tfamily_id\n" + "\n".join(rows) + "\n")
     summary = shard_dataset(raw, raw / "participants.tsv", tmp_path / "out", options=OPTS, progress=False)
@@ -365,14 +371,14 @@ def test_bad_scans_are_skipped_counted_and_named(tmp_path):
         "sub-16": "voxel size [3.0, 3.0, 3.0] differs", "sub-17": "truncated or corrupt",
         "sub-18": "no row for subject '18'", "sub-19": "score: missing value",
         "sub-20": "score: non-numeric value 'high'", "sub-21": "unrecognised sex value 'X'",
-        "sub-22": "file not found", "sub-23": "origin or axes differ from the mask's (origin [20.0, 0.0, 0.0]",
+        "sub-22": "file not found", "sub-23": "its origin [20.0, 0.0, 0.0] differs from [0.0, 0.0, 0.0], the mask's grid",
     }
     assert set(skips) == set(expect), skips
     for sid, text in expect.items():
         assert text in skips[sid], (sid, skips[sid])
         if sid not in ("sub-18", "sub-19", "sub-20", "sub-21"):
             assert str(f(sid)) in skips[sid]                       # the message names the file
-    assert sorted(summary.written) == ["sub-00", "sub-01", "sub-02", "sub-03"]
+    assert sorted(summary.written) == ["sub-00", "sub-01", "sub-02", "sub-03", "sub-24"]
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert {s["scan_id"] for s in manifest["skipped"]} == set(expect)
     assert manifest["phenotype_rows_without_scan"] == ["99"]
@@ -393,6 +399,9 @@ def test_table_wide_problems_stop_with_the_file_named(tmp_path):
     table.write_text("participant_id\tscore\nsub-00\t1\nsub-01\t2\t7\n")                  # values shifted?
     with pytest.raises(PhenotypeError, match=r"participants.tsv: line 3 has 3 fields, the header 2"):
         read_phenotypes(table)
+    trailing = tmp_path / "excel.csv"                                   # empty trailing columns and fields: fine
+    trailing.write_text("participant_id,score,,\nsub-00,1,,\nsub-01,2,,,\n")
+    assert read_phenotypes(trailing, targets=["score"]).values == {"00": {"score": 1.0}, "01": {"score": 2.0}}
     table.write_text("name\tscore\nsub-00\t1\n")
     with pytest.raises(PhenotypeError, match="no subject id column"):
         read_phenotypes(table)

@@ -269,11 +269,17 @@ def test_a_moved_grid_is_refused_then_resampled_into_the_same_output(runs, new, 
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), moved), scans / "moved.nii.gz")
     assert _predict("--run", runs["sex"], "--input", scans, *GLOB, "--out", out) == 1
     err = capsys.readouterr().err
-    assert "moved.nii.gz: its grid's origin or axes differ from the run's (origin [" in err and "--resample" in err
+    assert "moved.nii.gz: its origin [" in err and "the run's grid" in err and "--resample" in err
     assert _predict("--run", runs["sex"], "--input", scans, *GLOB, "--out", out, "--resample") == 0
     assert "predicted 1 scans of 1 subjects (4 windows; 1 resampled)" in capsys.readouterr().out
     (row,) = [r for r in _rows(out / "predictions.csv") if r["level"] == "scan"]
     assert row["resampled"] == "1"
+    noise = img.affine.copy()
+    noise[:3, 3] += 0.005                                      # float noise in the affine: the run's grid, as is
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), noise), scans / "moved.nii.gz")
+    assert _predict("--run", runs["sex"], "--input", scans, *GLOB, "--out", tmp_path / "noise") == 0
+    (row,) = [r for r in _rows(tmp_path / "noise" / "predictions.csv") if r["level"] == "scan"]
+    assert row["resampled"] == "0"
 
 
 def test_a_class_label_other_than_0_or_1_is_refused_naming_the_table(tmp_path):
@@ -287,6 +293,7 @@ def test_a_class_label_other_than_0_or_1_is_refused_naming_the_table(tmp_path):
     with pytest.raises(PhenotypeError, match=r"dx.tsv: the run classifies dx as 0 or 1, but 1 subject\(s\) have other "
                                              r"values \(subject 02: 2\)"):
         check_phenotypes(str(table), None, settings)
+    assert check_phenotypes(str(table), None, settings, {"01", "03"}).values["01"]["dx"] == 1.0   # 02 not predicted
     table.write_text("participant_id\tdx\nsub-01\t1\nsub-02\t0\nsub-03\tn/a\n")
     assert check_phenotypes(str(table), None, settings).values["02"]["dx"] == 0.0
     assert check_phenotypes(str(table), None, {**settings, "task": "regression"}).values["01"]["dx"] == 1.0

@@ -146,7 +146,7 @@ def read_phenotypes(
     hint = _separator_hint(path, lines[0], delimiter)
     reader = csv.DictReader(lines, delimiter=delimiter)
     columns = [c.strip() for c in (reader.fieldnames or [])]
-    repeated = sorted({c for c in columns if columns.count(c) > 1})
+    repeated = sorted({c for c in columns if c and columns.count(c) > 1})    # empty names: trailing delimiters
     if repeated:
         raise PhenotypeError(f"{path}: column(s) {repeated} appear more than once in the header{hint}")
     reader.fieldnames = columns
@@ -169,7 +169,7 @@ def read_phenotypes(
                       auto_targets=not targets)
     first_line: dict[str, int] = {}
     for line_no, row in numbered:
-        if None in row:                        # csv.DictReader's key for the fields past the header's
+        if any((v or "").strip() for v in row.get(None) or []):     # DictReader's key for fields past the header's
             raise PhenotypeError(f"{path}: line {line_no} has {len(columns) + len(row[None])} fields, the header "
                                  f"{len(columns)}{hint}")
         raw_id = (row.get(id_col) or "").strip()

@@ -257,8 +257,8 @@ def _changes(meta: dict, src: ScanSource, phen) -> list[str]:
     if now is None:
         return [f"no row for subject '{src.subject}' now"]
     old = meta.get("targets") or {}
-    found = [f"{k} {old[k]:g} -> {now[k]:g}" for k in sorted(set(old) & set(now))
-             if old[k] is not None and now[k] is not None and old[k] != now[k]]
+    found = [f"{k} {old[k]!r} -> {'missing' if now[k] is None else repr(now[k])}" for k in sorted(set(old) & set(now))
+             if old[k] is not None and old[k] != now[k]]
     if meta.get("family") != phen.families.get(src.subject):
         found.append(f"family {meta.get('family')} -> {phen.families.get(src.subject)}")
     try:
@@ -271,7 +271,8 @@ def _changes(meta: dict, src: ScanSource, phen) -> list[str]:
 
 
 def _check_unchanged(shard_dir: Path, mine: list[ScanSource], phen) -> None:
-    """ShardError naming the scans of ``mine`` already in a complete shard whose phenotype row or file changed
+    """ShardError naming the scans of ``mine`` (every scan found, usable now or not) already in a complete shard
+    whose phenotype row or file changed
     since (a rerun would keep their old values or data without a word), or whose file is there under another id
     (ids change when a dataset gains a second task: every scan would be written twice)."""
     by_id, by_file, stale = {s.scan_id: s for s in mine}, {str(s.path): s.scan_id for s in mine}, []
@@ -284,15 +285,24 @@ def _check_unchanged(shard_dir: Path, mine: list[ScanSource], phen) -> None:
                     stale.append(f"{by_file[meta['source']]} (sharded as {scan_id} from the same file: the dataset's "
                                  "ids changed, e.g. a second task or session added)")
     if stale:
-        raise ShardError(f"{shard_dir.parent}: {len(stale)} scan(s) already sharded have changed since: "
+        raise ShardError(f"{shard_dir.parent}: {len(stale)} scan(s) already sharded have changed since (against "
+                         f"{phen.path}): "
                          f"{'; '.join(stale[:5])}{' ...' if len(stale) > 5 else ''}. Their shards hold the old "
                          "values; shard into a new --output to use the new ones (nothing was written)")
 
 
-def _same_affine(affine: np.ndarray, reference, voxel_size) -> bool:
+def same_affine(affine: np.ndarray, reference, voxel_size) -> bool:
     """Whether a scan's canonical affine is the reference grid's to a hundredth of a voxel (None: none recorded):
     the same shape and voxel size on a shifted or rotated grid would put the mask on other voxels."""
     return reference is None or bool(np.allclose(affine, reference, atol=0.01 * min(voxel_size)))
+
+
+def grid_difference(affine: np.ndarray, reference, voxel_size) -> str:
+    """How a scan's canonical affine differs from the reference grid's, in words."""
+    origin, other = (np.round(np.asarray(a, dtype=float)[:3, 3], 3) for a in (affine, reference))
+    if np.allclose(origin, other, atol=0.01 * min(voxel_size)):
+        return "its axes differ (a rotated or sheared grid)"
+    return f"its origin {origin.tolist()} differs from {other.tolist()}"
 
 
 def _grid_of(affine: np.ndarray) -> tuple[float, float, float]:
@@ -398,7 +408,7 @@ def _data_mask(scans: list[ScanSource], opts: ShardOptions, summary: ShardSummar
         if shape is None:
             shape, affine, zooms = header.shape, header.affine, header.voxel_size
         if (header.shape != shape or not np.allclose(header.voxel_size, zooms, atol=1e-3)
-                or not _same_affine(header.affine, affine, zooms)):
+                or not same_affine(header.affine, affine, zooms)):
             why[KIND_GRID] += 1
             continue  # another grid: reported when the scan itself is read
         counts = varies.astype(np.int32) if counts is None else counts + varies
@@ -505,11 +515,9 @@ def _read_scan(src: ScanSource, mask_info: dict, full_mask: np.ndarray, opts: Sh
                 skip(src, f"{src.path}: voxel size {list(h.voxel_size)} differs from the mask's {list(voxel_size)}",
                      KIND_GRID)
                 return None
-            if not _same_affine(h.affine, mask_info.get("affine"), voxel_size):
-                origin, mask_origin = np.round(h.affine[:3, 3], 3).tolist(), np.round(mask_info["affine"], 3)[:3, 3]
-                skip(src, f"{src.path}: its grid's origin or axes differ from the mask's (origin {origin} against "
-                          f"{mask_origin.tolist()}): all scans must share one grid; resample them to one space first",
-                     KIND_GRID)
+            if not same_affine(h.affine, mask_info.get("affine"), voxel_size):
+                skip(src, f"{src.path}: {grid_difference(h.affine, mask_info['affine'], voxel_size)}, the mask's grid: "
+                          "all scans must share one grid; resample them to one space first", KIND_GRID)
                 return None
             if h.frames < opts.min_frames:
                 skip(src, f"{src.path}: {h.frames} frames, fewer than the {opts.min_frames} needed (--min-frames)",
@@ -547,7 +555,7 @@ def _write_part(out: Path, mine: list[ScanSource], all_scans: list[ScanSource], 
     index, n_parts = part
     shard_dir = out / "shards"
     full_mask, _ = load_mask(out / mask_info["file"])
-    _check_unchanged(shard_dir, mine, phen)
+    _check_unchanged(shard_dir, all_scans, phen)
     done = _done_scans(shard_dir)
     todo = [s for s in mine if s.scan_id not in done]
     summary.already_done = [s.scan_id for s in mine if s.scan_id in done]

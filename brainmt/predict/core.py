@@ -83,14 +83,16 @@ def model_settings(req: PredictRequest, loaded: LoadedRun) -> dict:
             "background": m["preprocessing"]["background"]}
 
 
-def check_phenotypes(path: str, id_column: str | None, settings: dict) -> Phenotypes:
+def check_phenotypes(path: str, id_column: str | None, settings: dict, subjects=None) -> Phenotypes:
     """The phenotype table read for the run's target (sex coded as ``brainmt shard`` codes it); PhenotypeError if
-    the table or its target column cannot be used."""
+    the table or its target column cannot be used (for a classification run: a value other than 0 or 1 among
+    ``subjects``, default every row)."""
     target = settings["target"]
     sex = target if target == settings.get("sex_column") else None
     phen = read_phenotypes(path, id_column, [target], sex_column=sex)
     if settings["task"] == "classification":
-        bad = {s: v[target] for s, v in phen.values.items() if v.get(target) not in (None, 0.0, 1.0)}
+        bad = {s: v[target] for s, v in phen.values.items()
+               if v.get(target) not in (None, 0.0, 1.0) and (subjects is None or s in subjects)}
         if bad:
             example = next(iter(bad.items()))
             raise PhenotypeError(f"{path}: the run classifies {target} as 0 or 1, but {len(bad)} subject(s) have "
@@ -104,7 +106,7 @@ def check_request(req: PredictRequest) -> tuple[dict, list[ScanSource]]:
     settings = model_settings(req, open_run(req))
     sources = find_inputs(req)
     if req.phenotypes:
-        check_phenotypes(req.phenotypes, req.id_column, settings)
+        check_phenotypes(req.phenotypes, req.id_column, settings, {s.subject for s in sources})
     return settings, sources
 
 

@@ -48,7 +48,7 @@ def _targets(phenotypes: str | None, id_column: str | None, settings: dict, subj
     """subject -> target value (None when the table has no usable value); empty without a table."""
     if not phenotypes:
         return {}
-    phen = check_phenotypes(phenotypes, id_column, settings)
+    phen = check_phenotypes(phenotypes, id_column, settings, set(subjects))
     return {s: (phen.values.get(s) or {}).get(settings["target"]) for s in subjects}
 
 

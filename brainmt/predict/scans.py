@@ -16,7 +16,7 @@ import numpy as np
 from brainmt.data.layouts import ScanSource
 from brainmt.data.loader import ShardSet
 from brainmt.data.nifti import BrainSeries, OpenScan, ResampledScan, ScanError, ScanHeader, load_mask, read_brain_series
-from brainmt.data.shards import KIND_GRID, KIND_SCAN
+from brainmt.data.shards import KIND_GRID, KIND_SCAN, grid_difference, same_affine
 
 RESAMPLE_ORDER = 1   # trilinear: no spline overshoot outside the range of the data
 KIND_FRAMES = "fewer frames than one window"
@@ -68,8 +68,9 @@ class RunGrid:
         return list(header.shape) == list(self.shape) and bool(np.allclose(header.voxel_size, self.voxel_size, atol=1e-3))
 
     def aligned(self, header: ScanHeader) -> bool:
-        """True when a scan lies on the grid exactly: shape, voxel size and canonical affine (origin included)."""
-        return self.holds(header) and bool(np.allclose(header.affine, self.affine, atol=1e-3))
+        """True when a scan lies on the grid: shape, voxel size and canonical affine (origin included) to a hundredth
+        of a voxel, as ``brainmt shard`` requires."""
+        return self.holds(header) and same_affine(header.affine, self.affine, self.voxel_size)
 
 
 @dataclass
@@ -96,10 +97,9 @@ def read_scan(src: ScanSource, grid: RunGrid, resample: bool = False) -> ReadSca
                                           f"{grid.text()} (its mask {grid.mask_file}); pass --resample to resample "
                                           "the scan onto the run's grid")
             if not grid.aligned(h) and not resample:
-                origin, run_origin = (np.round(a[:3, 3], 3).tolist() for a in (h.affine, grid.affine))
-                raise SkipScan(KIND_GRID, f"{src.path}: its grid's origin or axes differ from the run's (origin {origin} "
-                                          f"against {run_origin}; its mask {grid.mask_file}); pass --resample to "
-                                          "resample the scan onto the run's grid")
+                raise SkipScan(KIND_GRID, f"{src.path}: {grid_difference(h.affine, grid.affine, grid.voxel_size)}, "
+                                          f"the run's grid (its mask {grid.mask_file}); pass --resample to resample "
+                                          "the scan onto the run's grid")
             if h.frames < grid.num_frames:
                 raise SkipScan(KIND_FRAMES, f"{src.path}: {h.frames} frames, fewer than one window of the run "
                                             f"(data.num_frames {grid.num_frames})")

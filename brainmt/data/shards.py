@@ -272,9 +272,8 @@ def _changes(meta: dict, src: ScanSource, phen) -> list[str]:
 
 def _check_unchanged(shard_dir: Path, mine: list[ScanSource], phen) -> None:
     """ShardError naming the scans of ``mine`` (every scan found, usable now or not) already in a complete shard
-    whose phenotype row or file changed
-    since (a rerun would keep their old values or data without a word), or whose file is there under another id
-    (ids change when a dataset gains a second task: every scan would be written twice)."""
+    whose phenotype row or file changed since (a rerun would keep their old values or data without a word), or
+    whose file is there under another id (ids change when a dataset gains a second task: each scan written twice)."""
     by_id, by_file, stale = {s.scan_id: s for s in mine}, {str(s.path): s.scan_id for s in mine}, []
     for idx in sorted(shard_dir.glob("shard-*.json")):
         if idx.with_suffix(".tar").exists():
@@ -286,9 +285,8 @@ def _check_unchanged(shard_dir: Path, mine: list[ScanSource], phen) -> None:
                                  "ids changed, e.g. a second task or session added)")
     if stale:
         raise ShardError(f"{shard_dir.parent}: {len(stale)} scan(s) already sharded have changed since (against "
-                         f"{phen.path}): "
-                         f"{'; '.join(stale[:5])}{' ...' if len(stale) > 5 else ''}. Their shards hold the old "
-                         "values; shard into a new --output to use the new ones (nothing was written)")
+                         f"{phen.path}): {'; '.join(stale[:5])}{' ...' if len(stale) > 5 else ''}. Their shards hold "
+                         "the old values; shard into a new --output to use the new ones (nothing was written)")
 
 
 def same_affine(affine: np.ndarray, reference, voxel_size) -> bool:

@@ -90,12 +90,13 @@ def run_baseline(shards_dir: str | Path, method: str, out: str | Path, target: s
     result = {**metrics, "split": split, "method": method, "subjects": len(rows), "windows": len(subjects),
               "task": task, "target": target, "penalty": penalty, "seconds": time.perf_counter() - started}
     write_evaluation(out, split, rows, result)
+    parcels = len(parcel_labels(labels))
     (out / "baseline.json").write_text(json.dumps({
-        "method": method, "features": kind, "parcellation": description, "parcels": len(parcel_labels(labels)),
+        "method": method, "features": kind, "parcellation": description, "parcels": parcels,
         "features_per_scan": int(feats["train"].shape[1]), "penalty_name": "C" if task == "classification" else "alpha",
         "validation_loss": curve, "chosen_penalty": penalty, "feature_seconds": feature_s,
         "train_scans": len(scans["train"]), "validation_scans": len(scans["validation"]), "shards": str(shards.root),
         "region_names": {str(k): v for k, v in names.items()}}, indent=1) + "\n")
-    log.info("%s: %d parcels (%s), %d features, %s=%g chosen on validation", method, len(parcel_labels(labels)), description,
+    log.info("%s: %d parcels (%s), %d features, %s=%g chosen on validation", method, parcels, description,
              feats["train"].shape[1], "C" if task == "classification" else "alpha", penalty)
     return result

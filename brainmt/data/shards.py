@@ -239,14 +239,12 @@ class _ShardWriter:
         self.tar = None
 
 
-def _done_scans(shard_dir: Path) -> dict[str, str]:
-    """Scan id -> shard name, for every scan in a complete shard (one with its index written)."""
+def _done_scans(shard_dir: Path) -> dict[str, dict]:
+    """Scan id -> its recorded metadata, for every scan in a complete shard (one with its index written)."""
     done = {}
     for idx in sorted(shard_dir.glob("shard-*.json")):
-        if not idx.with_suffix(".tar").exists():
-            continue
-        for scan_id in json.loads(idx.read_text())["scans"]:
-            done[scan_id] = idx.with_suffix(".tar").name
+        if idx.with_suffix(".tar").exists():
+            done.update(json.loads(idx.read_text())["scans"])
     return done
 
 
@@ -270,21 +268,20 @@ def _changes(meta: dict, src: ScanSource, phen) -> list[str]:
     return found
 
 
-def _check_unchanged(shard_dir: Path, mine: list[ScanSource], phen) -> None:
+def _check_unchanged(out: Path, done: dict[str, dict], mine: list[ScanSource], phen) -> None:
     """ShardError naming the scans of ``mine`` (every scan found, usable now or not) already in a complete shard
-    whose phenotype row or file changed since (a rerun would keep their old values or data without a word), or
-    whose file is there under another id (ids change when a dataset gains a second task: each scan written twice)."""
+    (``done``: :func:`_done_scans`) whose phenotype row or file changed since (a rerun would keep their old values or
+    data without a word), or whose file is there under another id (ids change when a dataset gains a second task:
+    each scan would be written twice)."""
     by_id, by_file, stale = {s.scan_id: s for s in mine}, {str(s.path): s.scan_id for s in mine}, []
-    for idx in sorted(shard_dir.glob("shard-*.json")):
-        if idx.with_suffix(".tar").exists():
-            for scan_id, meta in json.loads(idx.read_text())["scans"].items():
-                if scan_id in by_id and (found := _changes(meta, by_id[scan_id], phen)):
-                    stale.append(f"{scan_id} ({', '.join(found)})")
-                elif by_file.get(meta.get("source"), scan_id) != scan_id:
-                    stale.append(f"{by_file[meta['source']]} (sharded as {scan_id} from the same file: the dataset's "
-                                 "ids changed, e.g. a second task or session added)")
+    for scan_id, meta in done.items():
+        if scan_id in by_id and (found := _changes(meta, by_id[scan_id], phen)):
+            stale.append(f"{scan_id} ({', '.join(found)})")
+        elif by_file.get(meta.get("source"), scan_id) != scan_id:
+            stale.append(f"{by_file[meta['source']]} (sharded as {scan_id} from the same file: the dataset's ids "
+                         "changed, e.g. a second task or session added)")
     if stale:
-        raise ShardError(f"{shard_dir.parent}: {len(stale)} scan(s) already sharded have changed since (against "
+        raise ShardError(f"{out}: {len(stale)} scan(s) already sharded have changed since (against "
                          f"{phen.path}): {'; '.join(stale[:5])}{' ...' if len(stale) > 5 else ''}. Their shards hold "
                          "the old values; shard into a new --output to use the new ones (nothing was written)")
 
@@ -553,8 +550,8 @@ def _write_part(out: Path, mine: list[ScanSource], all_scans: list[ScanSource], 
     index, n_parts = part
     shard_dir = out / "shards"
     full_mask, _ = load_mask(out / mask_info["file"])
-    _check_unchanged(shard_dir, all_scans, phen)
-    done = _done_scans(shard_dir)
+    done = _done_scans(shard_dir)                 # read once: what to skip, and what to compare with now
+    _check_unchanged(out, done, all_scans, phen)
     todo = [s for s in mine if s.scan_id not in done]
     summary.already_done = [s.scan_id for s in mine if s.scan_id in done]
     show = sys.stderr.isatty() if progress is None else progress

@@ -184,7 +184,7 @@ def test_learning_benchmark_restarts_pick_each_split_by_validation_not_test(tmp_
     picked its checkpoint (lower is better for a loss), never the best test value."""
     from brainmt.bench.learning import main, plan, summarise
 
-    jobs = plan(["lagged"], 2, ["sex"], {}, [], False, restarts=3)
+    jobs = plan(["lagged"], range(2), ["sex"], {}, [], False, restarts=3)
     assert [(j.seed, j.restart, j.overrides) for j in jobs] == [
         (0, 0, []), (0, 1, ["train.seed=1000"]), (0, 2, ["train.seed=2000"]),
         (1, 0, []), (1, 1, ["train.seed=1001"]), (1, 2, ["train.seed=2001"])]
@@ -216,6 +216,21 @@ def test_learning_benchmark_restarts_pick_each_split_by_validation_not_test(tmp_
     assert main(["--restarts", "0", "--work-dir", str(tmp_path / "none")]) == 2 and not (tmp_path / "none").exists()
 
 
+def test_learning_benchmark_first_seed_adds_splits_after_the_first(tmp_path):
+    """--first-seed 3 --seeds 2 plans splits 3 and 4 only (added to a work dir without retraining 0-2); a negative
+    first seed or no seeds stops before anything is written."""
+    from brainmt.bench.learning import main, parser, plan, seeds_of
+
+    args = parser().parse_args(["--first-seed", "3", "--seeds", "2", "--effects", "lagged", "--shuffled", "lagged",
+                                "--tasks", "sex", "--no-baselines"])
+    assert list(seeds_of(args)) == [3, 4]
+    jobs = plan(args.effects, seeds_of(args), args.tasks, {}, ["lagged"], False)
+    assert [j.name for j in jobs] == ["lagged-s3-sex-true-brainmt", "lagged-s3-sex-shuffled-brainmt",
+                                      "lagged-s4-sex-true-brainmt", "lagged-s4-sex-shuffled-brainmt"]
+    for bad in (["--first-seed", "-1"], ["--seeds", "0"]):
+        assert main([*bad, "--work-dir", str(tmp_path / "none")]) == 2 and not (tmp_path / "none").exists()
+
+
 def test_learning_benchmark_gives_each_brainmt_config_its_shuffled_control():
     """--shuffled repeats sex with every BrainMT config that runs on true labels: under --variants-only the variants,
     not the plain config the user left out (a lever's control must carry the lever)."""
@@ -223,7 +238,7 @@ def test_learning_benchmark_gives_each_brainmt_config_its_shuffled_control():
 
     def runs(default_run, baselines=False):
         return {(j.seed, j.task, j.labels, j.method, tuple(j.overrides))
-                for j in plan(["coupling"], 1, ["sex", "score"], {"ls": ["model.layer_scale=0.1"]}, ["coupling"],
+                for j in plan(["coupling"], range(1), ["sex", "score"], {"ls": ["model.layer_scale=0.1"]}, ["coupling"],
                               baselines, default_run)}
 
     variant = ("brainmt:ls", ("model.layer_scale=0.1",))
@@ -231,7 +246,7 @@ def test_learning_benchmark_gives_each_brainmt_config_its_shuffled_control():
     assert runs(True) == runs(False) | {(0, "sex", "true", "brainmt", ()), (0, "score", "true", "brainmt", ()),
                                         (0, "sex", "shuffled", "brainmt", ())}
     assert (0, "sex", "shuffled", "connectome-logreg", ()) in runs(False, baselines=True)
-    assert not [j for j in plan(["coupling"], 1, ["sex"], {}, [], False) if j.labels == "shuffled"]
+    assert not [j for j in plan(["coupling"], range(1), ["sex"], {}, [], False) if j.labels == "shuffled"]
 
 
 def _learning_benchmark_refuses_mixing(work, main, common):

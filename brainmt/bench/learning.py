@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -185,22 +186,22 @@ def restart_seed(seed: int, restart: int) -> list[str]:
     return [f"train.seed={seed + 1000 * restart}"] if restart else []
 
 
-def plan(effects: list[str], seeds: int, tasks: list[str], variants: dict[str, list[str]], shuffled: list[str],
-         baselines: bool, default_run: bool = True, restarts: int = 1) -> list[BenchRun]:
+def plan(effects: list[str], seeds: Sequence[int], tasks: list[str], variants: dict[str, list[str]],
+         shuffled: list[str], baselines: bool, default_run: bool = True, restarts: int = 1) -> list[BenchRun]:
     """Every job of the benchmark, BrainMT runs first (the long ones start early). Each BrainMT config (the plain one
     unless ``default_run`` is False, and each variant) gets its shuffled-label control on the ``shuffled`` effects, and
     runs ``restarts`` times per split: restart k > 0 with ``train.seed = seed + 1000 k``."""
     configs = ([("brainmt", [])] if default_run else []) + [(f"brainmt:{v}", o) for v, o in variants.items()]
     jobs = []
     for effect in effects:
-        for seed in range(seeds):
+        for seed in seeds:
             for task_name in tasks:
                 labels = ("true", "shuffled") if effect in shuffled and task_name == "sex" else ("true",)
                 jobs += [BenchRun(effect, seed, task_name, lab, m, [*o, *restart_seed(seed, k)], k)
                          for k in range(max(1, restarts)) for lab in labels for m, o in configs]
     if baselines:
         for effect in effects:
-            for seed in range(seeds):
+            for seed in seeds:
                 for task_name in tasks:
                     task = TASKS[task_name][0]
                     jobs += [BenchRun(effect, seed, task_name, "true", m) for m in BASELINES[task]]
@@ -305,6 +306,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--effects", nargs="+", choices=EFFECTS, default=["mixed"],
                    help="kinds of planted effect (brainmt synth --effect)")
     p.add_argument("--seeds", type=int, default=1, help="splits and initialisations per effect")
+    p.add_argument("--first-seed", type=int, default=0, metavar="K",
+                   help="the seeds are K, K+1, ...: more splits added to a work dir without rerunning the first ones")
     p.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     p.add_argument("--shuffled", nargs="*", choices=EFFECTS, default=None, metavar="EFFECT",
                    help="effects whose sex task is repeated with shuffled labels, by every BrainMT config run (default: "
@@ -399,15 +402,22 @@ class Bench:
         return finished
 
 
+def seeds_of(args: argparse.Namespace) -> range:
+    """The seeds this call runs: ``--first-seed`` and the ``--seeds`` - 1 after it."""
+    return range(args.first_seed, args.first_seed + args.seeds)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: ``python -m brainmt.bench.learning``."""
     args, started = parser().parse_args(argv), time.perf_counter()
     work = Path(args.work_dir).resolve()
     shuffled = [args.effects[0]] if args.shuffled is None else args.shuffled
-    if args.restarts < 1:
-        print(f"python -m brainmt.bench.learning: --restarts must be at least 1, got {args.restarts}", file=sys.stderr)
-        return 2
-    jobs = plan(args.effects, args.seeds, args.tasks, parse_variants(args.variant), shuffled, not args.no_baselines,
+    for name, value, least in (("--restarts", args.restarts, 1), ("--seeds", args.seeds, 1),
+                               ("--first-seed", args.first_seed, 0)):
+        if value < least:
+            print(f"python -m brainmt.bench.learning: {name} must be at least {least}, got {value}", file=sys.stderr)
+            return 2
+    jobs = plan(args.effects, seeds_of(args), args.tasks, parse_variants(args.variant), shuffled, not args.no_baselines,
                 not args.variants_only, args.restarts)
     for job in jobs:
         if job.method.startswith("brainmt"):

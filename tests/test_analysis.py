@@ -427,7 +427,8 @@ def test_contrast_map_is_the_class_difference_and_the_slope_on_a_score():
 
 def test_truth_scores_the_group_map_against_the_planted_regions(demo, tmp_path, capsys):
     """--truth: truth.json holds the voxel AUROC of the group |IG| map for the target's truth mask and, where the
-    cohort has a control region, truth against control; a folder that is not a planted one stops before any work."""
+    cohort has a control region, truth against control; the same for |contrast| and for the classes' mean |mean
+    signed map|; a folder that is not a planted one stops before any work."""
     out = tmp_path / "ig"
     shutil.copytree(demo["ig"] / "subjects", out / "subjects")
     planted = tmp_path / "planted"
@@ -449,9 +450,16 @@ def test_truth_scores_the_group_map_against_the_planted_regions(demo, tmp_path, 
     contrast = np.abs(np.asarray(nib.load(out / "group_contrast_ig.nii.gz").dataobj))
     assert scores["contrast"]["truth_auroc"] == pytest.approx(auroc(truth[brain], contrast[brain]))
     assert scores["contrast"]["effect_vs_control_auroc"] == pytest.approx(auroc(truth[both], contrast[both]))
+    class_means = np.mean([np.abs(np.asarray(nib.load(out / f"group_{c}_mean_ig.nii.gz").dataobj))
+                           for c in ("female", "male")], axis=0)
+    assert [Path(m).name for m in scores["class_means"]["maps"]] == ["group_female_mean_ig.nii.gz",
+                                                                     "group_male_mean_ig.nii.gz"]
+    assert scores["class_means"]["truth_auroc"] == pytest.approx(auroc(truth[brain], class_means[brain]))
+    assert scores["class_means"]["effect_vs_control_auroc"] == pytest.approx(auroc(truth[both], class_means[both]))
     printed = capsys.readouterr().out
     assert f"group |IG|: voxel AUROC {scores['truth_auroc']:.3f}; against the control (region-c)" in printed
     assert f"|contrast|: voxel AUROC {scores['contrast']['truth_auroc']:.3f}; against the control" in printed
+    assert f"|class means|: voxel AUROC {scores['class_means']['truth_auroc']:.3f}; against the control" in printed
     (out / "truth.json").unlink()
     assert main([*args, "--truth", str(tmp_path / "nowhere")]) == 1
     assert f"{tmp_path / 'nowhere' / 'planted_effects.json'}: not found" in capsys.readouterr().err

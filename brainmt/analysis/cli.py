@@ -78,9 +78,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     stage.add_argument("--maps-only", action="store_true", help="subject maps only, no group step (array tasks)")
     stage.add_argument("--group-only", action="store_true", help="only the group step, from existing subject maps")
     p.add_argument("--truth", metavar="DIR",
-                   help="a synthetic cohort's derivatives/planted folder (brainmt synth): score the group |IG| map "
-                        "and the contrast map against the target's truth mask and the control region; writes "
-                        "truth.json")
+                   help="a synthetic cohort's derivatives/planted folder (brainmt synth): score the group |IG| map, "
+                        "the contrast map and the class means against the target's truth mask and the control "
+                        "region; writes truth.json")
     p.set_defaults(func=cmd_analyze)
 
 
@@ -93,7 +93,9 @@ def _score_truth(summary: dict, planted: str) -> None:
 
     maps = {Path(f).name: Path(f) for f in summary["maps"]}
     group_map = maps["group_mean_abs_ig.nii.gz"]
-    scores = truth_scores(group_map, planted, summary["target"], maps.get("group_contrast_ig.nii.gz"))
+    class_means = [path for name, path in sorted(maps.items())
+                   if name.endswith("_mean_ig.nii.gz") and name != "group_mean_ig.nii.gz"]
+    scores = truth_scores(group_map, planted, summary["target"], maps.get("group_contrast_ig.nii.gz"), class_means)
     atomic_write_json(group_map.parent / "truth.json", scores)
     print(truth_text(scores), flush=True)
 

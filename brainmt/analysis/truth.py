@@ -9,14 +9,19 @@
   wherever the model looks, so a map can find the planted regions without the model having learned the
   label; only this comparison tells the two apart.
 
-Both are given for the group mean |IG| map and for the absolute value of the contrast map (``group_contrast_ig``:
+Both are given for the group mean |IG| map, for the absolute value of the contrast map (``group_contrast_ig``:
 the signed maps' difference between the classes, or their slope on a score), which cancels what every subject
-shares.
+shares, and, for a class label, for the class means (``class_means``: each class's mean signed map, its absolute
+value averaged over the classes). The class means keep a region the model reads alike in both classes, which the
+contrast cancels, and drop what |IG| keeps from attributions that cancel within a subject (|IG| takes the absolute
+value of each frame's attribution before summing them). Where the class means are specific and |IG| is not, the
+model does not read the control: |IG| there is the control's variance.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -55,9 +60,12 @@ def read_truth(planted_dir: str | Path) -> dict:
         raise TruthError(f"{info_path}: not valid JSON ({exc})") from None
 
 
-def truth_scores(map_path: str | Path, planted_dir: str | Path, target: str, contrast_path: str | Path | None = None) -> dict:
+def truth_scores(map_path: str | Path, planted_dir: str | Path, target: str, contrast_path: str | Path | None = None,
+                 class_mean_paths: Sequence[str | Path] = ()) -> dict:
     """Voxel AUROCs of ``map_path`` (brain voxels: where it is non-zero) for the truth of ``target``; with
-    ``contrast_path`` (``group_contrast_ig``) the same two AUROCs of its absolute value, under ``contrast``."""
+    ``contrast_path`` (``group_contrast_ig``) the same two AUROCs of its absolute value, under ``contrast``; with two
+    or more ``class_mean_paths`` (``group_<class>_mean_ig``) those of their absolute values' mean, under
+    ``class_means``."""
     planted_dir = Path(planted_dir)
     info_path = planted_dir / "planted_effects.json"
     info = read_truth(planted_dir)
@@ -81,6 +89,9 @@ def truth_scores(map_path: str | Path, planted_dir: str | Path, target: str, con
         scores["control_regions"] = control["regions"]
     if contrast_path is not None:
         scores["contrast"] = {"map": str(contrast_path), **aurocs(np.abs(_load_on_grid(Path(contrast_path), img)[1]))}
+    if len(class_mean_paths) >= 2:
+        means = np.mean([np.abs(_load_on_grid(Path(p), img)[1]) for p in class_mean_paths], axis=0)
+        scores["class_means"] = {"maps": [str(p) for p in class_mean_paths], **aurocs(means)}
     scores["region_mean"] = {name: float(values[_load_mask(planted_dir / file, img) & brain].mean())
                              for name, file in info["masks"].items()}
     scores["brain_mean"] = float(values[brain].mean())
@@ -88,7 +99,7 @@ def truth_scores(map_path: str | Path, planted_dir: str | Path, target: str, con
 
 
 def truth_text(scores: dict) -> str:
-    """The console lines: the group |IG| map, and the contrast map when there is one."""
+    """The console lines: the group |IG| map, and the contrast map and the class means when there are some."""
     def line(what: str, found: dict) -> str:
         control = found["effect_vs_control_auroc"]
         return (f"{what}: voxel AUROC {found['truth_auroc']:.3f}"
@@ -99,4 +110,6 @@ def truth_text(scores: dict) -> str:
     lines = [line(f"{head}, group |IG|", scores)]
     if scores.get("contrast"):
         lines.append(line(f"{head}, |contrast|", scores["contrast"]))
+    if scores.get("class_means"):
+        lines.append(line(f"{head}, |class means|", scores["class_means"]))
     return "\n".join(lines)

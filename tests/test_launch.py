@@ -80,6 +80,34 @@ def test_preempted_job_is_requeued_and_finishes_like_an_uninterrupted_one(slurm,
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_scancel_ends_the_job_with_a_checkpoint_and_no_requeue(slurm, shards, tmp_path):
+    """A plain ``scancel`` (SIGTERM only) is a cancel, not a preemption: the loop saves at the step boundary, the
+    job ends CANCELLED and is not requeued (it was, and trained on to the end); the same command resumes it."""
+    run_dir = tmp_path / "cancelled"
+    job_args = _cpu_job(shards, run_dir, "train.epochs=2", "data.samples_per_epoch=480", "train.checkpoint_every_steps=5")
+    assert launch(*job_args).returncode == 0
+    job_id = json.loads((run_dir / "slurm" / "jobs.jsonl").read_text().splitlines()[-1])["job_id"]
+    deadline = time.time() + 300
+    while not ckpt.list_checkpoints(run_dir / "checkpoints"):             # the job has visibly started
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.2)
+    subprocess.run(["scancel", str(job_id)], check=True, timeout=60)
+    deadline = time.time() + 120
+    while subprocess.run(["squeue", "-h", "-j", str(job_id)], capture_output=True, text=True).stdout.strip():
+        assert time.time() < deadline, "the cancelled job is still queued or running"
+        time.sleep(1)
+    time.sleep(10)                                                          # a requeued job would be back by now
+    assert not subprocess.run(["squeue", "-h", "-j", str(job_id)], capture_output=True, text=True).stdout.strip()
+    log = (run_dir / "logs" / "rank-0.log").read_text()
+    assert "stop requested (SIGTERM)" in log and "not requeued" in log and "resumed from" not in log
+    assert not (run_dir / "metrics.json").exists()
+    status = launch("--status", str(run_dir)).stdout
+    assert "state CANCELLED" in status and "requeues 0" in status, status
+    resumed = launch(*job_args, "--wait")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resumed from" in (run_dir / "logs" / "rank-0.log").read_text() and (run_dir / "metrics.json").exists()
+
+
 @pytest.mark.parametrize("style, line", [("gpus_per_node", "#SBATCH --gpus-per-node=4"), ("gres", "#SBATCH --gres=gpu:4")])
 def test_dry_run_prints_the_sbatch_script_from_the_profile(shards, tmp_path, style, line):
     profile = tmp_path / "site.yaml"
@@ -227,6 +255,6 @@ def test_container_child_receives_the_forwarded_preemption_signal(tmp_path):
     threading.Thread(target=preempt, daemon=True).start()
     start = time.time()
     result = run_in_container([sys.executable, "-c", child], tmp_path)
-    assert result == {"status": "interrupted", "returncode": 3} and time.time() - start < 30
+    assert result == {"status": "interrupted", "returncode": 3, "signals": ["SIGUSR2"]} and time.time() - start < 30
     with pytest.raises(RuntimeError, match="exited with code 7"):
         run_in_container([sys.executable, "-c", "import sys; sys.exit(7)"], tmp_path)

@@ -47,22 +47,27 @@ def run_in_container(cmd: list[str], run_dir: Path) -> dict:
     """Run ``cmd``, forwarding SIGTERM and SIGUSR2 to it; return a result like ``brainmt.train.loop.run``'s."""
     child: subprocess.Popen | None = None
     pending: list[int] = []                       # signals that came before the child existed
+    received: list[str] = []
 
-    def forward(signum: int, frame: object) -> None:
-        if child is None:
-            pending.append(signum)
-            return
+    def send(signum: int) -> None:
         log.info("forwarding %s to the container (pid %d)", signal.Signals(signum).name, child.pid)
         child.send_signal(signum)
+
+    def forward(signum: int, frame: object) -> None:
+        received.append(signal.Signals(signum).name)
+        if child is None:
+            pending.append(signum)
+        else:
+            send(signum)
 
     # handled before the child starts: no signal falls through to the default action
     with signals.handled((signal.SIGTERM, signal.SIGUSR2), forward):
         child = subprocess.Popen(cmd)
         for signum in pending:
-            forward(signum, None)
+            send(signum)
         code = child.wait()
     if code == INTERRUPTED_EXIT:
-        return {"status": "interrupted", "returncode": code}
+        return {"status": "interrupted", "returncode": code, "signals": received}
     if code != 0:
         raise RuntimeError(f"the containerised training exited with code {code}: {' '.join(cmd)}")
     metrics = run_dir / "metrics.json"

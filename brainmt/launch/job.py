@@ -22,12 +22,14 @@ log = logging.getLogger("brainmt.launch")
 
 class TrainTask(submitit.helpers.Checkpointable):
     """Train then evaluate one run on every task of a job; on SIGUSR2 (preemption, time limit) save at the step
-    boundary, then requeue the job.
+    boundary, then requeue the job; on SIGTERM alone (``scancel``) save and end.
 
     ``brainmt.train.loop.train`` catches the signal itself so that the checkpoint is written by the loop
-    at a step boundary; once it has returned, the signal is handed to submitit's own handler, which
+    at a step boundary; once it has returned, SIGUSR2 is handed to submitit's own handler, which
     pickles this callable (``checkpoint``) and runs ``scontrol requeue``. The requeued job resumes from
-    the run directory's newest checkpoint.
+    the run directory's newest checkpoint. SIGTERM without SIGUSR2 is a cancel, as submitit reads it: a plain
+    ``scancel`` sends only SIGTERM, a preemption SIGTERM and then the job's ``--signal`` (SIGUSR2), which
+    requeues (a SIGUSR2 after the loop has returned reaches submitit's handler directly).
     """
 
     def __call__(self, cfg_dict: dict, shards: str | None, run_dir: str, evaluate_split: str | None = "test") -> dict:
@@ -47,9 +49,12 @@ class TrainTask(submitit.helpers.Checkpointable):
             from brainmt.train.loop import run
 
             result = run(cfg, shards, run_dir, evaluate_split=evaluate_split)
-        if result["status"] == "interrupted" and callable(submitit_handler):
+        if result["status"] == "interrupted" and "SIGUSR2" in result.get("signals", ()) and callable(submitit_handler):
             log.info("checkpoint written; handing the preemption to submitit to requeue")
             submitit_handler(signal.SIGUSR2, None)   # rank 0: checkpoint() + scontrol requeue + exit
+        elif result["status"] == "interrupted":
+            log.info("stopped by %s without SIGUSR2 (scancel): checkpoint written, not requeued; the same launch "
+                     "command resumes it", ", ".join(result.get("signals", ())) or "a test hook")
         return result
 
 

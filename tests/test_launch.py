@@ -80,9 +80,36 @@ def test_preempted_job_is_requeued_and_finishes_like_an_uninterrupted_one(slurm,
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_cancelled_asks_scontrol_and_reads_a_failure_as_not_cancelled(tmp_path, monkeypatch):
+    """``cancelled``: True only for what ``scontrol`` shows after a ``scancel`` (COMPLETING or CANCELLED, Reason=None,
+    no PreemptTime; the lines below as SLURM 22.05 printed them); a preemption, a time limit, a running job, no job
+    id, no ``scontrol`` or a failing one are not a cancel (a stop is then treated as a preemption and requeued)."""
+    from brainmt.launch.job import cancelled
+
+    fake = tmp_path / "bin" / "scontrol"
+    fake.parent.mkdir()
+    monkeypatch.setenv("PATH", str(fake.parent))
+    assert not cancelled("7")                                               # no scontrol at all
+    cases = [("JobState=COMPLETING Reason=None PreemptEligibleTime=2026-11-30T23:28:49 PreemptTime=None", 0, True),
+             ("JobState=COMPLETING Reason=None", 0, True),                   # a cluster without preemption
+             ("JobState=CANCELLED Reason=None PreemptTime=None", 0, True),
+             ("JobState=COMPLETING Reason=None PreemptTime=2026-11-30T23:26:51", 0, False),   # preempted
+             ("JobState=COMPLETING Reason=TimeLimit PreemptTime=None", 0, False),             # time limit
+             ("JobState=RUNNING Reason=None PreemptTime=None", 0, False),
+             ("JobState=COMPLETING Reason=None PreemptTime=None", 1, False)]
+    for fields, code, expected in cases:
+        fake.write_text(f"#!/bin/sh\necho \"$*\" > {tmp_path / 'args'}\n"
+                        f"echo 'JobId=7 JobName=train UserId=root(0) {fields} Dependency=(null)'\nexit {code}\n")
+        fake.chmod(0o755)
+        assert cancelled("7") is expected, fields
+    assert (tmp_path / "args").read_text().split() == ["--oneliner", "show", "job", "7"]
+    assert not cancelled(None) and not cancelled("")
+
+
 def test_scancel_ends_the_job_with_a_checkpoint_and_no_requeue(slurm, shards, tmp_path):
-    """A plain ``scancel`` (SIGTERM only) is a cancel, not a preemption: the loop saves at the step boundary, the
-    job ends CANCELLED and is not requeued (it was, and trained on to the end); the same command resumes it."""
+    """A plain ``scancel`` (SIGTERM, as a preemption sends) is a cancel, which SLURM records at once: the loop saves
+    at the step boundary, the job ends CANCELLED and is not requeued (it was, and trained on to the end); the same
+    command resumes it."""
     run_dir = tmp_path / "cancelled"
     job_args = _cpu_job(shards, run_dir, "train.epochs=2", "data.samples_per_epoch=480", "train.checkpoint_every_steps=5")
     assert launch(*job_args).returncode == 0
@@ -99,7 +126,7 @@ def test_scancel_ends_the_job_with_a_checkpoint_and_no_requeue(slurm, shards, tm
     time.sleep(10)                                                          # a requeued job would be back by now
     assert not subprocess.run(["squeue", "-h", "-j", str(job_id)], capture_output=True, text=True).stdout.strip()
     log = (run_dir / "logs" / "rank-0.log").read_text()
-    assert "stop requested (SIGTERM)" in log and "not requeued" in log and "resumed from" not in log
+    assert "stop requested (SIGTERM)" in log and "cancelled (scancel)" in log and "resumed from" not in log
     assert not (run_dir / "metrics.json").exists()
     status = launch("--status", str(run_dir)).stdout
     assert "state CANCELLED" in status and "requeues 0" in status, status

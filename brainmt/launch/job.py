@@ -10,7 +10,10 @@ named ``...Task`` (``TrainTask``, ``AnalyzeTask``, ``BenchTask``); the scripts t
 from __future__ import annotations
 
 import logging
+import os
+import re
 import signal
+import subprocess
 from pathlib import Path
 
 import submitit
@@ -22,14 +25,14 @@ log = logging.getLogger("brainmt.launch")
 
 class TrainTask(submitit.helpers.Checkpointable):
     """Train then evaluate one run on every task of a job; on SIGUSR2 (preemption, time limit) save at the step
-    boundary, then requeue the job; on SIGTERM alone (``scancel``) save and end.
+    boundary, then requeue the job; after a ``scancel`` save and end.
 
     ``brainmt.train.loop.train`` catches the signal itself so that the checkpoint is written by the loop
     at a step boundary; once it has returned, SIGUSR2 is handed to submitit's own handler, which
     pickles this callable (``checkpoint``) and runs ``scontrol requeue``. The requeued job resumes from
-    the run directory's newest checkpoint. SIGTERM without SIGUSR2 is a cancel, as submitit reads it: a plain
-    ``scancel`` sends only SIGTERM, a preemption SIGTERM and then the job's ``--signal`` (SIGUSR2), which
-    requeues (a SIGUSR2 after the loop has returned reaches submitit's handler directly).
+    the run directory's newest checkpoint. A preemption sends SIGTERM (the job's SIGUSR2 only where the site
+    sets ``PreemptParameters=send_user_signal``), and so does a plain ``scancel``: without SIGUSR2 the job is
+    requeued unless SLURM shows it cancelled (:func:`cancelled`), as it does at once after a ``scancel``.
     """
 
     def __call__(self, cfg_dict: dict, shards: str | None, run_dir: str, evaluate_split: str | None = "test") -> dict:
@@ -49,13 +52,32 @@ class TrainTask(submitit.helpers.Checkpointable):
             from brainmt.train.loop import run
 
             result = run(cfg, shards, run_dir, evaluate_split=evaluate_split)
-        if result["status"] == "interrupted" and "SIGUSR2" in result.get("signals", ()) and callable(submitit_handler):
+        if result["status"] != "interrupted":
+            return result
+        if "SIGUSR2" not in result.get("signals", ()) and cancelled(os.environ.get("SLURM_JOB_ID")):
+            log.info("the job was cancelled (scancel): checkpoint written, not requeued; the same launch command "
+                     "resumes it")
+        elif callable(submitit_handler):
             log.info("checkpoint written; handing the preemption to submitit to requeue")
             submitit_handler(signal.SIGUSR2, None)   # rank 0: checkpoint() + scontrol requeue + exit
-        elif result["status"] == "interrupted":
-            log.info("stopped by %s without SIGUSR2 (scancel): checkpoint written, not requeued; the same launch "
-                     "command resumes it", ", ".join(result.get("signals", ())) or "a test hook")
         return result
+
+
+def cancelled(job_id: str | None) -> bool:
+    """Whether the job is ending because someone cancelled it (``scancel``): SLURM shows it ``COMPLETING`` (or
+    ``CANCELLED``) with ``Reason=None`` and no ``PreemptTime``, where a preemption sets ``PreemptTime`` and a time
+    limit ``Reason=TimeLimit`` (read from a real SLURM 22.05). False when it cannot be asked (no SLURM job,
+    ``scontrol`` missing or failing): a stop is then treated as a preemption."""
+    if not job_id:
+        return False
+    try:
+        shown = subprocess.run(["scontrol", "--oneliner", "show", "job", job_id], capture_output=True, text=True,
+                               timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    fields = dict(re.findall(r"(?:^|\s)(JobState|Reason|PreemptTime)=(\S+)", shown.stdout))
+    return (shown.returncode == 0 and fields.get("JobState") in ("COMPLETING", "CANCELLED")
+            and fields.get("Reason") == "None" and fields.get("PreemptTime", "None") == "None")
 
 
 # the name jobs submitted before the rename were pickled with: a requeued one unpickles its callable by it

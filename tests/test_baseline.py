@@ -220,7 +220,8 @@ def test_learning_benchmark_restarts_pick_each_split_by_validation_not_test(tmp_
 
 def test_learning_benchmark_first_seed_adds_splits_after_the_first(tmp_path):
     """--first-seed 3 --seeds 2 plans splits 3 and 4 only (added to a work dir without retraining 0-2); a negative
-    first seed or no seeds stops before anything is written."""
+    first seed, no seeds, or seeds that would share a restart's train.seed (s + 1000 k) stop before anything is
+    written."""
     from brainmt.bench.learning import main, parser, plan, seeds_of
 
     args = parser().parse_args(["--first-seed", "3", "--seeds", "2", "--effects", "lagged", "--shuffled", "lagged",
@@ -229,7 +230,7 @@ def test_learning_benchmark_first_seed_adds_splits_after_the_first(tmp_path):
     jobs = plan(args.effects, seeds_of(args), args.tasks, {}, ["lagged"], False)
     assert [j.name for j in jobs] == ["lagged-s3-sex-true-brainmt", "lagged-s3-sex-shuffled-brainmt",
                                       "lagged-s4-sex-true-brainmt", "lagged-s4-sex-shuffled-brainmt"]
-    for bad in (["--first-seed", "-1"], ["--seeds", "0"]):
+    for bad in (["--first-seed", "-1"], ["--seeds", "0"], ["--first-seed", "999", "--seeds", "2", "--restarts", "2"]):
         assert main([*bad, "--work-dir", str(tmp_path / "none")]) == 2 and not (tmp_path / "none").exists()
 
 

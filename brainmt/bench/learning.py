@@ -37,7 +37,7 @@ from brainmt.data.synthetic import EFFECTS
 
 TASKS = {"sex": ("classification", "sex"), "score": ("regression", "cognition")}
 BASELINES = {"classification": ["connectome-logreg", "amplitude-logreg"], "regression": ["connectome-ridge", "amplitude-ridge"]}
-# the IG map's scores against the planted truth (brainmt analyze --truth): group mean |IG|, then |contrast|
+# the IG map's scores against the planted truth (brainmt analyze --truth): group mean |IG|, |contrast|, class means
 IG_SCORES = ("truth_auroc", "effect_vs_control_auroc", "contrast_truth_auroc", "contrast_vs_control_auroc",
              "class_means_truth_auroc", "class_means_vs_control_auroc")
 SHOWN = {"classification": ["auroc", "balanced_accuracy", "accuracy"], "regression": ["pearson_r", "mse", "mae"]}
@@ -420,6 +420,11 @@ def main(argv: list[str] | None = None) -> int:
         if value < least:
             print(f"python -m brainmt.bench.learning: {name} must be at least {least}, got {value}", file=sys.stderr)
             return 2
+    if args.restarts > 1 and args.first_seed + args.seeds > 1000:
+        print("python -m brainmt.bench.learning: with --restarts the seeds must stay below 1000 (restart k of seed s "
+              f"trains with train.seed = s + 1000 k), got {args.first_seed}..{args.first_seed + args.seeds - 1}",
+              file=sys.stderr)
+        return 2
     jobs = plan(args.effects, seeds_of(args), args.tasks, parse_variants(args.variant), shuffled, not args.no_baselines,
                 not args.variants_only, args.restarts)
     for job in jobs:

@@ -1,8 +1,12 @@
-"""Signal handlers that are put in place for a while and then given back (main thread only, as Python requires)."""
+"""Signal handlers that are put in place for a while and then given back (main thread only, as Python requires),
+and whether a SLURM job's SIGTERM was a ``scancel``."""
 
 from __future__ import annotations
 
+import os
+import re
 import signal
+import subprocess
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -34,3 +38,21 @@ def handled(signals: Iterable[int], handler: Handler) -> Iterator[None]:
         yield
     finally:
         restore(previous)
+
+
+def cancelled(job_id: str | None = None) -> bool:
+    """Whether the job is ending because someone cancelled it (``scancel``): SLURM shows it ``COMPLETING`` (or
+    ``CANCELLED``) with ``Reason=None`` and no ``PreemptTime``, where a preemption sets ``PreemptTime`` and a time
+    limit ``Reason=TimeLimit`` (read from a real SLURM 22.05). False when it cannot be asked (no SLURM job,
+    ``scontrol`` missing or failing): a stop is then treated as a preemption. ``job_id``: this job's by default."""
+    job_id = job_id if job_id is not None else os.environ.get("SLURM_JOB_ID")
+    if not job_id:
+        return False
+    try:
+        shown = subprocess.run(["scontrol", "--oneliner", "show", "job", job_id], capture_output=True, text=True,
+                               timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    fields = dict(re.findall(r"(?:^|\s)(JobState|Reason|PreemptTime)=(\S+)", shown.stdout))
+    return (shown.returncode == 0 and fields.get("JobState") in ("COMPLETING", "CANCELLED")
+            and fields.get("Reason") == "None" and fields.get("PreemptTime", "None") == "None")

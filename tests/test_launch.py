@@ -84,7 +84,7 @@ def test_cancelled_asks_scontrol_and_reads_a_failure_as_not_cancelled(tmp_path, 
     """``cancelled``: True only for what ``scontrol`` shows after a ``scancel`` (COMPLETING or CANCELLED, Reason=None,
     no PreemptTime; the lines below as SLURM 22.05 printed them); a preemption, a time limit, a running job, no job
     id, no ``scontrol`` or a failing one are not a cancel (a stop is then treated as a preemption and requeued)."""
-    from brainmt.launch.job import cancelled
+    from brainmt.signals import cancelled
 
     fake = tmp_path / "bin" / "scontrol"
     fake.parent.mkdir()
@@ -103,7 +103,8 @@ def test_cancelled_asks_scontrol_and_reads_a_failure_as_not_cancelled(tmp_path, 
         fake.chmod(0o755)
         assert cancelled("7") is expected, fields
     assert (tmp_path / "args").read_text().split() == ["--oneliner", "show", "job", "7"]
-    assert not cancelled(None) and not cancelled("")
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert not cancelled() and not cancelled("")
 
 
 def test_scancel_ends_the_job_with_a_checkpoint_and_no_requeue(slurm, shards, tmp_path):

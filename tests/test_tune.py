@@ -173,12 +173,8 @@ def test_two_node_sweep_starts_a_head_and_a_worker_with_token_auth(small_shards,
     assert_ray_session_removed(sweep_dir)
 
 
-@pytest.mark.parametrize("preemption", [False, True], ids=["time-limit", "preemption"])
-def test_sweep_job_on_slurm_is_requeued_and_completes(slurm, small_shards, tmp_path, preemption):
-    """SIGUSR2 alone (the time limit): Tune stops and saves, then the job requeues. SIGTERM first (a preemption)
-    also stops Ray's processes: the job requeues from the state Tune saved last."""
-    import submitit
-
+def _submit_slurm_sweep(small_shards: Path, tmp_path: Path) -> tuple[Path, str]:
+    """A 3-trial sweep submitted to the test SLURM (not waited for): its directory and job id."""
     sweep_dir = tmp_path / "sweep"
     sweep = sweep_file(tmp_path, small_shards, ray_auth="token", max_epochs=2, num_samples=3, max_concurrent_trials=1,
                        space={"optim.lr": {"choice": [1e-3]}})
@@ -187,6 +183,16 @@ def test_sweep_job_on_slurm_is_requeued_and_completes(slurm, small_shards, tmp_p
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     job_id = json.loads((sweep_dir / "slurm" / "jobs.jsonl").read_text().splitlines()[-1])["job_id"]
     assert job_id.isdigit()                                              # a real SLURM job
+    return sweep_dir, job_id
+
+
+@pytest.mark.parametrize("preemption", [False, True], ids=["time-limit", "preemption"])
+def test_sweep_job_on_slurm_is_requeued_and_completes(slurm, small_shards, tmp_path, preemption):
+    """SIGUSR2 alone (the time limit): Tune stops and saves, then the job requeues. SIGTERM first (a preemption)
+    also stops Ray's processes: the job requeues from the state Tune saved last."""
+    import submitit
+
+    sweep_dir, job_id = _submit_slurm_sweep(small_shards, tmp_path)
     job = submitit.SlurmJob(folder=sweep_dir / "slurm" / "%j", job_id=job_id)
     deadline = time.time() + 300
     while not (done := ended_trials(sweep_dir)):
@@ -205,6 +211,25 @@ def test_sweep_job_on_slurm_is_requeued_and_completes(slurm, small_shards, tmp_p
     assert "continuing the sweep" in Path(job.paths.stderr).read_text()  # Tuner.restore
     assert len(results(sweep_dir)) == 3 and (sweep_dir / "best.yaml").exists()
     assert json.loads((sweep_dir / "summary.json").read_text())["status"] == "finished"
+
+
+def test_scancel_ends_a_sweep_job_without_a_requeue(slurm, small_shards, tmp_path):
+    """A plain ``scancel`` sends SIGTERM, as a preemption does; SLURM shows the job cancelled, so the sweep job
+    records it and ends instead of requeueing itself (it did, and the sweep ran on)."""
+    sweep_dir, job_id = _submit_slurm_sweep(small_shards, tmp_path)
+    deadline = time.time() + 300
+    while not ended_trials(sweep_dir):
+        assert time.time() < deadline, "no trial finished"
+        time.sleep(0.2)
+    subprocess.run(["scancel", job_id], check=True, timeout=60)
+    deadline = time.time() + 120
+    while subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip():
+        assert time.time() < deadline, "the cancelled sweep job is still queued or running"
+        time.sleep(1)
+    time.sleep(10)                                                      # a requeued job would be back by now
+    assert not subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip()
+    events = [json.loads(line)["event"] for line in (sweep_dir / "events.jsonl").read_text().splitlines()]
+    assert events == ["started", "cancelled"]
 
 
 def test_requeue_hands_over_to_submitit_once_when_sigusr2_comes_again(tmp_path, monkeypatch):

@@ -10,15 +10,13 @@ named ``...Task`` (``TrainTask``, ``AnalyzeTask``, ``BenchTask``); the scripts t
 from __future__ import annotations
 
 import logging
-import os
-import re
 import signal
-import subprocess
 from pathlib import Path
 
 import submitit
 
 from brainmt.config import config_from_dict
+from brainmt.signals import cancelled
 
 log = logging.getLogger("brainmt.launch")
 
@@ -54,30 +52,13 @@ class TrainTask(submitit.helpers.Checkpointable):
             result = run(cfg, shards, run_dir, evaluate_split=evaluate_split)
         if result["status"] != "interrupted":
             return result
-        if "SIGUSR2" not in result.get("signals", ()) and cancelled(os.environ.get("SLURM_JOB_ID")):
+        if "SIGUSR2" not in result.get("signals", ()) and cancelled():
             log.info("the job was cancelled (scancel): checkpoint written, not requeued; the same launch command "
                      "resumes it")
         elif callable(submitit_handler):
             log.info("checkpoint written; handing the preemption to submitit to requeue")
             submitit_handler(signal.SIGUSR2, None)   # rank 0: checkpoint() + scontrol requeue + exit
         return result
-
-
-def cancelled(job_id: str | None) -> bool:
-    """Whether the job is ending because someone cancelled it (``scancel``): SLURM shows it ``COMPLETING`` (or
-    ``CANCELLED``) with ``Reason=None`` and no ``PreemptTime``, where a preemption sets ``PreemptTime`` and a time
-    limit ``Reason=TimeLimit`` (read from a real SLURM 22.05). False when it cannot be asked (no SLURM job,
-    ``scontrol`` missing or failing): a stop is then treated as a preemption."""
-    if not job_id:
-        return False
-    try:
-        shown = subprocess.run(["scontrol", "--oneliner", "show", "job", job_id], capture_output=True, text=True,
-                               timeout=60)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    fields = dict(re.findall(r"(?:^|\s)(JobState|Reason|PreemptTime)=(\S+)", shown.stdout))
-    return (shown.returncode == 0 and fields.get("JobState") in ("COMPLETING", "CANCELLED")
-            and fields.get("Reason") == "None" and fields.get("PreemptTime", "None") == "None")
 
 
 # the name jobs submitted before the rename were pickled with: a requeued one unpickles its callable by it

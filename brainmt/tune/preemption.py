@@ -33,7 +33,8 @@ class DriverSupervisor:
       state; once the driver has returned, the job is requeued. If Tune's ``fit`` has not returned within ``grace_s`` (the driver
       touches ``fit_returned_path`` when it has; SLURM sends the signal 120 s before the limit), the job is
       requeued anyway from the state Tune saved last.
-    - SIGTERM (a preemption): Ray's processes are stopping and Tune cannot save again: the job is requeued at once.
+    - SIGTERM (a preemption): Ray's processes are stopping and Tune cannot save again: the job is requeued at once,
+      unless SLURM shows it cancelled (``scancel`` sends SIGTERM too; :func:`brainmt.signals.cancelled`).
     - SIGINT (Ctrl-C; the debug executor runs the job in the foreground): forwarded to the driver as SIGUSR2, which
       saves and returns "interrupted"; no requeue. The driver ignores SIGINT itself (Tune's own handler is off:
       a Ctrl-C at the terminal reaches every process of the group, and a second SIGINT makes Tune skip its save);
@@ -108,9 +109,9 @@ class DriverSupervisor:
             self._started_at = time.monotonic()
             while self.child.poll() is None:
                 if self.terminated or self._late():
-                    log.warning("%s: requeueing from the state Tune saved last",
-                                "SIGTERM (preemption): Ray's processes are stopping" if self.terminated else
-                                f"Tune did not return within {self.grace_s:.0f} s of SIGUSR2")
+                    log.warning("%s: the sweep stops with the state Tune saved last",
+                                "SIGTERM (a preemption or a scancel): Ray's processes are stopping" if self.terminated
+                                else f"Tune did not return within {self.grace_s:.0f} s of SIGUSR2")
                     return None
                 if self._stop_requested() and time.monotonic() - self._sent_at > self.resend_s and not self._fit_returned():
                     self._forward()                        # the first one, or again: the driver may have been starting Ray
@@ -128,6 +129,10 @@ class DriverSupervisor:
             if summary["status"] == "finished":
                 self.on_event("finished")
                 return summary
+        if self.terminated and self.usr2_at is None and not self.interrupted and signals.cancelled():
+            self.on_event("cancelled")
+            self._stop_child()
+            raise RuntimeError("the sweep job was cancelled (scancel): not requeued; continue the sweep with --resume")
         if code is None or self.terminated or self.usr2_at is not None:
             self._requeue(forced=summary is None)
         self._stop_child()

@@ -48,11 +48,14 @@ def cancelled(job_id: str | None = None) -> bool:
     job_id = job_id if job_id is not None else os.environ.get("SLURM_JOB_ID")
     if not job_id:
         return False
-    try:
+    try:                                          # well within SLURM's KillWait (30 s by default)
         shown = subprocess.run(["scontrol", "--oneliner", "show", "job", job_id], capture_output=True, text=True,
-                               timeout=60)
+                               timeout=10)
     except (OSError, subprocess.SubprocessError):
         return False
-    fields = dict(re.findall(r"(?:^|\s)(JobState|Reason|PreemptTime)=(\S+)", shown.stdout))
+    fields: dict[str, str] = {}
+    record = (shown.stdout.splitlines() or [""])[0]          # one line a record; the job's own comes first
+    for key, value in re.findall(r"(?:^|\s)(JobState|Reason|PreemptTime)=(\S+)", record):
+        fields.setdefault(key, value)             # the first: a later WorkDir= or Command= may hold spaces
     return (shown.returncode == 0 and fields.get("JobState") in ("COMPLETING", "CANCELLED")
             and fields.get("Reason") == "None" and fields.get("PreemptTime", "None") == "None")

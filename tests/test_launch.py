@@ -96,10 +96,16 @@ def test_cancelled_asks_scontrol_and_reads_a_failure_as_not_cancelled(tmp_path, 
              ("JobState=COMPLETING Reason=None PreemptTime=2026-11-30T23:26:51", 0, False),   # preempted
              ("JobState=COMPLETING Reason=TimeLimit PreemptTime=None", 0, False),             # time limit
              ("JobState=RUNNING Reason=None PreemptTime=None", 0, False),
-             ("JobState=COMPLETING Reason=None PreemptTime=None", 1, False)]
+             ("JobState=COMPLETING Reason=None PreemptTime=None", 1, False),
+             # the first value of a key counts: a later field's value may hold spaces and look like one
+             ("JobState=COMPLETING Reason=TimeLimit PreemptTime=None WorkDir=/x Reason=None", 0, False),
+             ("JobState=COMPLETING Reason=None PreemptTime=None Command=/a b Reason=TimeLimit", 0, True),
+             # several records: the first line is the job's own
+             ("JobState=COMPLETING Reason=TimeLimit PreemptTime=None\nJobId=8 JobState=COMPLETING Reason=None", 0,
+              False)]
     for fields, code, expected in cases:
         fake.write_text(f"#!/bin/sh\necho \"$*\" > {tmp_path / 'args'}\n"
-                        f"echo 'JobId=7 JobName=train UserId=root(0) {fields} Dependency=(null)'\nexit {code}\n")
+                        f"printf 'JobId=7 JobName=train UserId=root(0) {fields} Dependency=(null)\\n'\nexit {code}\n")
         fake.chmod(0o755)
         assert cancelled("7") is expected, fields
     assert (tmp_path / "args").read_text().split() == ["--oneliner", "show", "job", "7"]

@@ -10,6 +10,7 @@ named ``...Task`` (``TrainTask``, ``AnalyzeTask``, ``BenchTask``); the scripts t
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from pathlib import Path
 
@@ -29,8 +30,8 @@ class TrainTask(submitit.helpers.Checkpointable):
     at a step boundary; once it has returned, SIGUSR2 is handed to submitit's own handler, which
     pickles this callable (``checkpoint``) and runs ``scontrol requeue``. The requeued job resumes from
     the run directory's newest checkpoint. A preemption sends SIGTERM (the job's SIGUSR2 only where the site
-    sets ``PreemptParameters=send_user_signal``), and so does a plain ``scancel``: without SIGUSR2 the job is
-    requeued unless SLURM shows it cancelled (:func:`cancelled`), as it does at once after a ``scancel``.
+    sets ``PreemptParameters=send_user_signal``), and so does a plain ``scancel``: the job is requeued unless
+    SLURM shows it cancelled (:func:`brainmt.signals.cancelled`), as it does at once after a ``scancel``.
     """
 
     def __call__(self, cfg_dict: dict, shards: str | None, run_dir: str, evaluate_split: str | None = "test") -> dict:
@@ -52,7 +53,7 @@ class TrainTask(submitit.helpers.Checkpointable):
             result = run(cfg, shards, run_dir, evaluate_split=evaluate_split)
         if result["status"] != "interrupted":
             return result
-        if "SIGUSR2" not in result.get("signals", ()) and cancelled():
+        if os.environ.get("SLURM_PROCID", "0") == "0" and cancelled():     # submitit requeues from rank 0 only
             log.info("the job was cancelled (scancel): checkpoint written, not requeued; the same launch command "
                      "resumes it")
         elif callable(submitit_handler):

@@ -34,7 +34,8 @@ class DriverSupervisor:
       touches ``fit_returned_path`` when it has; SLURM sends the signal 120 s before the limit), the job is
       requeued anyway from the state Tune saved last.
     - SIGTERM (a preemption): Ray's processes are stopping and Tune cannot save again: the job is requeued at once,
-      unless SLURM shows it cancelled (``scancel`` sends SIGTERM too; :func:`brainmt.signals.cancelled`).
+      unless SLURM shows it cancelled (``scancel`` sends SIGTERM too; :func:`brainmt.signals.cancelled`), even
+      after a SIGUSR2.
     - SIGINT (Ctrl-C; the debug executor runs the job in the foreground): forwarded to the driver as SIGUSR2, which
       saves and returns "interrupted"; no requeue. The driver ignores SIGINT itself (Tune's own handler is off:
       a Ctrl-C at the terminal reaches every process of the group, and a second SIGINT makes Tune skip its save);
@@ -57,6 +58,7 @@ class DriverSupervisor:
         self.child: subprocess.Popen | None = None
         self.usr2_at: float | None = None
         self.terminated = False
+        self.cancelled = False                   # SIGTERM came from a scancel (asked while the handlers hold)
         self.interrupted = False
         self._submitit_usr2 = signal.getsignal(signal.SIGUSR2)
 
@@ -107,15 +109,17 @@ class DriverSupervisor:
                    "PYTHONUNBUFFERED": "1"}
             self.child = subprocess.Popen(self.cmd, env=env)
             self._started_at = time.monotonic()
-            while self.child.poll() is None:
-                if self.terminated or self._late():
-                    log.warning("%s: the sweep stops with the state Tune saved last",
-                                "SIGTERM (a preemption or a scancel): Ray's processes are stopping" if self.terminated
-                                else f"Tune did not return within {self.grace_s:.0f} s of SIGUSR2")
-                    return None
+            while self.child.poll() is None and not self.terminated and not self._late():
                 if self._stop_requested() and time.monotonic() - self._sent_at > self.resend_s and not self._fit_returned():
                     self._forward()                        # the first one, or again: the driver may have been starting Ray
                 time.sleep(self.poll_s)
+            if self.terminated:
+                self.cancelled = signals.cancelled()        # asked while these handlers hold: a SIGUSR2 meanwhile counts
+            if self.child.poll() is None:
+                log.warning("%s: the sweep stops with the state Tune saved last",
+                            "SIGTERM (a preemption or a scancel): Ray's processes are stopping" if self.terminated
+                            else f"Tune did not return within {self.grace_s:.0f} s of SIGUSR2")
+                return None
             if self.child.returncode not in (0, INTERRUPTED_EXIT):
                 time.sleep(1.0)                            # the driver died of a signal this process gets too?
             return self.child.returncode
@@ -129,8 +133,11 @@ class DriverSupervisor:
             if summary["status"] == "finished":
                 self.on_event("finished")
                 return summary
-        if self.terminated and self.usr2_at is None and not self.interrupted and signals.cancelled():
-            self.on_event("cancelled")
+        if self.cancelled:
+            try:
+                self.on_event("cancelled")
+            except OSError:
+                log.exception("could not record the cancel")
             self._stop_child()
             raise RuntimeError("the sweep job was cancelled (scancel): not requeued; continue the sweep with --resume")
         if code is None or self.terminated or self.usr2_at is not None:

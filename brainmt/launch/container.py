@@ -47,27 +47,22 @@ def run_in_container(cmd: list[str], run_dir: Path) -> dict:
     """Run ``cmd``, forwarding SIGTERM and SIGUSR2 to it; return a result like ``brainmt.train.loop.run``'s."""
     child: subprocess.Popen | None = None
     pending: list[int] = []                       # signals that came before the child existed
-    received: list[str] = []
-
-    def send(signum: int) -> None:
-        log.info("forwarding %s to the container (pid %d)", signal.Signals(signum).name, child.pid)
-        child.send_signal(signum)
 
     def forward(signum: int, frame: object) -> None:
-        received.append(signal.Signals(signum).name)
         if child is None:
             pending.append(signum)
-        else:
-            send(signum)
+            return
+        log.info("forwarding %s to the container (pid %d)", signal.Signals(signum).name, child.pid)
+        child.send_signal(signum)
 
     # handled before the child starts: no signal falls through to the default action
     with signals.handled((signal.SIGTERM, signal.SIGUSR2), forward):
         child = subprocess.Popen(cmd)
         for signum in pending:
-            send(signum)
+            forward(signum, None)
         code = child.wait()
     if code == INTERRUPTED_EXIT:
-        return {"status": "interrupted", "returncode": code, "signals": received}
+        return {"status": "interrupted", "returncode": code}
     if code != 0:
         raise RuntimeError(f"the containerised training exited with code {code}: {' '.join(cmd)}")
     metrics = run_dir / "metrics.json"

@@ -23,11 +23,11 @@ log = logging.getLogger("brainmt.launch")
 
 
 class TrainTask(submitit.helpers.Checkpointable):
-    """Train then evaluate one run on every task of a job; on SIGUSR2 (preemption, time limit) save at the step
-    boundary, then requeue the job; after a ``scancel`` save and end.
+    """Train then evaluate one run on every task of a job; on SIGTERM or SIGUSR2 (preemption, time limit) save at
+    the step boundary, then requeue the job; after a ``scancel`` save and end.
 
     ``brainmt.train.loop.train`` catches the signal itself so that the checkpoint is written by the loop
-    at a step boundary; once it has returned, SIGUSR2 is handed to submitit's own handler, which
+    at a step boundary; once it has returned, the signal is handed to submitit's own handler, which
     pickles this callable (``checkpoint``) and runs ``scontrol requeue``. The requeued job resumes from
     the run directory's newest checkpoint. A preemption sends SIGTERM (the job's SIGUSR2 only where the site
     sets ``PreemptParameters=send_user_signal``), and so does a plain ``scancel``: the job is requeued unless

@@ -45,7 +45,6 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.reason: str | None = None
-        self.received: list[str] = []                 # every signal caught, in order (the launcher requeues on SIGUSR2)
         self._previous: dict[int, object] = {}
 
     def install(self) -> None:
@@ -59,7 +58,6 @@ class StopFlag:
             print("\nCtrl-C: saving a checkpoint at the end of this step (Ctrl-C again to quit at once)",
                   file=sys.stderr, flush=True)
         self.reason = signal.Signals(signum).name
-        self.received.append(self.reason)
 
     def restore(self) -> None:
         """Put the previous handlers back."""
@@ -112,8 +110,7 @@ def train(cfg: Config, shards_dir: str | Path | None, run_dir: str | Path, sink:
     """Train (or resume) the run in ``run_dir``; returns {"status", "step", "epoch", "best_metric", "best_step", ...}.
 
     status is "finished", "early_stopped" or "interrupted" (a signal or ``stop_at_step``: a checkpoint was saved at
-    the step boundary and calling train again on the same run_dir resumes); "signals" names the signals caught.
-    ``cfg`` is not changed.
+    the step boundary and calling train again on the same run_dir resumes). ``cfg`` is not changed.
     """
     s = setup(cfg, shards_dir, Path(run_dir), sink, env or detect(), splits)
     state = resume(s)
@@ -153,7 +150,7 @@ def train(cfg: Config, shards_dir: str | Path | None, run_dir: str | Path, sink:
         stop.restore()
         meter.close()
         del batches
-    return finish(s, state, status, meter) | {"signals": stop.received}
+    return finish(s, state, status, meter)
 
 
 def setup(cfg: Config, shards_dir: str | Path | None, run_dir: Path, sink: MetricsSink | None, env: DistEnv,

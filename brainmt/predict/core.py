@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,7 +83,8 @@ def model_settings(req: PredictRequest, loaded: LoadedRun) -> dict:
             "background": m["preprocessing"]["background"]}
 
 
-def check_phenotypes(path: str, id_column: str | None, settings: dict, subjects=None) -> Phenotypes:
+def check_phenotypes(path: str, id_column: str | None, settings: dict,
+                     subjects: Collection[str] | None = None) -> Phenotypes:
     """The phenotype table read for the run's target (sex coded as ``brainmt shard`` codes it); PhenotypeError if
     the table or its target column cannot be used (for a classification run: a value other than 0 or 1 among
     ``subjects``, default every row)."""

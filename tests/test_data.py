@@ -505,6 +505,33 @@ def test_gzip_truncated_at_the_end_is_named(tmp_path):
     assert str(path) in _skips(summary)["sub-01"]
 
 
+def _corrupt_stored_gzip(path: Path) -> None:
+    """Rewrite a .nii.gz as stored (uncompressed) deflate blocks with one byte of its voxel data flipped: the stream
+    still inflates, and only the gzip checksum shows the damage."""
+    raw = gzip.decompress(path.read_bytes())
+    packed = bytearray(gzip.compress(raw, compresslevel=0))
+    packed[len(packed) - len(raw) // 4] ^= 0xFF
+    path.write_bytes(bytes(packed))
+
+
+def test_gzip_checksum_mismatch_is_named(tmp_path):
+    raw = bids_dataset(tmp_path / "raw", 3)
+    path = raw / "sub-02" / "func" / "sub-02_task-rest_bold.nii.gz"
+    _corrupt_stored_gzip(path)
+    summary = shard_dataset(raw, raw / "participants.tsv", tmp_path / "out", options=OPTS, progress=False)
+    assert str(path) in _skips(summary)["sub-02"] and "checksum does not match" in _skips(summary)["sub-02"]
+    assert len(summary.written) == 2                   # the other scans are sharded
+
+
+def test_mask_with_a_gzip_checksum_mismatch_is_named(tmp_path):
+    from brainmt.data.nifti import ScanError, load_mask
+
+    write_scan(tmp_path / "mask.nii.gz", np.ones((6, 6, 6)), dtype=np.uint8)
+    _corrupt_stored_gzip(tmp_path / "mask.nii.gz")
+    with pytest.raises(ScanError, match=r"mask\.nii\.gz: corrupt gzip data, its checksum does not match"):
+        load_mask(tmp_path / "mask.nii.gz")
+
+
 # ------------------------------------------------------------------ command line
 
 

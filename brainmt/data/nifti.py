@@ -1,12 +1,15 @@
 """Read and validate 4-D NIfTI scans with nibabel: canonical (RAS+) orientation, brain mask, z-scoring.
 
 Scans are read through nibabel's data proxy in blocks of frames, never as one float64 array; a
-gzip file is kept open between blocks so that it is decompressed once.
+gzip file is opened here and kept open between blocks, so that it is decompressed once and its checksum is
+checked once the last frame has been read (nibabel stops before the gzip trailer, so a corrupt byte that still
+inflates would otherwise pass unseen).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import os
 import zlib
 from collections.abc import Iterator
@@ -40,6 +43,37 @@ class ScanHeader:
     source_affine: np.ndarray | None = None   # the file's own affine (its orientation on disk), 4x4
 
 
+def _open_image(path: str) -> tuple[nib.Nifti1Image, gzip.GzipFile | None]:
+    """The image at ``path`` and, for a gzip file, the open stream its data proxy reads from."""
+    if not path.endswith(".gz"):
+        return nib.load(path, keep_file_open=True), None
+    stream = gzip.open(path, "rb")
+    try:
+        image_class = nib.Nifti2Image if _is_nifti2(stream) else nib.Nifti1Image
+        return image_class.from_file_map(image_class.make_file_map({"image": stream, "header": stream})), stream
+    except BaseException:
+        stream.close()
+        raise
+
+
+def _is_nifti2(stream: gzip.GzipFile) -> bool:
+    """Whether a header starts as NIfTI-2's does (sizeof_hdr 540, either byte order); leaves the stream at 0."""
+    size = stream.read(4)
+    stream.seek(0)
+    return len(size) == 4 and 540 in (int.from_bytes(size, "little"), int.from_bytes(size, "big"))
+
+
+def _check_gzip_end(stream: gzip.GzipFile | None, path: str) -> None:
+    """Read a gzip stream to its end, so that its CRC and length are checked; a mismatch is a :class:`ScanError`."""
+    if stream is None:
+        return
+    try:
+        while stream.read(1 << 20):
+            pass
+    except (EOFError, zlib.error, OSError) as exc:
+        raise ScanError(f"{path}: corrupt gzip data, its checksum does not match ({exc})") from None
+
+
 class OpenScan:
     """A 4-D scan opened lazily; :meth:`frames` yields canonical float32 blocks (t, X, Y, Z)."""
 
@@ -47,7 +81,7 @@ class OpenScan:
         self.path = str(path)
         try:
             stat = os.stat(self.path)
-            self.img = nib.load(self.path, keep_file_open=True)
+            self.img, self._stream = _open_image(self.path)
         except FileNotFoundError:
             raise ScanError(f"{self.path}: file not found") from None
         except Exception as exc:  # nibabel raises many types for a bad header or a truncated gzip
@@ -80,6 +114,8 @@ class OpenScan:
                 data = np.asarray(proxy[..., t0:t1], dtype=np.float32)
             except (EOFError, zlib.error, OSError, ValueError) as exc:
                 raise ScanError(f"{self.path}: truncated or corrupt data at frames {t0}-{t1 - 1} ({exc})") from None
+            if t1 == self.header.frames:
+                _check_gzip_end(self._stream, self.path)
             data = nib.orientations.apply_orientation(data, self.ornt)
             yield np.moveaxis(data, 3, 0)
 
@@ -87,6 +123,8 @@ class OpenScan:
         """Release the open file handle."""
         self.img.uncache()
         self.img = None  # type: ignore[assignment]
+        if self._stream is not None:
+            self._stream.close()
 
     def __enter__(self) -> OpenScan:
         return self
@@ -214,8 +252,15 @@ def save_mask(mask: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
 def read_volume(path: str | Path, what: str = "volume") -> tuple[np.ndarray, nib.Nifti1Image]:
     """Read a 3-D NIfTI (a 4-D one with one volume is squeezed) as stored: (data, image); ``what`` names it in errors."""
     try:
-        img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
+        img, stream = _open_image(str(path))
+        try:
+            data = np.asanyarray(img.dataobj)
+            _check_gzip_end(stream, str(path))
+        finally:
+            if stream is not None:
+                stream.close()
+    except ScanError:
+        raise
     except FileNotFoundError:
         raise ScanError(f"{path}: {what} file not found") from None
     except Exception as exc:

@@ -422,13 +422,14 @@ def test_contrast_map_is_the_class_difference_and_the_slope_on_a_score():
     assert np.allclose(by_class.result()["contrast_ig"], expected, atol=1e-6)
     assert np.allclose(by_score.result()["contrast_ig"], [np.polyfit(scores, maps[:, j], 1)[0] for j in range(5)], atol=1e-6)
     assert np.allclose(by_score.result()["mean_ig"], maps.mean(axis=0))           # the other statistics unchanged
+    assert np.allclose(by_class.result()["mean_abs_net_ig"], np.abs(maps).mean(axis=0))
     assert "contrast_ig" not in one_class.result()
 
 
 def test_truth_scores_the_group_map_against_the_planted_regions(demo, tmp_path, capsys):
     """--truth: truth.json holds the voxel AUROC of the group |IG| map for the target's truth mask and, where the
-    cohort has a control region, truth against control; the same for |contrast| and for the classes' mean |mean
-    signed map|; a folder that is not a planted one stops before any work."""
+    cohort has a control region, truth against control; the same for the group mean |net IG|, for |contrast| and
+    for the classes' mean |mean signed map|; a folder that is not a planted one stops before any work."""
     out = tmp_path / "ig"
     shutil.copytree(demo["ig"] / "subjects", out / "subjects")
     planted = tmp_path / "planted"
@@ -447,6 +448,10 @@ def test_truth_scores_the_group_map_against_the_planted_regions(demo, tmp_path, 
     assert scores["truth_auroc"] == pytest.approx(auroc(truth[brain], values[brain]))
     both = (truth | masks["c"]) & brain
     assert scores["effect_vs_control_auroc"] == pytest.approx(auroc(truth[both], values[both]))
+    net = np.asarray(nib.load(out / "group_mean_abs_net_ig.nii.gz").dataobj)
+    assert Path(scores["net"]["map"]).name == "group_mean_abs_net_ig.nii.gz"
+    assert scores["net"]["truth_auroc"] == pytest.approx(auroc(truth[brain], net[brain]))
+    assert scores["net"]["effect_vs_control_auroc"] == pytest.approx(auroc(truth[both], net[both]))
     contrast = np.abs(np.asarray(nib.load(out / "group_contrast_ig.nii.gz").dataobj))
     assert scores["contrast"]["truth_auroc"] == pytest.approx(auroc(truth[brain], contrast[brain]))
     assert scores["contrast"]["effect_vs_control_auroc"] == pytest.approx(auroc(truth[both], contrast[both]))
@@ -458,6 +463,7 @@ def test_truth_scores_the_group_map_against_the_planted_regions(demo, tmp_path, 
     assert scores["class_means"]["effect_vs_control_auroc"] == pytest.approx(auroc(truth[both], class_means[both]))
     printed = capsys.readouterr().out
     assert f"group |IG|: voxel AUROC {scores['truth_auroc']:.3f}; against the control (region-c)" in printed
+    assert f"group |net IG|: voxel AUROC {scores['net']['truth_auroc']:.3f}; against the control" in printed
     assert f"|contrast|: voxel AUROC {scores['contrast']['truth_auroc']:.3f}; against the control" in printed
     assert f"|class means|: voxel AUROC {scores['class_means']['truth_auroc']:.3f}; against the control" in printed
     (out / "truth.json").unlink()

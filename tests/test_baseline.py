@@ -122,13 +122,14 @@ def test_learning_benchmark_smoke(tmp_path):
             assert ig["contrast_vs_control_auroc"] == truth["contrast"]["effect_vs_control_auroc"]   # both classes
             assert 0 <= ig["contrast_truth_auroc"] <= 1 and 0 <= ig["contrast_vs_control_auroc"] <= 1
             assert ig["class_means_vs_control_auroc"] == truth["class_means"]["effect_vs_control_auroc"]
+            assert ig["net_vs_control_auroc"] == truth["net"]["effect_vs_control_auroc"]
             assert not list((work / "runs" / r["name"] / "ig").rglob("*.png"))     # analysis.figures=false
             subject = json.loads(next((work / "runs" / r["name"] / "ig" / "subjects").glob("*_ig.json")).read_text())
             assert subject["settings"]["baseline"] == "scans" and subject["settings"]["reference_scans"] == 2
         else:
             assert "ig" not in r                            # not for other restarts, shuffled labels or baselines
     assert {"ig_effect_vs_control_auroc", "ig_contrast_vs_control_auroc",
-            "ig_class_means_vs_control_auroc"} <= set(summary[("true", "brainmt:ld")])
+            "ig_class_means_vs_control_auroc", "ig_net_vs_control_auroc"} <= set(summary[("true", "brainmt:ld")])
     _learning_benchmark_refuses_mixing(work, main, common=["--n-boot", "50", "--tasks", "sex", "--effects", "coupling",
                                                                "--seeds", "2", "--variants-only", "--no-baselines"])
 

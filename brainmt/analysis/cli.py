@@ -85,7 +85,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _score_truth(summary: dict, planted: str) -> None:
-    """``--truth``: the group |IG| map (and the contrast map) against the planted truth, to truth.json beside it."""
+    """``--truth``: the group |IG| map (and the net, contrast and class-mean maps) against the planted truth, to
+    truth.json beside it."""
     from pathlib import Path
 
     from brainmt.analysis.truth import truth_scores, truth_text
@@ -95,7 +96,8 @@ def _score_truth(summary: dict, planted: str) -> None:
     group_map = maps["group_mean_abs_ig.nii.gz"]
     class_means = [path for name, path in sorted(maps.items())
                    if name.endswith("_mean_ig.nii.gz") and name != "group_mean_ig.nii.gz"]
-    scores = truth_scores(group_map, planted, summary["target"], maps.get("group_contrast_ig.nii.gz"), class_means)
+    scores = truth_scores(group_map, planted, summary["target"], maps.get("group_contrast_ig.nii.gz"), class_means,
+                          maps.get("group_mean_abs_net_ig.nii.gz"))
     atomic_write_json(group_map.parent / "truth.json", scores)
     print(truth_text(scores), flush=True)
 

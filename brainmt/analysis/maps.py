@@ -163,7 +163,9 @@ class BrainGrid:
 class GroupMaps:
     """Per-voxel statistics of subject maps over a group, accumulated one subject at a time (Welford).
 
-    ``result()``: ``mean_ig`` (signed), ``mean_abs_ig`` and ``t_ig``, a one-sample t of the signed maps:
+    ``result()``: ``mean_ig`` (signed), ``mean_abs_ig`` (the mean of the absolute maps: each frame's |IG| summed),
+    ``mean_abs_net_ig`` (the mean of |signed map|: a voxel's attributions summed over its frames, then the absolute
+    value, so that what cancels within a subject drops out) and ``t_ig``, a one-sample t of the signed maps:
     mean / (sd / sqrt(n)) with the n - 1 standard deviation (0 where sd is 0 or n < 2); each (n_brain,) float32.
     Where the subjects' targets differ also ``contrast_ig``: the slope of the signed maps on the target,
     cov(map, target) / var(target). For a 0/1 class label that is the class 1 mean minus the class 0 mean; for a
@@ -176,6 +178,7 @@ class GroupMaps:
         self.mean = np.zeros(n_brain, dtype=np.float64)
         self.m2 = np.zeros(n_brain, dtype=np.float64)
         self.abs_sum = np.zeros(n_brain, dtype=np.float64)
+        self.net_abs_sum = np.zeros(n_brain, dtype=np.float64)
         self.mean_y, self.m2_y = 0.0, 0.0
         self.co = np.zeros(n_brain, dtype=np.float64)        # co-moment of the signed maps with the target
 
@@ -189,9 +192,10 @@ class GroupMaps:
         self.mean += delta / self.n
         self.m2 += delta * (signed - self.mean)
         self.abs_sum += absolute
+        self.net_abs_sum += np.abs(signed)
 
     def result(self) -> dict[str, np.ndarray]:
-        """The group's mean, mean |IG| and t maps, and the contrast map where the targets differ."""
+        """The group's mean, mean |IG|, mean |net IG| and t maps, and the contrast map where the targets differ."""
         if self.n == 0:
             raise MapError("a group without subjects has no maps")
         t = np.zeros_like(self.mean)
@@ -200,7 +204,7 @@ class GroupMaps:
             ok = sd > 1e-12 * (np.abs(self.mean) + 1e-30)
             t[ok] = self.mean[ok] / (sd[ok] / np.sqrt(self.n))
         maps = {"mean_ig": self.mean.astype(np.float32), "mean_abs_ig": (self.abs_sum / self.n).astype(np.float32),
-                "t_ig": t.astype(np.float32)}
+                "mean_abs_net_ig": (self.net_abs_sum / self.n).astype(np.float32), "t_ig": t.astype(np.float32)}
         if self.n >= 2 and self.m2_y > 1e-12:
             maps["contrast_ig"] = (self.co / self.m2_y).astype(np.float32)
         return maps

@@ -9,13 +9,16 @@
   wherever the model looks, so a map can find the planted regions without the model having learned the
   label; only this comparison tells the two apart.
 
-Both are given for the group mean |IG| map, for the absolute value of the contrast map (``group_contrast_ig``:
+Both are given for the group mean |IG| map, for the group mean |net IG| (``net``: ``group_mean_abs_net_ig``, each
+subject's signed map, its attributions summed over the frames, made absolute and averaged over the subjects), for
+the absolute value of the contrast map (``group_contrast_ig``:
 the signed maps' difference between the classes, or their slope on a score), which cancels what every subject
 shares, and, for a class label, for the class means (``class_means``: each class's mean signed map, its absolute
-value averaged over the classes). The class means keep a region the model reads alike in both classes, which the
-contrast cancels, and drop what |IG| keeps from attributions that cancel within a subject (|IG| takes the absolute
-value of each frame's attribution before summing them). Where the class means are specific and |IG| is not, the
-model does not read the control: |IG| there is the control's variance.
+value averaged over the classes). The net map and the class means drop what |IG| keeps from attributions that
+cancel within a subject (|IG| takes the absolute value of each frame's attribution before summing them); the class
+means also drop what cancels between the subjects of a class, and keep a region the model reads alike in both
+classes, which the contrast cancels. Where these are specific and |IG| is not, the model does not read the
+control: |IG| there is the control's variance.
 """
 
 from __future__ import annotations
@@ -61,9 +64,10 @@ def read_truth(planted_dir: str | Path) -> dict:
 
 
 def truth_scores(map_path: str | Path, planted_dir: str | Path, target: str, contrast_path: str | Path | None = None,
-                 class_mean_paths: Sequence[str | Path] = ()) -> dict:
+                 class_mean_paths: Sequence[str | Path] = (), net_path: str | Path | None = None) -> dict:
     """Voxel AUROCs of ``map_path`` (brain voxels: where it is non-zero) for the truth of ``target``; with
-    ``contrast_path`` (``group_contrast_ig``) the same two AUROCs of its absolute value, under ``contrast``; with two
+    ``net_path`` (``group_mean_abs_net_ig``) the same two AUROCs of it, under ``net``; with
+    ``contrast_path`` (``group_contrast_ig``) those of its absolute value, under ``contrast``; with two
     or more ``class_mean_paths`` (``group_<class>_mean_ig``) those of their absolute values' mean, under
     ``class_means``."""
     planted_dir = Path(planted_dir)
@@ -87,6 +91,8 @@ def truth_scores(map_path: str | Path, planted_dir: str | Path, target: str, con
               "truth_regions": info["truth"][role]["regions"], "truth_voxels": int(truth.sum()), **aurocs(values)}
     if control:
         scores["control_regions"] = control["regions"]
+    if net_path is not None:
+        scores["net"] = {"map": str(net_path), **aurocs(_load_on_grid(Path(net_path), img)[1])}
     if contrast_path is not None:
         scores["contrast"] = {"map": str(contrast_path), **aurocs(np.abs(_load_on_grid(Path(contrast_path), img)[1]))}
     if len(class_mean_paths) >= 2:
@@ -99,7 +105,8 @@ def truth_scores(map_path: str | Path, planted_dir: str | Path, target: str, con
 
 
 def truth_text(scores: dict) -> str:
-    """The console lines: the group |IG| map, and the contrast map and the class means when there are some."""
+    """The console lines: the group |IG| map, and the net map, the contrast map and the class means when there are
+    some."""
     def line(what: str, found: dict) -> str:
         control = found["effect_vs_control_auroc"]
         return (f"{what}: voxel AUROC {found['truth_auroc']:.3f}"
@@ -108,6 +115,8 @@ def truth_text(scores: dict) -> str:
 
     head = f"truth ({scores['effect']} cohort, target '{scores['target']}', {'+'.join(scores['truth_regions'])})"
     lines = [line(f"{head}, group |IG|", scores)]
+    if scores.get("net"):
+        lines.append(line(f"{head}, group |net IG|", scores["net"]))
     if scores.get("contrast"):
         lines.append(line(f"{head}, |contrast|", scores["contrast"]))
     if scores.get("class_means"):

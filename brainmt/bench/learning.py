@@ -37,9 +37,10 @@ from brainmt.data.synthetic import EFFECTS
 
 TASKS = {"sex": ("classification", "sex"), "score": ("regression", "cognition")}
 BASELINES = {"classification": ["connectome-logreg", "amplitude-logreg"], "regression": ["connectome-ridge", "amplitude-ridge"]}
-# the IG map's scores against the planted truth (brainmt analyze --truth): group mean |IG|, |contrast|, class means
-IG_SCORES = ("truth_auroc", "effect_vs_control_auroc", "contrast_truth_auroc", "contrast_vs_control_auroc",
-             "class_means_truth_auroc", "class_means_vs_control_auroc")
+# the IG map's scores against the planted truth (brainmt analyze --truth): group mean |IG|, mean |net IG|, |contrast|,
+# class means
+IG_SCORES = ("truth_auroc", "effect_vs_control_auroc", "net_truth_auroc", "net_vs_control_auroc",
+             "contrast_truth_auroc", "contrast_vs_control_auroc", "class_means_truth_auroc", "class_means_vs_control_auroc")
 SHOWN = {"classification": ["auroc", "balanced_accuracy", "accuracy"], "regression": ["pearson_r", "mse", "mae"]}
 # the demo model on the CPU needs more epochs than the demo's 10 to find the score's amplitude effect
 CPU_OVERRIDES = {"sex": ["train.epochs=20", "train.early_stopping_patience=20"],
@@ -170,7 +171,7 @@ def analyse_brainmt(job: BenchRun, view: Path, out: Path, planted: Path, device:
     run_logged(cmd, log_dir / f"{job.name}-ig.log", f"{job.name}: brainmt analyze", slot)
     scores = json.loads((out / "ig" / "truth.json").read_text())
     row = {k: scores[k] for k in ("truth_auroc", "effect_vs_control_auroc", "truth_regions", "region_mean")}
-    for name in ("contrast", "class_means"):
+    for name in ("net", "contrast", "class_means"):
         found = scores.get(name) or {}
         row |= {f"{name}_truth_auroc": found.get("truth_auroc"),
                 f"{name}_vs_control_auroc": found.get("effect_vs_control_auroc")}
@@ -507,6 +508,8 @@ def format_row(row: dict) -> str:
     if row.get("ig"):
         control, contrast = row["ig"]["effect_vs_control_auroc"], row["ig"].get("contrast_vs_control_auroc")
         cells += f"  |IG| truth {row['ig']['truth_auroc']:.3f}" + (f" vs control {control:.3f}" if control is not None else "")
+        net = row["ig"].get("net_vs_control_auroc")
+        cells += f"  |net IG| vs control {net:.3f}" if net is not None else ""
         cells += f"  |contrast| vs control {contrast:.3f}" if contrast is not None else ""
         means = row["ig"].get("class_means_vs_control_auroc")
         cells += f"  |class means| vs control {means:.3f}" if means is not None else ""

@@ -496,6 +496,21 @@ def test_data_mask_and_user_mask(tmp_path):
                       options=OPTS, progress=False)
 
 
+def test_a_sex_column_left_out_of_the_targets_is_named(tmp_path, caplog):
+    """Splits are stratified by sex only when sex is a target: a --sex-column left out of --targets stops before
+    anything is written; a sex column found by its name and left out is a warning, and the splits say unstratified."""
+    raw = bids_dataset(tmp_path / "raw", 4)
+    table = raw / "participants.tsv"
+    with pytest.raises(PhenotypeError, match=r"participants.tsv: --sex-column 'sex' is not among --targets \['score'\]"):
+        shard_dataset(raw, table, tmp_path / "out", targets=["score"], sex_column="sex", options=OPTS, progress=False)
+    assert not (tmp_path / "out").exists()
+    assert read_phenotypes(table, targets=["score", "sex"]).sex_unused is None
+    with caplog.at_level("WARNING", logger="brainmt.data.shards"):
+        shard_dataset(raw, table, tmp_path / "out", targets=["score"], options=OPTS, progress=False)
+    assert "the sex column 'sex' is not among --targets ['score'], so the splits are not stratified" in caplog.text
+    assert json.loads((tmp_path / "out" / "splits.json").read_text())["stratified"] is False
+
+
 def test_gzip_truncated_at_the_end_is_named(tmp_path):
     raw = bids_dataset(tmp_path / "raw", 2)
     path = raw / "sub-01" / "func" / "sub-01_task-rest_bold.nii.gz"

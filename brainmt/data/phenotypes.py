@@ -40,6 +40,7 @@ class Phenotypes:
     auto_targets: bool = False        # the targets were picked automatically (no --targets)
     problems: dict[str, dict[str, str]] = field(default_factory=dict)          # subject -> target -> problem
     families: dict[str, str] = field(default_factory=dict)
+    sex_unused: str | None = None     # a sex column found but left out of --targets: the splits are not stratified
 
     def target_problem(self, subject: str) -> str | None:
         """Why the subject's targets cannot be used (missing, non-numeric, unrecognised sex), or None."""
@@ -163,10 +164,13 @@ def read_phenotypes(
         if missing:
             raise PhenotypeError(f"{path}: target column(s) {missing} not in the table; columns are {columns}{hint}")
         target_cols = list(targets)
+        if sex_column and sex_col not in target_cols:
+            raise PhenotypeError(f"{path}: --sex-column {sex_col!r} is not among --targets {target_cols}: the splits are "
+                                 "stratified by sex only when it is a target; add it to --targets")
     else:
         target_cols = _auto_targets(columns, rows, (id_col, fam_col), sex_col)
     phen = Phenotypes(str(path), target_cols, sex_col if sex_col in target_cols else None, fam_col,
-                      auto_targets=not targets)
+                      auto_targets=not targets, sex_unused=sex_col if sex_col not in target_cols else None)
     first_line: dict[str, int] = {}
     for line_no, row in numbered:
         if any((v or "").strip() for v in row.get(None) or []):     # DictReader's key for fields past the header's

@@ -611,6 +611,9 @@ def shard_dataset(input_dir: str | Path, phenotypes: str | Path, output: str | P
     if out.exists() and not out.is_dir():
         raise ShardOptionError(f"--output {out}: exists and is not a directory")
     phen = read_phenotypes(phenotypes, id_column, targets, sex_column, family_column)
+    if phen.sex_unused:
+        log.warning("%s: the sex column %r is not among --targets %s, so the splits are not stratified by sex; add "
+                    "it to --targets to stratify them", phen.path, phen.sex_unused, phen.targets)
     layout, scans = find_scans(input_dir, layout, glob, subject_regex, bids_space)
     summary = ShardSummary()
     skip = _skipper(summary, opts.strict)

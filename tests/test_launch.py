@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from slurm_helpers import scancel_and_check_gone
 
 from brainmt.data.shards import ShardOptions, shard_dataset
 from brainmt.data.synthetic import write_synthetic_bids
@@ -125,13 +126,7 @@ def test_scancel_ends_the_job_with_a_checkpoint_and_no_requeue(slurm, shards, tm
     while not ckpt.list_checkpoints(run_dir / "checkpoints"):             # the job has visibly started
         assert time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.2)
-    subprocess.run(["scancel", str(job_id)], check=True, timeout=60)
-    deadline = time.time() + 120
-    while subprocess.run(["squeue", "-h", "-j", str(job_id)], capture_output=True, text=True).stdout.strip():
-        assert time.time() < deadline, "the cancelled job is still queued or running"
-        time.sleep(1)
-    time.sleep(10)                                                          # a requeued job would be back by now
-    assert not subprocess.run(["squeue", "-h", "-j", str(job_id)], capture_output=True, text=True).stdout.strip()
+    scancel_and_check_gone(str(job_id))
     log = (run_dir / "logs" / "rank-0.log").read_text()
     assert "stop requested (SIGTERM)" in log and "cancelled (scancel)" in log and "resumed from" not in log
     assert not (run_dir / "metrics.json").exists()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from slurm_helpers import scancel_and_check_gone
 
 from brainmt.config import ConfigError
 from brainmt.tune.space import load_sweep, trial_count
@@ -221,13 +222,7 @@ def test_scancel_ends_a_sweep_job_without_a_requeue(slurm, small_shards, tmp_pat
     while not ended_trials(sweep_dir):
         assert time.time() < deadline, "no trial finished"
         time.sleep(0.2)
-    subprocess.run(["scancel", job_id], check=True, timeout=60)
-    deadline = time.time() + 120
-    while subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip():
-        assert time.time() < deadline, "the cancelled sweep job is still queued or running"
-        time.sleep(1)
-    time.sleep(10)                                                      # a requeued job would be back by now
-    assert not subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip()
+    scancel_and_check_gone(job_id)
     events = [json.loads(line)["event"] for line in (sweep_dir / "events.jsonl").read_text().splitlines()]
     assert events == ["started", "cancelled"]
 

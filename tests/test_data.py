@@ -530,12 +530,18 @@ def _corrupt_stored_gzip(path: Path) -> None:
 
 
 def test_gzip_checksum_mismatch_is_named(tmp_path):
-    raw = bids_dataset(tmp_path / "raw", 3)
-    path = raw / "sub-02" / "func" / "sub-02_task-rest_bold.nii.gz"
-    _corrupt_stored_gzip(path)
+    """A .nii.gz whose checksum does not match, or whose gzip trailer is cut off, is skipped and named; bytes after
+    the gzip stream (which gzip -d ignores) are not an error."""
+    raw = bids_dataset(tmp_path / "raw", 4)
+    f = lambda sid: raw / sid / "func" / f"{sid}_task-rest_bold.nii.gz"  # noqa: E731
+    _corrupt_stored_gzip(f("sub-02"))
+    f("sub-03").write_bytes(f("sub-03").read_bytes()[:-4])                    # the trailer's length field gone
+    f("sub-01").write_bytes(f("sub-01").read_bytes() + b"JUNKJUNK")
     summary = shard_dataset(raw, raw / "participants.tsv", tmp_path / "out", options=OPTS, progress=False)
-    assert str(path) in _skips(summary)["sub-02"] and "checksum does not match" in _skips(summary)["sub-02"]
-    assert len(summary.written) == 2                   # the other scans are sharded
+    skips = _skips(summary)
+    assert str(f("sub-02")) in skips["sub-02"] and "corrupt gzip data, its checksum does not match" in skips["sub-02"]
+    assert str(f("sub-03")) in skips["sub-03"] and "truncated gzip data" in skips["sub-03"]
+    assert sorted(summary.written) == ["sub-00", "sub-01"]          # the others are sharded
 
 
 def test_mask_with_a_gzip_checksum_mismatch_is_named(tmp_path):

@@ -64,14 +64,20 @@ def _is_nifti2(stream: gzip.GzipFile) -> bool:
 
 
 def _check_gzip_end(stream: gzip.GzipFile | None, path: str) -> None:
-    """Read a gzip stream to its end, so that its CRC and length are checked; a mismatch is a :class:`ScanError`."""
+    """Read a gzip stream to its end, so that its CRC and length are checked; a mismatch, or a stream that ends
+    early, is a :class:`ScanError`. Bytes after the last gzip member that are not gzip are ignored, as gzip -d does."""
     if stream is None:
         return
     try:
         while stream.read(1 << 20):
             pass
-    except (EOFError, zlib.error, OSError) as exc:
-        raise ScanError(f"{path}: corrupt gzip data, its checksum does not match ({exc})") from None
+    except EOFError as exc:
+        raise ScanError(f"{path}: truncated gzip data, the stream ends before its end marker ({exc})") from None
+    except gzip.BadGzipFile as exc:
+        if not str(exc).startswith("Not a gzipped file"):      # CPython's words for trailing bytes after a member
+            raise ScanError(f"{path}: corrupt gzip data, its checksum does not match ({exc})") from None
+    except (zlib.error, OSError) as exc:
+        raise ScanError(f"{path}: corrupt gzip data ({exc})") from None
 
 
 class OpenScan:
@@ -86,6 +92,14 @@ class OpenScan:
             raise ScanError(f"{self.path}: file not found") from None
         except Exception as exc:  # nibabel raises many types for a bad header or a truncated gzip
             raise ScanError(f"{self.path}: unreadable NIfTI ({type(exc).__name__}: {exc})") from None
+        try:
+            self.header = self._read_header(stat)
+        except BaseException:
+            self.close()
+            raise
+
+    def _read_header(self, stat: os.stat_result) -> ScanHeader:
+        """The header in canonical orientation (sets ``ornt``); a scan that is not a time series is a ScanError."""
         shape = self.img.shape
         if len(shape) != 4:
             raise ScanError(f"{self.path}: expected a 4-D image (x, y, z, time), got {len(shape)}-D shape {shape}")
@@ -97,7 +111,7 @@ class OpenScan:
         zooms = self.img.header.get_zooms()
         spatial_zooms = np.abs(np.asarray(zooms[:3], dtype=float))[self.ornt[:, 0].astype(int).argsort()]
         canon_shape = tuple(int(shape[int(i)]) for i in self.ornt[:, 0].argsort())
-        self.header = ScanHeader(
+        return ScanHeader(
             path=self.path, shape=canon_shape, frames=int(shape[3]),  # type: ignore[arg-type]
             voxel_size=tuple(round(float(z), 5) for z in spatial_zooms),  # type: ignore[arg-type]
             tr=_tr_seconds(self.img), affine=affine, source_bytes=stat.st_size, source_mtime=stat.st_mtime,

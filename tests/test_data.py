@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -497,18 +498,28 @@ def test_data_mask_and_user_mask(tmp_path):
 
 
 def test_a_sex_column_left_out_of_the_targets_is_named(tmp_path, caplog):
-    """Splits are stratified by sex only when sex is a target: a --sex-column left out of --targets stops before
-    anything is written; a sex column found by its name and left out is a warning, and the splits say unstratified."""
+    """Splits are stratified by sex only when sex is a target: a --sex-column left out of --targets stops a new
+    output before anything is written (jobs/shard.py before anything is queued); a sex column found by its name
+    and left out, or an output already written so, is a warning, and the splits say unstratified."""
+    from brainmt.launch import shard_jobs
+
     raw = bids_dataset(tmp_path / "raw", 4)
-    table = raw / "participants.tsv"
-    with pytest.raises(PhenotypeError, match=r"participants.tsv: --sex-column 'sex' is not among --targets \['score'\]"):
-        shard_dataset(raw, table, tmp_path / "out", targets=["score"], sex_column="sex", options=OPTS, progress=False)
-    assert not (tmp_path / "out").exists()
+    table, out = raw / "participants.tsv", tmp_path / "out"
+    named = "the sex column 'sex' is not among the targets ['score'], so the splits are not stratified by sex"
+    with pytest.raises(PhenotypeError, match=r"participants.tsv: " + re.escape(named) + "; add it to --targets, or"):
+        shard_dataset(raw, table, out, targets=["score"], sex_column="sex", options=OPTS, progress=False)
+    job = ["--input", str(raw), "--phenotypes", str(table), "--output", str(out), "--cluster", "debug", "--dry-run"]
+    assert shard_jobs.main([*job, "--targets", "score", "--sex-column", "sex"]) == 2
+    assert not out.exists()
     assert read_phenotypes(table, targets=["score", "sex"]).sex_unused is None
     with caplog.at_level("WARNING", logger="brainmt.data.shards"):
-        shard_dataset(raw, table, tmp_path / "out", targets=["score"], options=OPTS, progress=False)
-    assert "the sex column 'sex' is not among --targets ['score'], so the splits are not stratified" in caplog.text
-    assert json.loads((tmp_path / "out" / "splits.json").read_text())["stratified"] is False
+        shard_dataset(raw, table, out, targets=["score"], options=OPTS, progress=False)
+    assert f"{named}; add it to --targets to stratify them" in caplog.text
+    assert json.loads((out / "splits.json").read_text())["stratified"] is False
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="brainmt.data.shards"):                  # continuing that output
+        shard_dataset(raw, table, out, targets=["score"], sex_column="sex", options=OPTS, progress=False)
+    assert named in caplog.text
 
 
 def test_gzip_truncated_at_the_end_is_named(tmp_path):

@@ -134,7 +134,7 @@ def test_brainmt_shard_refuses_a_bad_choice_a_bad_shard_section_and_other_keys(t
 def test_jobs_shard_takes_the_shard_section_of_a_config(tmp_path, capsys):
     raw = tmp_path / "raw"
     raw.mkdir()
-    (raw / "participants.tsv").write_text("participant_id\tsex\n")
+    (raw / "participants.tsv").write_text("participant_id\tsex\nsub-01\tM\n")
     (tmp_path / "data.yaml").write_text("shard:\n  chunk_frames: 4\n  background: zero\n")
     base = ["--input", str(raw), "--phenotypes", str(raw / "participants.tsv"), "--output", str(tmp_path / "out"),
             "--cluster", "debug", "--config", str(tmp_path / "data.yaml")]

@@ -164,9 +164,6 @@ def read_phenotypes(
         if missing:
             raise PhenotypeError(f"{path}: target column(s) {missing} not in the table; columns are {columns}{hint}")
         target_cols = list(targets)
-        if sex_column and sex_col not in target_cols:
-            raise PhenotypeError(f"{path}: --sex-column {sex_col!r} is not among --targets {target_cols}: the splits are "
-                                 "stratified by sex only when it is a target; add it to --targets")
     else:
         target_cols = _auto_targets(columns, rows, (id_col, fam_col), sex_col)
     phen = Phenotypes(str(path), target_cols, sex_col if sex_col in target_cols else None, fam_col,

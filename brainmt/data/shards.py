@@ -34,7 +34,7 @@ from brainmt import __version__
 from brainmt.config import SPLIT_NAMES, ShardBackground, ShardConfig, option_flag, option_text, shard_problems
 from brainmt.data.layouts import ScanSource, find_scans
 from brainmt.data.nifti import OpenScan, ScanError, bounding_box, load_mask, read_brain_series, save_mask, variation_mask
-from brainmt.data.phenotypes import make_splits, read_phenotypes
+from brainmt.data.phenotypes import PhenotypeError, Phenotypes, make_splits, read_phenotypes
 from brainmt.fileio import atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
@@ -334,6 +334,21 @@ def _show(value) -> str:
     return " ".join(map(str, value)) if isinstance(value, list) else f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def shard_phenotypes(out: Path, path: str | Path, id_column: str | None, targets: list[str] | None,
+                     sex_column: str | None, family_column: str | None) -> Phenotypes:
+    """The phenotype table as sharding into ``out`` reads it. A sex column left out of the targets leaves the splits
+    unstratified: named on purpose (``--sex-column``, ``shard.sex_column``) for a new output, an error; found by
+    its name, or for an output already written so, a warning."""
+    phen = read_phenotypes(path, id_column, targets, sex_column, family_column)
+    if phen.sex_unused:
+        what = (f"{phen.path}: the sex column {phen.sex_unused!r} is not among the targets {phen.targets}, so the "
+                "splits are not stratified by sex")
+        if sex_column and stored_settings(out) is None:
+            raise PhenotypeError(f"{what}; add it to --targets, or leave out --sex-column (shard.sex_column)")
+        log.warning("%s; add it to --targets to stratify them", what)
+    return phen
+
+
 def _check_output(out: Path, settings: dict, opts: ShardOptions) -> None:
     """Refuse to add to an output written with other stored options or other split options, naming each one."""
     diffs = []
@@ -610,10 +625,7 @@ def shard_dataset(input_dir: str | Path, phenotypes: str | Path, output: str | P
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise ShardOptionError(f"--output {out}: exists and is not a directory")
-    phen = read_phenotypes(phenotypes, id_column, targets, sex_column, family_column)
-    if phen.sex_unused:
-        log.warning("%s: the sex column %r is not among --targets %s, so the splits are not stratified by sex; add "
-                    "it to --targets to stratify them", phen.path, phen.sex_unused, phen.targets)
+    phen = shard_phenotypes(out, phenotypes, id_column, targets, sex_column, family_column)
     layout, scans = find_scans(input_dir, layout, glob, subject_regex, bids_space)
     summary = ShardSummary()
     skip = _skipper(summary, opts.strict)

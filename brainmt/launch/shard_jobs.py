@@ -81,8 +81,8 @@ def cluster_config(args: argparse.Namespace) -> ClusterConfig:
 
 def _plan(args: argparse.Namespace) -> tuple[ClusterConfig, dict, ShardOptions, Path, list[str]]:
     """Everything checked before a job is queued: the cluster settings, shard_dataset's arguments, options, output,
-    and the sharding options as ``brainmt shard`` words (for re-running one slice)."""
-    from brainmt.data.shards import ShardOptionError
+    the phenotype table, and the sharding options as ``brainmt shard`` words (for re-running one slice)."""
+    from brainmt.data.shards import ShardOptionError, shard_phenotypes
 
     if args.array_size < 1:
         raise ShardOptionError(f"--array-size {args.array_size}: must be at least 1")
@@ -100,6 +100,8 @@ def _plan(args: argparse.Namespace) -> tuple[ClusterConfig, dict, ShardOptions, 
     options, dataset_args = split_shard_config(settings)
     common = {**dataset_args, "input_dir": str(Path(args.input).resolve()),
               "phenotypes": str(Path(args.phenotypes).resolve()), "output": str(out)}
+    shard_phenotypes(out, common["phenotypes"], *(dataset_args[k] for k in ("id_column", "targets", "sex_column",
+                                                                          "family_column")))
     return c, common, options, out, shard_option_argv(settings)
 
 
@@ -107,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     """Check every option, then submit the mask job (if needed), the array of slices and the merge job."""
     import submitit
 
+    from brainmt.data.phenotypes import PhenotypeError
     from brainmt.data.shards import ShardError
     from brainmt.launch.slurm import LaunchError, checked_executor, sbatch_preview
 
@@ -120,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"shard_dataset arguments: {json.dumps({k: v for k, v in common.items() if v is not None})}")
             return 0
         executor, cluster = checked_executor(c, out / "slurm", args.job_name)
-    except (ConfigError, ShardError, LaunchError) as exc:
+    except (ConfigError, ShardError, PhenotypeError, LaunchError) as exc:
         print(f"jobs/shard.py: error: {exc}", file=sys.stderr)
         return 2
     except submitit.core.utils.FailedJobError as exc:

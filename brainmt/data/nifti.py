@@ -43,10 +43,11 @@ class ScanHeader:
     source_affine: np.ndarray | None = None   # the file's own affine (its orientation on disk), 4x4
 
 
-def _open_image(path: str) -> tuple[nib.Nifti1Image, gzip.GzipFile | None]:
-    """The image at ``path`` and, for a gzip file, the open stream its data proxy reads from."""
+def _open_image(path: str, keep_file_open: bool = False) -> tuple[nib.Nifti1Image, gzip.GzipFile | None]:
+    """The image at ``path`` and, for a gzip file, the open stream its data proxy reads from (an uncompressed file
+    is nibabel's to open, and to keep open between reads with ``keep_file_open``)."""
     if not path.endswith(".gz"):
-        return nib.load(path, keep_file_open=True), None
+        return nib.load(path, keep_file_open=keep_file_open), None
     stream = gzip.open(path, "rb")
     try:
         image_class = nib.Nifti2Image if _is_nifti2(stream) else nib.Nifti1Image
@@ -87,7 +88,7 @@ class OpenScan:
         self.path = str(path)
         try:
             stat = os.stat(self.path)
-            self.img, self._stream = _open_image(self.path)
+            self.img, self._stream = _open_image(self.path, keep_file_open=True)
         except FileNotFoundError:
             raise ScanError(f"{self.path}: file not found") from None
         except Exception as exc:  # nibabel raises many types for a bad header or a truncated gzip

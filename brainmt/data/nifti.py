@@ -50,18 +50,13 @@ def _open_image(path: str, keep_file_open: bool = False) -> tuple[nib.Nifti1Imag
         return nib.load(path, keep_file_open=keep_file_open), None
     stream = gzip.open(path, "rb")
     try:
-        image_class = nib.Nifti2Image if _is_nifti2(stream) else nib.Nifti1Image
+        header = stream.read(nib.Nifti2Header.sizeof_hdr)
+        stream.seek(0)
+        image_class = nib.Nifti2Image if nib.Nifti2Header.may_contain_header(header) else nib.Nifti1Image
         return image_class.from_file_map(image_class.make_file_map({"image": stream, "header": stream})), stream
     except BaseException:
         stream.close()
         raise
-
-
-def _is_nifti2(stream: gzip.GzipFile) -> bool:
-    """Whether a header starts as NIfTI-2's does (sizeof_hdr 540, either byte order); leaves the stream at 0."""
-    size = stream.read(4)
-    stream.seek(0)
-    return len(size) == 4 and 540 in (int.from_bytes(size, "little"), int.from_bytes(size, "big"))
 
 
 def _check_gzip_end(stream: gzip.GzipFile | None, path: str) -> None:
@@ -70,8 +65,9 @@ def _check_gzip_end(stream: gzip.GzipFile | None, path: str) -> None:
     if stream is None:
         return
     try:
-        while stream.read(1 << 20):
-            pass
+        chunk = stream.read(1 << 20)
+        while chunk:
+            chunk = stream.read(1 << 20)
     except EOFError as exc:
         raise ScanError(f"{path}: truncated gzip data, the stream ends before its end marker ({exc})") from None
     except gzip.BadGzipFile as exc:

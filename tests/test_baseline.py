@@ -87,7 +87,7 @@ def test_baseline_command_line(small_shards, tmp_path):
 
 def test_learning_benchmark_smoke(tmp_path):
     """A reduced learning benchmark: the sex task only, few subjects, short training, two seeds' splits, a variant, two
-    restarts (IG of each split's pick only); loose thresholds."""
+    restarts (IG of each split's pick only, shuffled labels' picks on the true labels); loose thresholds."""
     from brainmt.bench.learning import best_of_restarts, main
 
     work = tmp_path / "bench"
@@ -104,12 +104,16 @@ def test_learning_benchmark_smoke(tmp_path):
     assert all(by[(seed, "true", "connectome-logreg")]["auroc"]["value"] >= 0.75 for seed in (0, 1))
     splits = [json.loads((work / "views" / f"coupling-s{seed}-true" / "splits.json").read_text()) for seed in (0, 1)]
     assert splits[0]["test"] != splits[1]["test"]                # each seed its own split
+    for seed in (0, 1):                                          # the shuffled control keeps its seed's split
+        shuffled = json.loads((work / "views" / f"coupling-s{seed}-shuffled" / "splits.json").read_text())
+        parts = ("train", "validation", "test")
+        assert {k: shuffled[k] for k in parts} == {k: splits[seed][k] for k in parts}
     summary = {(e["labels"], e["method"]): e for e in record["summary"]}
     assert summary[("true", "brainmt:ld")]["seeds"] == 2 and summary[("true", "brainmt:ld")]["runs"] == 4
     assert len(summary[("true", "brainmt:ld best of 2")]["auroc"]["values"]) == 2
     assert len(summary[("shuffled", "brainmt:ld best of 2")]["auroc"]["values"]) == 2
-    picks = {p["name"] for p in best_of_restarts(record["rows"], 2) if p["labels"] == "true"}
-    assert len(picks) == 2 and {r["name"] for r in record["rows"] if "ig" in r} == picks   # IG of the picks only
+    picks = {p["name"] for p in best_of_restarts(record["rows"], 2)}
+    assert len(picks) == 4 and {r["name"] for r in record["rows"] if "ig" in r} == picks   # IG of the picks only
     for r in record["rows"]:
         assert r["seconds"] > 0
         if r["method"].startswith("brainmt"):
@@ -126,10 +130,14 @@ def test_learning_benchmark_smoke(tmp_path):
             assert not list((work / "runs" / r["name"] / "ig").rglob("*.png"))     # analysis.figures=false
             subject = json.loads(next((work / "runs" / r["name"] / "ig" / "subjects").glob("*_ig.json")).read_text())
             assert subject["settings"]["baseline"] == "scans" and subject["settings"]["reference_scans"] == 2
+            true_sex = {m["subject"]: m["targets"]["sex"] for m in json.loads(
+                (work / "views" / f"coupling-s{r['seed']}-true" / "manifest.json").read_text())["scans"].values()}
+            assert subject["target"] == true_sex[subject["subject"]]     # shuffled runs too: classes by true labels
         else:
-            assert "ig" not in r                            # not for other restarts, shuffled labels or baselines
+            assert "ig" not in r                            # not for other restarts or baselines
     assert {"ig_effect_vs_control_auroc", "ig_contrast_vs_control_auroc",
             "ig_class_means_vs_control_auroc", "ig_net_vs_control_auroc"} <= set(summary[("true", "brainmt:ld")])
+    assert "ig_net_vs_control_auroc" in summary[("shuffled", "brainmt:ld best of 2")]
     _learning_benchmark_refuses_mixing(work, main, common=["--n-boot", "50", "--tasks", "sex", "--effects", "coupling",
                                                                "--seeds", "2", "--variants-only", "--no-baselines"])
 

@@ -5,10 +5,11 @@ writes one synthetic cohort per kind of effect (``brainmt synth --effect``), sha
 another family-grouped split (and another initialisation); on each split it trains BrainMT (the paper's model on
 CUDA, the demo's on the CPU) and fits the connectome and amplitude baselines, for sex (classification) and the
 cognitive score (regression). ``--shuffled EFFECT`` repeats sex with labels permuted across subjects (a control that
-must stay at chance). ``--variant NAME key=value,...`` trains BrainMT once more per variant (the lever table).
-``--restarts K`` trains each BrainMT config K times per split, each from its own initialisation, and adds a row for
-the run each split would keep by its best validation value (the restarts recipe, sweeps/restarts.yaml); ``--ig``
-then analyses only those picks.
+must stay at chance; drawn on the true labels' split). ``--variant NAME key=value,...`` trains BrainMT once more per
+variant (the lever table). ``--restarts K`` trains each BrainMT config K times per split, each from its own
+initialisation, and adds a row for the run each split would keep by its best validation value (the restarts recipe,
+sweeps/restarts.yaml); ``--ig`` then analyses only those picks. ``--ig`` analyses the shuffled-label runs too, on the
+true labels' view: a model that has not learned the effect shows what the maps single out without it.
 Every BrainMT run is its own ``brainmt train`` process; ``--parallel`` runs several at once, spread over the visible
 GPUs (several on one GPU share it). Results go to ``learning.json`` after every run (a rerun skips finished ones)
 and a Markdown table at the end.
@@ -68,22 +69,23 @@ class BenchRun:
 
 def seed_view(shards: Path, out: Path, seed: int, shuffle: bool = False) -> Path:
     """The same shards with another seed's family-grouped split (and, with ``shuffle``, every target permuted across
-    scans): a new manifest and splits.json, the shard files and mask linked."""
+    scans after the split is drawn, so that a shuffled view has the same split as its true one): a new manifest and
+    splits.json, the shard files and mask linked."""
     from brainmt.data.shards import write_splits
 
     manifest = json.loads((shards / "manifest.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    write_splits(manifest, out / "splits.json", seed=seed)
     if shuffle:
         ids = sorted(manifest["scans"])
         order = np.random.default_rng(seed + 7919).permutation(len(ids))
         targets = [manifest["scans"][s]["targets"] for s in ids]
         for scan, j in zip(ids, order, strict=True):
             manifest["scans"][scan]["targets"] = targets[j]
-    out.mkdir(parents=True, exist_ok=True)
     for name in ("shards", manifest["mask"]["file"]):
         if not (out / name).exists():
             (out / name).symlink_to((shards / name).resolve())
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    write_splits(manifest, out / "splits.json", seed=seed)
     return out
 
 
@@ -161,12 +163,13 @@ def ig_subjects(view: Path, task: str, count: int) -> list[str]:
 
 def analyse_brainmt(job: BenchRun, view: Path, out: Path, planted: Path, device: str, subjects: int,
                     log_dir: Path, slot: dict[str, str]) -> dict:
-    """``brainmt analyze --truth`` of a trained run on ``subjects`` test subjects (:func:`ig_subjects`; no figures, the
-    job's ``analysis.*`` overrides): the voxel AUROCs of the group |IG| map and of the contrast map for the label's
-    planted regions, and against the control region."""
+    """``brainmt analyze --truth`` of a trained run on ``subjects`` test subjects of ``view`` (:func:`ig_subjects`; no
+    figures, the job's ``analysis.*`` overrides), their classes read from ``view`` (for a shuffled-label run the true
+    labels' view): the voxel AUROCs of the group |IG|, net, contrast and class-mean maps for the label's planted
+    regions, and against the control region."""
     test = ig_subjects(view, job.task, subjects)
     cmd = [sys.executable, "-m", "brainmt.cli", "analyze", "--run", str(out), "--out", str(out / "ig"),
-           "--subjects", *test, "--truth", str(planted), "--device", device, "analysis.figures=false",
+           "--shards", str(view), "--subjects", *test, "--truth", str(planted), "--device", device, "analysis.figures=false",
            *[o for o in job.overrides if o.startswith("analysis.")]]
     run_logged(cmd, log_dir / f"{job.name}-ig.log", f"{job.name}: brainmt analyze", slot)
     scores = json.loads((out / "ig" / "truth.json").read_text())
@@ -240,10 +243,10 @@ def best_of_restarts(rows: list[dict], restarts: int) -> list[dict]:
 
 
 def picks_to_analyse(rows: list[dict], restarts: int) -> list[dict]:
-    """With ``--ig`` and ``--restarts``: the rows (themselves, not copies) of each split's pick on true labels that
-    have no IG yet; the other restarts are not analysed."""
+    """With ``--ig`` and ``--restarts``: the rows (themselves, not copies) of each split's pick, true or shuffled labels,
+    that have no IG yet; the other restarts are not analysed."""
     by_name = {r["name"]: r for r in rows}
-    return [by_name[p["name"]] for p in best_of_restarts(rows, restarts) if p["labels"] == "true" and "ig" not in p]
+    return [by_name[p["name"]] for p in best_of_restarts(rows, restarts) if "ig" not in p]
 
 
 def summarise(rows: list[dict], restarts: int = 1) -> list[dict]:
@@ -329,8 +332,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic cohorts")
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--ig", type=int, default=0, metavar="SUBJECTS",
-                   help="after each BrainMT run on true labels, Integrated Gradients of this many test subjects, the "
-                        "group |IG| map scored against the planted regions and the control (0: none)")
+                   help="after each BrainMT run (shuffled labels too, on the true labels' view), Integrated Gradients "
+                        "of this many test subjects, the group maps scored against the planted regions and the control "
+                        "(0: none)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every BrainMT run")
     return p
 
@@ -346,14 +350,14 @@ class Bench:
         self.slots = run_slots(args.parallel, visible_gpus(args.device))
         self.record_path, self.started = work / "learning.json", started
 
-    def view(self, job: BenchRun) -> Path:
-        """The seed view (split, labels) a job trains and is analysed on."""
-        return self.work / "views" / f"{job.effect}-s{job.seed}-{job.labels}"
+    def view(self, job: BenchRun, labels: str | None = None) -> Path:
+        """The seed view (split, labels) a job trains on; with ``labels``, that of the same seed with other labels."""
+        return self.work / "views" / f"{job.effect}-s{job.seed}-{labels or job.labels}"
 
     def ig(self, job: BenchRun, slot: dict[str, str]) -> dict:
-        """``brainmt analyze --truth`` of a trained BrainMT run."""
+        """``brainmt analyze --truth`` of a trained BrainMT run, on the true labels' view (the same split)."""
         planted = self.cohorts[job.effect].parent / "raw" / "derivatives" / "planted"
-        return analyse_brainmt(job, self.view(job), self.work / "runs" / job.name, planted, self.args.device,
+        return analyse_brainmt(job, self.view(job, "true"), self.work / "runs" / job.name, planted, self.args.device,
                                self.args.ig, self.work / "logs", slot)
 
     def record(self, row: dict, new: bool) -> None:
@@ -372,7 +376,7 @@ class Bench:
         try:
             result = (train_brainmt(job, self.view(job), out, a.device, a.window or a.frames, self.work / "logs", slot)
                       if job.method.startswith("brainmt") else fit_baseline(job, self.view(job), out, a.n_boot))
-            if a.ig and a.restarts == 1 and job.method.startswith("brainmt") and job.labels == "true":
+            if a.ig and a.restarts == 1 and job.method.startswith("brainmt"):
                 result["ig"] = self.ig(job, slot)
         except Exception as exc:    # one failed run is reported, the others go on
             print(f"FAILED {job.name}: {exc}", flush=True)

@@ -277,3 +277,16 @@ def _learning_benchmark_refuses_mixing(work, main, common):
         assert needle in err.getvalue(), err.getvalue()
     with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
         main(["--work-dir", str(work), "--shuffled", "coupling", "train.epochs=3"])
+    # a view whose kept split is not the one drawn now (a shuffled view of an older brainmt): its runs trained on it
+    kept = work / "views" / "coupling-s0-shuffled" / "splits.json"
+    splits = json.loads(kept.read_text())
+    splits["train"][0], splits["test"][0] = splits["test"][0], splits["train"][0]
+    kept.write_text(json.dumps(splits))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["--work-dir", str(work), *common, "--subjects", "60", "--frames", "24", "--shuffled", "coupling",
+                     "--variant", "other", "optim.layer_decay=0.5", "train.epochs=3", "data.num_frames=8",
+                     "model.num_frames=8"]) == 2
+    assert "the split kept there is not the one this benchmark draws" in err.getvalue(), err.getvalue()
+    assert json.loads(kept.read_text()) == splits                         # left as it was
+    assert not (work / "runs" / "coupling-s0-sex-true-brainmt_other").exists()

@@ -11,8 +11,8 @@ initialisation, and adds a row for the run each split would keep by its best val
 sweeps/restarts.yaml); ``--ig`` then analyses only those picks. ``--ig`` analyses the shuffled-label runs too, on the
 true labels' view: a model that has not learned the effect shows what the maps single out without it.
 Every BrainMT run is its own ``brainmt train`` process; ``--parallel`` runs several at once, spread over the visible
-GPUs (several on one GPU share it). Results go to ``learning.json`` after every run (a rerun skips finished ones)
-and a Markdown table at the end.
+GPUs (several on one GPU share it). Results go to ``learning.json`` after every run (a rerun skips finished ones; it
+refuses a work dir whose views or cohorts were made otherwise) and a Markdown table at the end.
 """
 
 from __future__ import annotations
@@ -70,12 +70,16 @@ class BenchRun:
 def seed_view(shards: Path, out: Path, seed: int, shuffle: bool = False) -> Path:
     """The same shards with another seed's family-grouped split (and, with ``shuffle``, every target permuted across
     scans after the split is drawn, so that a shuffled view has the same split as its true one): a new manifest and
-    splits.json, the shard files and mask linked."""
-    from brainmt.data.shards import write_splits
+    splits.json, the shard files and mask linked. A view already there must hold the same split (its runs trained on
+    it): else :class:`ReuseError`."""
+    from brainmt.data.shards import draw_splits
+    from brainmt.fileio import atomic_write_json
 
     manifest = json.loads((shards / "manifest.json").read_text())
+    splits = draw_splits(manifest, seed=seed)
+    check_kept_split(out / "splits.json", splits)
     out.mkdir(parents=True, exist_ok=True)
-    write_splits(manifest, out / "splits.json", seed=seed)
+    atomic_write_json(out / "splits.json", splits)
     if shuffle:
         ids = sorted(manifest["scans"])
         order = np.random.default_rng(seed + 7919).permutation(len(ids))
@@ -87,6 +91,17 @@ def seed_view(shards: Path, out: Path, seed: int, shuffle: bool = False) -> Path
             (out / name).symlink_to((shards / name).resolve())
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return out
+
+
+def check_kept_split(path: Path, splits: dict) -> None:
+    """A seed view's kept ``splits.json`` must match the split drawn now: the runs kept there trained on it."""
+    if not path.exists():
+        return
+    kept = json.loads(path.read_text())
+    if any(kept.get(part) != splits[part] for part in ("train", "validation", "test")):
+        raise ReuseError(f"{path}: the split kept there is not the one this benchmark draws for the view (shuffled-label "
+                         "views made before 2026-12-01 drew it on the permuted labels), and the runs kept beside it "
+                         "trained on it: use another --work-dir")
 
 
 def threads_per_run(parallel: int) -> int:
@@ -397,11 +412,14 @@ class Bench:
             self.slots.put(slot)
         self.record(row, new=False)
 
+    def make_views(self) -> None:
+        """Each seed view of this call's jobs, once, before the runs share them (:func:`seed_view`)."""
+        for job in {(j.effect, j.seed, j.labels): j for j in self.by_name.values()}.values():
+            seed_view(self.cohorts[job.effect], self.view(job), job.seed, shuffle=job.labels == "shuffled")
+
     def run(self) -> list[dict]:
         """Every job, then (``--ig`` with ``--restarts``) each split's pick analysed; this call's finished rows."""
         (self.work / "logs").mkdir(parents=True, exist_ok=True)
-        for job in {(j.effect, j.seed, j.labels): j for j in self.by_name.values()}.values():   # once, before sharing
-            seed_view(self.cohorts[job.effect], self.view(job), job.seed, shuffle=job.labels == "shuffled")
         with ThreadPoolExecutor(max(1, self.args.parallel)) as pool:
             list(pool.map(self.one, self.by_name.values()))
             finished = [r for r in self.rows if r["name"] in self.by_name]   # not the rows of a larger earlier call
@@ -439,11 +457,11 @@ def main(argv: list[str] | None = None) -> int:
     done = {r["name"]: r for r in json.loads(record_path.read_text())["rows"]} if record_path.exists() else {}
     try:
         check_reuse(jobs, done, record_path)
-        cohorts = prepare_cohorts(work, args)
+        bench = Bench(args, work, jobs, done, prepare_cohorts(work, args), started)
+        bench.make_views()
     except ReuseError as exc:
         print(f"python -m brainmt.bench.learning: {exc}", file=sys.stderr)
         return 2
-    bench = Bench(args, work, jobs, done, cohorts, started)
     finished = bench.run()
     summary, seconds = summarise(finished, args.restarts), time.perf_counter() - started
     save(record_path, bench.rows, args, seconds, summary)

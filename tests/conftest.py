@@ -66,6 +66,37 @@ def slurm(slurm_cluster):
             time.sleep(1)
 
 
+def _in_use(path: Path) -> bool:
+    """Whether a running process has its working directory or an open file under ``path`` (Linux /proc)."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            links = [proc / "cwd", *(proc / "fd").iterdir()]
+        except OSError:                     # gone, or not ours to read
+            continue
+        for link in links:
+            try:
+                if Path(os.readlink(link)).is_relative_to(path):
+                    return True
+            except OSError:
+                continue
+    return False
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ray_session_dirs():
+    """Remove, after the session, the Ray session folders its sweeps left in the temp dir (an interrupted sweep keeps
+    its logs by design, and a resumed one of the local executor runs under another job id): those this session made
+    and no process still uses."""
+    from brainmt.tune.ray_cluster import temp_dir
+
+    roots = {Path(temp_dir("x")).parent, Path("/tmp")}
+    before = {p for root in roots for p in root.glob("brainmt-ray-*")}
+    yield
+    for path in {p for root in roots for p in root.glob("brainmt-ray-*")} - before:
+        if not _in_use(path):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Turn skips into a failure when CI=true."""
     if os.environ.get("CI", "").lower() not in ("1", "true", "yes"):

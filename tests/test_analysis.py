@@ -295,6 +295,39 @@ def test_the_settings_name_the_model_by_its_weights(demo):
     assert not settings_match({**want, "weights": "0" * 16}, want) and not settings_match(None, want)
 
 
+def test_maps_made_on_another_view_of_the_scans_are_made_again(demo, tmp_path):
+    """The subject maps depend on the shards' training split and targets (the baselines' pool, the subject's class):
+    a copy of the shards reuses them, the same scans with permuted labels (a shuffled-label view) do not; a record
+    of a version that did not store this still matches."""
+    from brainmt.analysis.pipeline import fingerprint, open_run, settings_match
+
+    settings = load_config("demo").analysis
+    want = fingerprint(open_run(demo["run"]), settings)
+    copy, permuted = tmp_path / "copy", tmp_path / "permuted"
+    shutil.copytree(demo["shards"], copy)
+    shutil.copytree(demo["shards"], permuted)
+    manifest = json.loads((permuted / "manifest.json").read_text())
+    ids = sorted(manifest["scans"])
+    targets = [manifest["scans"][s]["targets"] for s in ids]
+    for scan, moved in zip(ids, targets[1:] + targets[:1], strict=True):
+        manifest["scans"][scan]["targets"] = moved
+    (permuted / "manifest.json").write_text(json.dumps(manifest))
+    assert settings_match(fingerprint(open_run(demo["run"], shards_dir=copy), settings), want)
+    other = fingerprint(open_run(demo["run"], shards_dir=permuted), settings)
+    assert other["data"] != want["data"] and not settings_match(other, want)
+    assert settings_match({k: v for k, v in want.items() if k != "data"}, want)
+    subject, out = demo["subjects"][0], tmp_path / "ig"
+    args = ["analyze", "--run", str(demo["run"]), "--out", str(out), "--subjects", subject, "--steps", "4",
+            "--maps-only"]
+    assert main([*args, "--shards", str(copy)]) == 0
+    record = out / "subjects" / f"{subject}_ig.json"
+    first = json.loads(record.read_text())
+    assert main([*args, "--shards", str(copy)]) == 0 and json.loads(record.read_text()) == first   # skipped
+    assert main([*args, "--shards", str(permuted)]) == 0
+    second = json.loads(record.read_text())
+    assert second["seconds"] != first["seconds"] and second["settings"]["data"] == other["data"]   # made again
+
+
 def test_train_split_subjects_are_not_their_own_scans_reference(demo, tmp_path):
     """--split train --baseline scans: the subject of a training scan among the references gets references drawn
     from the other scans, a subject outside them the shared ones. The prediction applies the run's Platt fit."""

@@ -10,6 +10,7 @@ subject done). A subject that fails leaves ``<subject>_error.json`` and the othe
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -116,15 +117,29 @@ def fingerprint(run: RunInfo, settings: AnalysisConfig) -> dict:
     references = {"reference_scans": settings.reference_scans,
                   "references": "spread over the target"}   # maps with references chosen by id alone are recomputed
     return found | (references if baseline == "scans" else {}) | \
-        ({"weights": weights} if weights else {})       # older maps without the weights stay valid
+        ({"weights": weights} if weights else {}) | {"data": data_identity(run)}
+
+
+def data_identity(run: RunInfo) -> str:
+    """What a subject's maps take from the shards besides its own scans, as a hash: the training split (the baselines'
+    and references' pool) and every scan's target (its class; the references' balance). Moved or copied shards keep
+    it; another view of the same scans (another split, permuted labels) does not."""
+    name = run.stats["target"]
+    train = sorted(run.shards.splits().get("train", []))
+    targets = sorted((scan, meta["targets"].get(name)) for scan, meta in run.shards.scans.items())
+    return hashlib.sha256(json.dumps([train, targets]).encode()).hexdigest()[:16]
+
+
+# fingerprint keys that older versions did not record: their maps stay valid without them
+LATER_KEYS = ("weights", "data")
 
 
 def settings_match(stored: dict | None, want: dict) -> bool:
     """Whether a subject record's settings are :func:`fingerprint`'s ``want``; a record of a version that did not
-    record the weights matches without them."""
+    record one of :data:`LATER_KEYS` matches without it."""
     if stored is None:
         return False
-    return stored == (want if "weights" in stored else {k: v for k, v in want.items() if k != "weights"})
+    return stored == {k: v for k, v in want.items() if k in stored or k not in LATER_KEYS}
 
 
 def baseline_scans(shards: ShardSet, split_scans: list[str]) -> list[str]:

@@ -91,11 +91,11 @@ def test_learning_benchmark_smoke(tmp_path):
     from brainmt.bench.learning import best_of_restarts, main
 
     work = tmp_path / "bench"
-    assert main(["--subjects", "60", "--frames", "24", "--work-dir", str(work), "--tasks", "sex", "--n-boot", "50",
-                 "--effects", "coupling", "--seeds", "2", "--restarts", "2", "--parallel", "2", "--variant", "ld",
-                 "optim.layer_decay=0.75",
-                 "analysis.baseline=scans", "analysis.reference_scans=2", "--shuffled", "coupling", "--variants-only",
-                 "--ig", "4", "train.epochs=3", "data.num_frames=8", "model.num_frames=8"]) == 0
+    args = ["--subjects", "60", "--frames", "24", "--work-dir", str(work), "--tasks", "sex", "--n-boot", "50",
+            "--effects", "coupling", "--seeds", "2", "--parallel", "2", "--variant", "ld", "optim.layer_decay=0.75",
+            "analysis.baseline=scans", "analysis.reference_scans=2", "--shuffled", "coupling", "--variants-only",
+            "--ig", "4", "train.epochs=3", "data.num_frames=8", "model.num_frames=8"]
+    assert main([*args, "--restarts", "2"]) == 0
     record = json.loads((work / "learning.json").read_text())
     by = {(r["seed"], r["labels"], r["method"]): r["test"] for r in record["rows"]}
     assert set(by) == {(seed, labels, method) for seed in (0, 1) for labels, method in [
@@ -138,6 +138,12 @@ def test_learning_benchmark_smoke(tmp_path):
     assert {"ig_effect_vs_control_auroc", "ig_contrast_vs_control_auroc",
             "ig_class_means_vs_control_auroc", "ig_net_vs_control_auroc"} <= set(summary[("true", "brainmt:ld")])
     assert "ig_net_vs_control_auroc" in summary[("shuffled", "brainmt:ld best of 2")]
+    # a rerun without restarts trains nothing and analyses the first restarts that were not picks
+    trained = {r["name"]: r["test"] for r in record["rows"]}
+    assert main([*args, "--restarts", "1"]) == 0
+    again = json.loads((work / "learning.json").read_text())["rows"]
+    assert {r["name"]: r["test"] for r in again} == trained
+    assert all("ig" in r for r in again if r["method"] == "brainmt:ld" and r.get("restart", 0) == 0)
     _learning_benchmark_refuses_mixing(work, main, common=["--n-boot", "50", "--tasks", "sex", "--effects", "coupling",
                                                                "--seeds", "2", "--variants-only", "--no-baselines"])
 

@@ -384,8 +384,12 @@ class Bench:
             print(format_row(row), flush=True)
 
     def one(self, job: BenchRun) -> None:
-        """Train (or fit) one job, and with ``--ig`` and no restarts analyse it; a failure is reported, not raised."""
+        """Train (or fit) one job, and with ``--ig`` and no restarts analyse it; a failure is reported, not raised. A job
+        an earlier call finished is not run again, only analysed if it has no IG yet."""
         if job.name in self.done:
+            if self.args.ig and self.args.restarts == 1 and job.method.startswith("brainmt") \
+                    and "ig" not in self.done[job.name]:
+                self.pick_ig(self.done[job.name])
             return
         a, out, t0, slot = self.args, self.work / "runs" / job.name, time.perf_counter(), self.slots.get()
         try:
@@ -401,7 +405,8 @@ class Bench:
         self.record({**asdict(job), "name": job.name, "seconds": time.perf_counter() - t0, **result}, new=True)
 
     def pick_ig(self, row: dict) -> None:
-        """With ``--restarts``: the IG of a split's pick, stored in its row."""
+        """The IG of a finished row (a split's pick with ``--restarts``, or a run trained before without ``--ig``),
+        stored in the row."""
         slot = self.slots.get()
         try:
             row["ig"] = self.ig(self.by_name[row["name"]], slot)

@@ -171,6 +171,8 @@ def test_two_node_sweep_starts_a_head_and_a_worker_with_token_auth(small_shards,
     assert stat.S_IMODE(token.stat().st_mode) == 0o600 and len(token.read_text()) == 64
     logs = "".join(p.read_text() for p in sweep_dir.glob("slurm/*/*_log.*"))
     assert "Ray cluster: 2 nodes" in logs and "joining the Ray head" in logs
+    heads = list((sweep_dir / "ray").glob("head-*"))                   # the head's free port, published
+    assert len(heads) == 1 and f"joining the Ray head at {heads[0].read_text().strip()}" in logs
     assert_ray_session_removed(sweep_dir)
 
 
@@ -465,6 +467,25 @@ def test_the_job_process_requeues_whatever_the_driver_process_does(tmp_path, sig
     assert lines == expected, proc.stdout + proc.stderr
     seconds = int(proc.stdout.splitlines()[-1].split()[1])
     assert seconds < 10, proc.stdout                                      # never waits for the 30 s driver
+
+
+def test_a_worker_waits_for_the_head_s_address_and_leaves_when_the_sweep_is_done(tmp_path):
+    """A worker task joins at the address the head published; with none it gives up at its deadline, or leaves at
+    once when the driver is already done (not the main thread: its SIGUSR2 handler stays as it is)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from brainmt.tune.ray_cluster import RayNode, head_file, run_worker
+
+    node = RayNode(rank=1, nodes=2, head_host="localhost", job_id="77", attempt=0)
+    head, done = head_file(tmp_path, node), tmp_path / "ray" / "done-77.0"
+    assert head == tmp_path / "ray" / "head-77.0"
+    with ThreadPoolExecutor(1) as pool:
+        started = time.monotonic()
+        assert pool.submit(run_worker, node, done, head, 3).result() == 1       # no head came
+        assert 3 <= time.monotonic() - started < 10
+        done.parent.mkdir(parents=True)
+        done.touch()
+        assert pool.submit(run_worker, node, done, head, 60).result() == 0      # the sweep ended first
 
 
 def test_waiting_for_the_ray_head_returns_once_it_listens_and_fails_if_it_exits():

@@ -43,7 +43,7 @@ def drive(cfg_dict: dict, sweep_dir: str, node: RayNode, fit_returned: Path | No
     head = None
     try:
         if node.nodes > 1:
-            address, head = start_head(node, cfg.sweep.dashboard)
+            address, head = start_head(node, cfg.sweep.dashboard, Path(sweep_dir))
             ray.init(address=address, log_to_driver=True)
             wait_for_nodes(node, Path(sweep_dir))
         else:

@@ -1,11 +1,11 @@
 """A private Ray cluster inside one job: started for the sweep, stopped with it, never another Ray on the machine.
 
-One node: the driver starts a new local Ray (``address="local"``) with the job's CPUs and GPUs. Several nodes:
-the job has one task per node (submitit starts them through srun); task 0 starts the Ray head on its node and
-runs the driver against that address only, the other tasks start Ray workers that join the head and leave when
-the driver writes its done-file. Token authentication uses a per-sweep secret in the sweep directory (mode
-0600, on the shared file system every node reads); the dashboard is off unless asked for, then bound to
-127.0.0.1 of the head node.
+One node: the driver starts a new local Ray (``address="local"``) with the job's CPUs and GPUs. Several nodes: the
+job has one task per node (submitit starts them through srun); task 0 starts the Ray head on a free port of its
+node, writes that address to the sweep directory and runs the driver against it only; the other tasks read the
+address there, start Ray workers that join the head, and leave when the driver writes its done-file. Token
+authentication uses a per-sweep secret in the sweep directory (mode 0600, on the shared file system every node
+reads); the dashboard is off unless asked for, then bound to 127.0.0.1 of the head node.
 """
 
 from __future__ import annotations
@@ -43,11 +43,6 @@ class RayNode:
     def tag(self) -> str:
         """This attempt of the job, for the files its tasks exchange (done-file, worker failures)."""
         return f"{self.job_id}.{self.attempt}"
-
-    @property
-    def port(self) -> int:
-        """The head's GCS port, derived from the job id (every task agrees without talking)."""
-        return 26000 + int(re.sub(r"\D", "", self.job_id) or 0) % 6000
 
 
 def auth_environment(sweep_dir: Path, mode: str) -> dict[str, str]:
@@ -112,19 +107,38 @@ def _ray_command() -> list[str]:
     return [str(ray_bin)] if ray_bin.exists() else [shutil.which("ray") or "ray"]
 
 
-def start_head(node: RayNode, dashboard: bool) -> tuple[str, subprocess.Popen]:
-    """Start the Ray head of a multi-node sweep on this node; returns its address and the blocking process."""
+def head_file(sweep_dir: Path, node: RayNode) -> Path:
+    """Where the head of this attempt of the job writes its address for the worker tasks."""
+    return Path(sweep_dir) / "ray" / f"head-{node.tag}"
+
+
+def free_port(ip: str) -> int:
+    """A TCP port free on ``ip`` now (the system picks it): no two jobs on a node derive the same one."""
+    with socket.socket() as s:
+        s.bind((ip, 0))
+        return s.getsockname()[1]
+
+
+def start_head(node: RayNode, dashboard: bool, sweep_dir: Path) -> tuple[str, subprocess.Popen]:
+    """Start the Ray head of a multi-node sweep on this node, on a free port, and once it listens publish its
+    address (:func:`head_file`); returns the address and the blocking process."""
     cpus, gpus = node_resources()
     ip = socket.gethostbyname(node.head_host)
-    cmd = [*_ray_command(), "start", "--head", "--block", f"--node-ip-address={ip}", f"--port={node.port}",
+    port = free_port(ip)
+    cmd = [*_ray_command(), "start", "--head", "--block", f"--node-ip-address={ip}", f"--port={port}",
            f"--num-cpus={cpus}", f"--num-gpus={gpus}", f"--temp-dir={temp_dir(node.job_id)}", "--disable-usage-stats",
            f"--include-dashboard={'true' if dashboard else 'false'}"]
     if dashboard:
         cmd.append("--dashboard-host=127.0.0.1")
     log.info("starting the Ray head: %s", " ".join(cmd))
     head = subprocess.Popen(cmd)
-    wait_for_port(ip, node.port, head)
-    return f"{ip}:{node.port}", head
+    wait_for_port(ip, port, head)
+    path = head_file(sweep_dir, node)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(f"{ip}:{port}\n")
+    partial.replace(path)                               # whole or absent for a worker reading it
+    return f"{ip}:{port}", head
 
 
 def wait_for_port(host: str, port: int, proc: subprocess.Popen, timeout_s: float = 180) -> None:
@@ -195,15 +209,30 @@ def wait_for_nodes(node: RayNode, sweep_dir: Path, timeout_s: float = 600) -> No
         time.sleep(2)
 
 
-def run_worker(node: RayNode, done_file: Path, timeout_s: float = 600) -> int:
-    """Join the head as a Ray worker and stay until the driver writes ``done_file``; returns an exit status."""
-    cpus, gpus = node_resources()
-    address = f"{socket.gethostbyname(node.head_host)}:{node.port}"
-    cmd = [*_ray_command(), "start", "--block", f"--address={address}", f"--num-cpus={cpus}", f"--num-gpus={gpus}",
-           "--disable-usage-stats"]
+def head_address(head: Path, done_file: Path, deadline: float) -> str | None:
+    """The head's address once it is written to ``head``; None when the driver is done first or at ``deadline``."""
+    while not head.exists():
+        if done_file.exists() or time.perf_counter() > deadline:
+            return None
+        time.sleep(2)
+    return head.read_text().strip()
+
+
+def run_worker(node: RayNode, done_file: Path, head: Path, timeout_s: float = 600) -> int:
+    """Join the head whose address is written to ``head`` as a Ray worker and stay until the driver writes
+    ``done_file``; returns an exit status."""
     deadline = time.perf_counter() + timeout_s
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)   # SLURM's time-limit signal is the driver's to handle
+    address = head_address(head, done_file, deadline)
+    if address is None:
+        if done_file.exists():
+            return 0
+        log.error("the Ray head did not write its address to %s within %.0f s", head, timeout_s)
+        return 1
+    cpus, gpus = node_resources()
+    cmd = [*_ray_command(), "start", "--block", f"--address={address}", f"--num-cpus={cpus}", f"--num-gpus={gpus}",
+           "--disable-usage-stats"]
     while not done_file.exists():
         log.info("joining the Ray head at %s", address)
         proc = subprocess.Popen(cmd)

@@ -23,6 +23,7 @@ from brainmt.tune.ray_cluster import (
     auth_environment,
     done_file,
     failure_file,
+    head_file,
     run_worker,
 )
 
@@ -142,7 +143,7 @@ class SweepTask(submitit.helpers.Checkpointable):
         if node.rank > 0:
             try:
                 os.environ.update(auth_environment(Path(sweep_dir), cfg.sweep.ray_auth))
-                if run_worker(node, done):
+                if run_worker(node, done, head_file(Path(sweep_dir), node)):
                     raise RuntimeError(f"Ray worker on task {node.rank} could not join the head {node.head_host}")
             except BaseException as e:                    # tell the head, which would otherwise wait for this node
                 failure_file(Path(sweep_dir), node).write_text(f"{type(e).__name__}: {e}\n")

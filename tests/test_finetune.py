@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_train import OVERRIDES, SignalAt, _free_port, _train_losses, _weights
+from test_train import OVERRIDES, SignalAt, _train_losses, _weights
 
 from brainmt.config import config_from_dict, load_config
 from brainmt.distributed import detect
@@ -190,7 +190,7 @@ def test_all_but_head_is_a_linear_probe(sex_run, source, small_shards, tmp_path)
 
 def test_frozen_parameters_under_ddp(sex_run, source, small_shards, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "brainmt.cli", "train", "--config", "debug", "--shards", str(small_shards), "--run-dir",
            str(tmp_path / "ddp"), "--no-evaluate", *OVERRIDES, "train.epochs=1", f"train.init_from={sex_run}",
            "train.freeze=stem+mamba"]

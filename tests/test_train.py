@@ -146,7 +146,7 @@ def test_ddp_training_under_torchrun(shards, tmp_path):
     """Two processes under torchrun train one model (with ``head_norm: running``, whose statistics all-reduce inside
     DDP's forward); the last checkpoint's statistics have seen every step."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "brainmt.cli", "train", "--config", "debug", "--shards", str(shards), "--run-dir", str(tmp_path / "ddp"),
            *OVERRIDES, "model.head_norm=running"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)

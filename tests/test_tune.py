@@ -474,10 +474,10 @@ def test_a_worker_waits_for_the_head_s_address_and_leaves_when_the_sweep_is_done
     once when the driver is already done (not the main thread: its SIGUSR2 handler stays as it is)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from brainmt.tune.ray_cluster import RayNode, head_file, run_worker
+    from brainmt.tune.ray_cluster import RayNode, done_file, head_file, run_worker
 
     node = RayNode(rank=1, nodes=2, head_host="localhost", job_id="77", attempt=0)
-    head, done = head_file(tmp_path, node), tmp_path / "ray" / "done-77.0"
+    head, done = head_file(tmp_path, node), done_file(tmp_path, node)
     assert head == tmp_path / "ray" / "head-77.0"
     with ThreadPoolExecutor(1) as pool:
         started = time.monotonic()

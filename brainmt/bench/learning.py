@@ -383,19 +383,23 @@ class Bench:
             save(self.record_path, self.rows, self.args, time.perf_counter() - self.started)
             print(format_row(row), flush=True)
 
+    def analyses(self, job: BenchRun) -> bool:
+        """Whether a job gets its IG as soon as it is trained: a BrainMT run under ``--ig`` without restarts (with
+        restarts only each split's pick is analysed, once all have finished)."""
+        return bool(self.args.ig) and self.args.restarts == 1 and job.method.startswith("brainmt")
+
     def one(self, job: BenchRun) -> None:
         """Train (or fit) one job, and with ``--ig`` and no restarts analyse it; a failure is reported, not raised. A job
         an earlier call finished is not run again, only analysed if it has no IG yet."""
         if job.name in self.done:
-            if self.args.ig and self.args.restarts == 1 and job.method.startswith("brainmt") \
-                    and "ig" not in self.done[job.name]:
+            if self.analyses(job) and "ig" not in self.done[job.name]:
                 self.pick_ig(self.done[job.name])
             return
         a, out, t0, slot = self.args, self.work / "runs" / job.name, time.perf_counter(), self.slots.get()
         try:
             result = (train_brainmt(job, self.view(job), out, a.device, a.window or a.frames, self.work / "logs", slot)
                       if job.method.startswith("brainmt") else fit_baseline(job, self.view(job), out, a.n_boot))
-            if a.ig and a.restarts == 1 and job.method.startswith("brainmt"):
+            if self.analyses(job):
                 result["ig"] = self.ig(job, slot)
         except Exception as exc:    # one failed run is reported, the others go on
             print(f"FAILED {job.name}: {exc}", flush=True)

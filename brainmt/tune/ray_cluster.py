@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from brainmt.fileio import atomic_write_text
+
 log = logging.getLogger("brainmt.tune")
 
 
@@ -135,9 +137,7 @@ def start_head(node: RayNode, dashboard: bool, sweep_dir: Path) -> tuple[str, su
     wait_for_port(ip, port, head)
     path = head_file(sweep_dir, node)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".tmp")
-    partial.write_text(f"{ip}:{port}\n")
-    partial.replace(path)                               # whole or absent for a worker reading it
+    atomic_write_text(path, f"{ip}:{port}\n")          # whole or absent for a worker reading it
     return f"{ip}:{port}", head
 
 

@@ -233,6 +233,46 @@ def test_learning_benchmark_restarts_pick_each_split_by_validation_not_test(tmp_
     assert main(["--restarts", "0", "--work-dir", str(tmp_path / "none")]) == 2 and not (tmp_path / "none").exists()
 
 
+def test_learning_benchmark_keeps_a_trained_run_whose_analysis_fails(tmp_path, monkeypatch, capsys):
+    """--ig: a run's row is saved once it has trained, so an analysis that fails (or a call stopped during it) loses
+    no training; the failure is named, and a rerun analyses the row without training again."""
+    import time
+
+    from brainmt.bench import learning
+
+    trained, analysed = [], []
+    scores = {k: {"value": 0.9, "ci95": [0.8, 1.0]} for k in ("auroc", "balanced_accuracy", "accuracy")}
+
+    def train(job, *args):
+        trained.append(job.name)
+        return {"test": scores, "validation": [{"epoch": 1, "val_auroc": 0.9}], "best_step": 7, "selected_by": "val_auroc"}
+
+    def analyse(job, *args):
+        analysed.append(job.name)
+        if len(analysed) == 1:
+            raise RuntimeError("brainmt analyze exited 1: CUDA out of memory")
+        return {"truth_auroc": 0.9, "effect_vs_control_auroc": 0.8, "subjects": 2}
+
+    monkeypatch.setattr(learning, "train_brainmt", train)
+    monkeypatch.setattr(learning, "analyse_brainmt", analyse)
+    args = learning.parser().parse_args(["--work-dir", str(tmp_path), "--effects", "coupling", "--seeds", "1",
+                                         "--tasks", "sex", "--no-baselines", "--shuffled", "--ig", "2"])
+    jobs = learning.plan(args.effects, [0], args.tasks, {}, [], False)
+
+    def call() -> list[dict]:
+        done = {r["name"]: r for r in json.loads((tmp_path / "learning.json").read_text())["rows"]} \
+            if (tmp_path / "learning.json").exists() else {}
+        cohorts = {"coupling": tmp_path / "data" / "coupling" / "shards"}
+        learning.Bench(args, tmp_path, jobs, done, cohorts, time.perf_counter()).run()
+        return json.loads((tmp_path / "learning.json").read_text())["rows"]
+
+    [row] = call()
+    assert trained == ["coupling-s0-sex-true-brainmt"] and "ig" not in row and row["test"] == scores
+    assert "FAILED coupling-s0-sex-true-brainmt: IG: brainmt analyze exited 1: CUDA out of memory" in capsys.readouterr().out
+    [row] = call()                                                  # the rerun analyses it, training nothing
+    assert trained == ["coupling-s0-sex-true-brainmt"] and row["ig"]["truth_auroc"] == 0.9 and row["test"] == scores
+
+
 def test_learning_benchmark_first_seed_adds_splits_after_the_first(tmp_path):
     """--first-seed 3 --seeds 2 plans splits 3 and 4 only (added to a work dir without retraining 0-2); a negative
     first seed, no seeds, or seeds that would share a restart's train.seed (s + 1000 k) stop before anything is

@@ -389,8 +389,8 @@ class Bench:
         return bool(self.args.ig) and self.args.restarts == 1 and job.method.startswith("brainmt")
 
     def one(self, job: BenchRun) -> None:
-        """Train (or fit) one job, and with ``--ig`` and no restarts analyse it; a failure is reported, not raised. A job
-        an earlier call finished is not run again, only analysed if it has no IG yet."""
+        """Train (or fit) one job and save its row, then with ``--ig`` and no restarts analyse it; a failure is
+        reported, not raised. A job an earlier call finished is not run again, only analysed if it has no IG yet."""
         if job.name in self.done:
             if self.analyses(job) and "ig" not in self.done[job.name]:
                 self.pick_ig(self.done[job.name])
@@ -399,14 +399,15 @@ class Bench:
         try:
             result = (train_brainmt(job, self.view(job), out, a.device, a.window or a.frames, self.work / "logs", slot)
                       if job.method.startswith("brainmt") else fit_baseline(job, self.view(job), out, a.n_boot))
-            if self.analyses(job):
-                result["ig"] = self.ig(job, slot)
         except Exception as exc:    # one failed run is reported, the others go on
             print(f"FAILED {job.name}: {exc}", flush=True)
             return
         finally:
             self.slots.put(slot)
-        self.record({**asdict(job), "name": job.name, "seconds": time.perf_counter() - t0, **result}, new=True)
+        row = {**asdict(job), "name": job.name, "seconds": time.perf_counter() - t0, **result}
+        self.record(row, new=True)  # kept if the IG fails or the call is stopped during it (a rerun analyses it)
+        if self.analyses(job):
+            self.pick_ig(row)
 
     def pick_ig(self, row: dict) -> None:
         """The IG of a finished row (a split's pick with ``--restarts``, or a run trained before without ``--ig``),

@@ -235,9 +235,7 @@ def test_learning_benchmark_restarts_pick_each_split_by_validation_not_test(tmp_
 
 def test_learning_benchmark_keeps_a_trained_run_whose_analysis_fails(tmp_path, monkeypatch, capsys):
     """--ig: a run's row is saved once it has trained, so an analysis that fails (or a call stopped during it) loses
-    no training; the failure is named, and a rerun analyses the row without training again."""
-    import time
-
+    no training; the failure is named and the call exits 1, and a rerun analyses the row without training again."""
     from brainmt.bench import learning
 
     trained, analysed = [], []
@@ -255,21 +253,19 @@ def test_learning_benchmark_keeps_a_trained_run_whose_analysis_fails(tmp_path, m
 
     monkeypatch.setattr(learning, "train_brainmt", train)
     monkeypatch.setattr(learning, "analyse_brainmt", analyse)
-    args = learning.parser().parse_args(["--work-dir", str(tmp_path), "--effects", "coupling", "--seeds", "1",
-                                         "--tasks", "sex", "--no-baselines", "--shuffled", "--ig", "2"])
-    jobs = learning.plan(args.effects, [0], args.tasks, {}, [], False)
+    monkeypatch.setattr(learning, "prepare_cohorts", lambda work, args: {"coupling": work / "data" / "coupling" / "shards"})
+    monkeypatch.setattr(learning.Bench, "make_views", lambda self: None)
+    args = ["--work-dir", str(tmp_path), "--effects", "coupling", "--seeds", "1", "--tasks", "sex", "--no-baselines",
+            "--shuffled", "--ig", "2"]
 
-    def call() -> list[dict]:
-        done = {r["name"]: r for r in json.loads((tmp_path / "learning.json").read_text())["rows"]} \
-            if (tmp_path / "learning.json").exists() else {}
-        cohorts = {"coupling": tmp_path / "data" / "coupling" / "shards"}
-        learning.Bench(args, tmp_path, jobs, done, cohorts, time.perf_counter()).run()
-        return json.loads((tmp_path / "learning.json").read_text())["rows"]
-
-    [row] = call()
+    assert learning.main(args) == 1
+    [row] = json.loads((tmp_path / "learning.json").read_text())["rows"]
     assert trained == ["coupling-s0-sex-true-brainmt"] and "ig" not in row and row["test"] == scores
-    assert "FAILED coupling-s0-sex-true-brainmt: IG: brainmt analyze exited 1: CUDA out of memory" in capsys.readouterr().out
-    [row] = call()                                                  # the rerun analyses it, training nothing
+    out, err = capsys.readouterr()
+    assert "FAILED coupling-s0-sex-true-brainmt: IG: brainmt analyze exited 1: CUDA out of memory" in out
+    assert "no IG for coupling-s0-sex-true-brainmt; a rerun with --ig analyses them" in err
+    assert learning.main(args) == 0                                 # the rerun analyses it, training nothing
+    [row] = json.loads((tmp_path / "learning.json").read_text())["rows"]
     assert trained == ["coupling-s0-sex-true-brainmt"] and row["ig"]["truth_auroc"] == 0.9 and row["test"] == scores
 
 

@@ -264,6 +264,14 @@ def picks_to_analyse(rows: list[dict], restarts: int) -> list[dict]:
     return [by_name[p["name"]] for p in best_of_restarts(rows, restarts) if "ig" not in p]
 
 
+def awaiting_ig(rows: list[dict], restarts: int) -> list[dict]:
+    """The rows ``--ig`` has yet to analyse: each split's pick with ``--restarts`` (:func:`picks_to_analyse`), else
+    every BrainMT row without IG."""
+    if restarts > 1:
+        return picks_to_analyse(rows, restarts)
+    return [r for r in rows if r["method"].startswith("brainmt") and "ig" not in r]
+
+
 def summarise(rows: list[dict], restarts: int = 1) -> list[dict]:
     """Mean and sd over seeds (and restarts) of each (effect, task, labels, method): the test metrics and the best
     validation, then the picks of ``restarts`` restarts (:func:`best_of_restarts`). Per-run values are listed in seed
@@ -375,9 +383,11 @@ class Bench:
         return analyse_brainmt(job, self.view(job, "true"), self.work / "runs" / job.name, planted, self.args.device,
                                self.args.ig, self.work / "logs", slot)
 
-    def record(self, row: dict, new: bool) -> None:
-        """Save ``learning.json`` with a new or updated row, and print it."""
+    def record(self, row: dict, new: bool, **update: object) -> None:
+        """Save ``learning.json`` with a new row, or a row updated with ``update`` (under the lock that the save holds,
+        so no row changes while another thread writes them out), and print it."""
         with self.lock:
+            row.update(update)
             if new:
                 self.rows.append(row)
             save(self.record_path, self.rows, self.args, time.perf_counter() - self.started)
@@ -410,17 +420,17 @@ class Bench:
             self.pick_ig(row)
 
     def pick_ig(self, row: dict) -> None:
-        """The IG of a finished row (a split's pick with ``--restarts``, or a run trained before without ``--ig``),
-        stored in the row."""
+        """The IG of a saved BrainMT row (a run just trained under ``--ig``, a split's pick with ``--restarts``, or a
+        run trained before without ``--ig``), added to the row; a failure is reported and leaves the row without it."""
         slot = self.slots.get()
         try:
-            row["ig"] = self.ig(self.by_name[row["name"]], slot)
+            ig = self.ig(self.by_name[row["name"]], slot)
         except Exception as exc:
             print(f"FAILED {row['name']}: IG: {exc}", flush=True)
             return
         finally:
             self.slots.put(slot)
-        self.record(row, new=False)
+        self.record(row, new=False, ig=ig)
 
     def make_views(self) -> None:
         """Each seed view of this call's jobs, once, before the runs share them (:func:`seed_view`)."""
@@ -477,7 +487,11 @@ def main(argv: list[str] | None = None) -> int:
     save(record_path, bench.rows, args, seconds, summary)
     print(f"\n{args.subjects} subjects a cohort ({'x'.join(map(str, args.shape))} voxels, {args.frames} frames), "
           f"device {args.device}, {seconds:.0f} s in all\n{markdown(summary)}", flush=True)
-    return 0 if len(finished) == len(jobs) else 1
+    unanalysed = [r["name"] for r in awaiting_ig(finished, args.restarts)] if args.ig else []
+    if unanalysed:
+        print(f"python -m brainmt.bench.learning: no IG for {', '.join(unanalysed)}; a rerun with --ig analyses "
+              "them without training again", file=sys.stderr)
+    return 0 if len(finished) == len(jobs) and not unanalysed else 1
 
 
 class ReuseError(ValueError):

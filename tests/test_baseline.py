@@ -233,21 +233,22 @@ def test_learning_benchmark_restarts_pick_each_split_by_validation_not_test(tmp_
     assert main(["--restarts", "0", "--work-dir", str(tmp_path / "none")]) == 2 and not (tmp_path / "none").exists()
 
 
-def test_learning_benchmark_keeps_a_trained_run_whose_analysis_fails(tmp_path, monkeypatch, capsys):
-    """--ig: a run's row is saved once it has trained, so an analysis that fails (or a call stopped during it) loses
-    no training; the failure is named and the call exits 1, and a rerun analyses the row without training again."""
+@pytest.fixture
+def fake_bench(tmp_path, monkeypatch):
+    """The learning benchmark with training and IG replaced by fakes that log their calls (``failures``: how many
+    analyses fail first): the bookkeeping of learning.json, tested without training anything."""
     from brainmt.bench import learning
 
-    trained, analysed = [], []
+    calls = {"trained": [], "analysed": [], "failures": 0}
     scores = {k: {"value": 0.9, "ci95": [0.8, 1.0]} for k in ("auroc", "balanced_accuracy", "accuracy")}
 
     def train(job, *args):
-        trained.append(job.name)
+        calls["trained"].append(job.name)
         return {"test": scores, "validation": [{"epoch": 1, "val_auroc": 0.9}], "best_step": 7, "selected_by": "val_auroc"}
 
     def analyse(job, *args):
-        analysed.append(job.name)
-        if len(analysed) == 1:
+        calls["analysed"].append(job.overrides)
+        if len(calls["analysed"]) <= calls["failures"]:
             raise RuntimeError("brainmt analyze exited 1: CUDA out of memory")
         return {"truth_auroc": 0.9, "effect_vs_control_auroc": 0.8, "subjects": 2}
 
@@ -255,18 +256,46 @@ def test_learning_benchmark_keeps_a_trained_run_whose_analysis_fails(tmp_path, m
     monkeypatch.setattr(learning, "analyse_brainmt", analyse)
     monkeypatch.setattr(learning, "prepare_cohorts", lambda work, args: {"coupling": work / "data" / "coupling" / "shards"})
     monkeypatch.setattr(learning.Bench, "make_views", lambda self: None)
-    args = ["--work-dir", str(tmp_path), "--effects", "coupling", "--seeds", "1", "--tasks", "sex", "--no-baselines",
-            "--shuffled", "--ig", "2"]
 
-    assert learning.main(args) == 1
-    [row] = json.loads((tmp_path / "learning.json").read_text())["rows"]
-    assert trained == ["coupling-s0-sex-true-brainmt"] and "ig" not in row and row["test"] == scores
+    def run(*extra: str) -> tuple[int, dict]:
+        code = learning.main(["--work-dir", str(tmp_path), "--effects", "coupling", "--seeds", "1", "--tasks", "sex",
+                              "--no-baselines", "--shuffled", "--ig", "2", *extra])
+        [row] = json.loads((tmp_path / "learning.json").read_text())["rows"]
+        assert row["test"] == scores
+        return code, row
+
+    return calls, run
+
+
+def test_learning_benchmark_keeps_a_trained_run_whose_analysis_fails(fake_bench, capsys):
+    """--ig: a run's row is saved once it has trained, so an analysis that fails (or a call stopped during it) loses
+    no training; the failure is named and the call exits 1, and a rerun analyses the row without training again."""
+    calls, run = fake_bench
+    calls["failures"] = 1
+    code, row = run()
+    assert code == 1 and calls["trained"] == ["coupling-s0-sex-true-brainmt"] and "ig" not in row
     out, err = capsys.readouterr()
     assert "FAILED coupling-s0-sex-true-brainmt: IG: brainmt analyze exited 1: CUDA out of memory" in out
     assert "no IG for coupling-s0-sex-true-brainmt; a rerun with --ig analyses them" in err
-    assert learning.main(args) == 0                                 # the rerun analyses it, training nothing
-    [row] = json.loads((tmp_path / "learning.json").read_text())["rows"]
-    assert trained == ["coupling-s0-sex-true-brainmt"] and row["ig"]["truth_auroc"] == 0.9 and row["test"] == scores
+    code, row = run()                                               # the rerun analyses it, training nothing
+    assert code == 0 and calls["trained"] == ["coupling-s0-sex-true-brainmt"] and row["ig"]["truth_auroc"] == 0.9
+
+
+def test_learning_benchmark_analyses_again_with_other_analysis_settings(fake_bench, capsys):
+    """A rerun whose only new overrides are analysis.* ones reuses the trained runs and, with --ig, analyses them
+    again with those settings, keeping the earlier IG under ig_superseded; other new overrides are still refused."""
+    calls, run = fake_bench
+    assert run("analysis.baseline=mean")[0] == 0
+    code, row = run("analysis.baseline=scans", "analysis.reference_scans=4")
+    assert code == 0 and calls["trained"] == ["coupling-s0-sex-true-brainmt"]
+    assert calls["analysed"] == [["analysis.baseline=mean"], ["analysis.baseline=scans", "analysis.reference_scans=4"]]
+    assert row["ig"]["analysis"] == ["analysis.baseline=scans", "analysis.reference_scans=4"]
+    assert row["ig_superseded"]["analysis"] == ["analysis.baseline=mean"]
+    assert run("analysis.baseline=scans", "analysis.reference_scans=4")[0] == 0 and len(calls["analysed"]) == 2
+    capsys.readouterr()
+    assert run("analysis.baseline=scans", "train.epochs=2")[0] == 2         # training settings: another work dir
+    assert "already has coupling-s0-sex-true-brainmt trained with overrides" in capsys.readouterr().err
+    assert calls["trained"] == ["coupling-s0-sex-true-brainmt"] and len(calls["analysed"]) == 2
 
 
 def test_learning_benchmark_first_seed_adds_splits_after_the_first(tmp_path):

@@ -424,7 +424,8 @@ class Bench:
         run trained before without ``--ig``), added to the row; a failure is reported and leaves the row without it."""
         slot = self.slots.get()
         try:
-            ig = self.ig(self.by_name[row["name"]], slot)
+            job = self.by_name[row["name"]]
+            ig = {**self.ig(job, slot), "analysis": analysis_overrides(job.overrides)}
         except Exception as exc:
             print(f"FAILED {row['name']}: IG: {exc}", flush=True)
             return
@@ -477,6 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     done = {r["name"]: r for r in json.loads(record_path.read_text())["rows"]} if record_path.exists() else {}
     try:
         check_reuse(jobs, done, record_path)
+        if args.ig:
+            supersede_ig(jobs, done)
         bench = Bench(args, work, jobs, done, prepare_cohorts(work, args), started)
         bench.make_views()
     except ReuseError as exc:
@@ -498,13 +501,32 @@ class ReuseError(ValueError):
     """The work directory holds results or a cohort made with other settings than this call's."""
 
 
+def analysis_overrides(overrides: list[str]) -> list[str]:
+    """The ``analysis.*`` overrides: they reach ``brainmt analyze`` and change nothing in training."""
+    return [o for o in overrides if o.startswith("analysis.")]
+
+
 def check_reuse(jobs: list[BenchRun], done: dict[str, dict], record_path: Path) -> None:
-    """A finished row is reused only for the same job with the same overrides; anything else is an error."""
+    """A finished row is reused only for the same job trained with the same overrides (``analysis.*`` aside);
+    anything else is an error."""
     for job in jobs:
         row = done.get(job.name)
-        if row is not None and row.get("overrides", []) != job.overrides:
+        if row is None:
+            continue
+        if [o for o in row.get("overrides", []) if not o.startswith("analysis.")] != \
+                [o for o in job.overrides if not o.startswith("analysis.")]:
             raise ReuseError(f"{record_path} already has {job.name} trained with overrides {row.get('overrides', [])}, "
                              f"not {job.overrides}: use another --work-dir (or remove that one)")
+
+
+def supersede_ig(jobs: list[BenchRun], done: dict[str, dict]) -> None:
+    """``--ig`` with other ``analysis.*`` overrides than a finished row's IG was made with: that IG moves to
+    ``ig_superseded`` (kept in learning.json), so the row is analysed again with this call's settings."""
+    for job in jobs:
+        row = done.get(job.name)
+        if row and "ig" in row and row["ig"].get("analysis", analysis_overrides(row.get("overrides", []))) \
+                != analysis_overrides(job.overrides):
+            row["ig_superseded"] = row.pop("ig")
 
 
 def _cohort_settings(effect: str, args: argparse.Namespace) -> dict:

@@ -257,9 +257,9 @@ def fake_bench(tmp_path, monkeypatch):
     monkeypatch.setattr(learning, "prepare_cohorts", lambda work, args: {"coupling": work / "data" / "coupling" / "shards"})
     monkeypatch.setattr(learning.Bench, "make_views", lambda self: None)
 
-    def run(*extra: str) -> tuple[int, dict]:
+    def run(*extra: str, ig: int = 2) -> tuple[int, dict]:
         code = learning.main(["--work-dir", str(tmp_path), "--effects", "coupling", "--seeds", "1", "--tasks", "sex",
-                              "--no-baselines", "--shuffled", "--ig", "2", *extra])
+                              "--no-baselines", "--shuffled", "--ig", str(ig), *extra])
         [row] = json.loads((tmp_path / "learning.json").read_text())["rows"]
         assert row["test"] == scores
         return code, row
@@ -282,20 +282,30 @@ def test_learning_benchmark_keeps_a_trained_run_whose_analysis_fails(fake_bench,
 
 
 def test_learning_benchmark_analyses_again_with_other_analysis_settings(fake_bench, capsys):
-    """A rerun whose only new overrides are analysis.* ones reuses the trained runs and, with --ig, analyses them
-    again with those settings, keeping the earlier IG under ig_superseded; other new overrides are still refused."""
+    """A rerun whose only new overrides are analysis.* ones reuses the trained runs; with --ig it analyses them again
+    with those settings (or --ig's number of subjects), keeping the earlier IG in ig_superseded, which comes back for
+    a call with its settings; without --ig an IG of other settings leaves the table. New training overrides are
+    still refused."""
     calls, run = fake_bench
+    scans = ["analysis.baseline=scans", "analysis.reference_scans=4"]
     assert run("analysis.baseline=mean")[0] == 0
-    code, row = run("analysis.baseline=scans", "analysis.reference_scans=4")
-    assert code == 0 and calls["trained"] == ["coupling-s0-sex-true-brainmt"]
-    assert calls["analysed"] == [["analysis.baseline=mean"], ["analysis.baseline=scans", "analysis.reference_scans=4"]]
-    assert row["ig"]["analysis"] == ["analysis.baseline=scans", "analysis.reference_scans=4"]
-    assert row["ig_superseded"]["analysis"] == ["analysis.baseline=mean"]
-    assert run("analysis.baseline=scans", "analysis.reference_scans=4")[0] == 0 and len(calls["analysed"]) == 2
+    code, row = run(*scans)
+    assert code == 0 and calls["trained"] == ["coupling-s0-sex-true-brainmt"] and calls["analysed"][-1] == scans
+    assert row["ig"]["settings"] == {"analysis.baseline": "scans", "analysis.reference_scans": "4", "subjects": 2}
+    assert [ig["settings"]["analysis.baseline"] for ig in row["ig_superseded"]] == ["mean"]
+    code, row = run(*reversed(scans), "analysis.figures=false")     # the same settings: nothing to do
+    assert code == 0 and len(calls["analysed"]) == 2
+    code, row = run("analysis.baseline=mean")                       # the earlier IG comes back
+    assert code == 0 and len(calls["analysed"]) == 2 and row["ig"]["settings"]["analysis.baseline"] == "mean"
+    code, row = run("analysis.baseline=mean", ig=3)                 # more subjects: analysed again
+    assert code == 0 and len(calls["analysed"]) == 3 and row["ig"]["settings"]["subjects"] == 3
+    assert len(row["ig_superseded"]) == 2
+    code, row = run("analysis.baseline=zeros", ig=0)                # no IG of these settings, none made
+    assert code == 0 and "ig" not in row and len(calls["analysed"]) == 3 and len(row["ig_superseded"]) == 3
     capsys.readouterr()
     assert run("analysis.baseline=scans", "train.epochs=2")[0] == 2         # training settings: another work dir
     assert "already has coupling-s0-sex-true-brainmt trained with overrides" in capsys.readouterr().err
-    assert calls["trained"] == ["coupling-s0-sex-true-brainmt"] and len(calls["analysed"]) == 2
+    assert calls["trained"] == ["coupling-s0-sex-true-brainmt"] and len(calls["analysed"]) == 3
 
 
 def test_learning_benchmark_first_seed_adds_splits_after_the_first(tmp_path):

@@ -425,7 +425,7 @@ class Bench:
         slot = self.slots.get()
         try:
             job = self.by_name[row["name"]]
-            ig = {**self.ig(job, slot), "analysis": analysis_overrides(job.overrides)}
+            ig = {**self.ig(job, slot), "settings": ig_settings(job.overrides, self.args.ig)}
         except Exception as exc:
             print(f"FAILED {row['name']}: IG: {exc}", flush=True)
             return
@@ -478,8 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     done = {r["name"]: r for r in json.loads(record_path.read_text())["rows"]} if record_path.exists() else {}
     try:
         check_reuse(jobs, done, record_path)
-        if args.ig:
-            supersede_ig(jobs, done)
+        settle_ig(jobs, done, args.ig)
         bench = Bench(args, work, jobs, done, prepare_cohorts(work, args), started)
         bench.make_views()
     except ReuseError as exc:
@@ -501,9 +500,12 @@ class ReuseError(ValueError):
     """The work directory holds results or a cohort made with other settings than this call's."""
 
 
-def analysis_overrides(overrides: list[str]) -> list[str]:
-    """The ``analysis.*`` overrides: they reach ``brainmt analyze`` and change nothing in training."""
-    return [o for o in overrides if o.startswith("analysis.")]
+def ig_settings(overrides: list[str], subjects: int) -> dict[str, object]:
+    """What a run's IG depends on besides the run: its ``analysis.*`` overrides (the last value of a key wins; not
+    ``analysis.figures``, which the benchmark always turns off) and ``--ig``'s number of subjects."""
+    found: dict[str, object] = dict(o.split("=", 1) for o in overrides if o.startswith("analysis.") and "=" in o)
+    found.pop("analysis.figures", None)
+    return found | {"subjects": subjects}
 
 
 def check_reuse(jobs: list[BenchRun], done: dict[str, dict], record_path: Path) -> None:
@@ -519,14 +521,26 @@ def check_reuse(jobs: list[BenchRun], done: dict[str, dict], record_path: Path) 
                              f"not {job.overrides}: use another --work-dir (or remove that one)")
 
 
-def supersede_ig(jobs: list[BenchRun], done: dict[str, dict]) -> None:
-    """``--ig`` with other ``analysis.*`` overrides than a finished row's IG was made with: that IG moves to
-    ``ig_superseded`` (kept in learning.json), so the row is analysed again with this call's settings."""
+def settle_ig(jobs: list[BenchRun], done: dict[str, dict], subjects: int) -> None:
+    """Give each finished row as ``ig`` the IG it has that was made with this call's settings (:func:`ig_settings`;
+    without ``--ig``, ``subjects`` 0, any number of subjects), and keep the others in ``ig_superseded``. A row
+    without a matching IG is analysed again under ``--ig``; an earlier IG comes back for a call with its settings."""
+    def unsized(settings: dict) -> dict:
+        return {k: v for k, v in settings.items() if k != "subjects"}
+
     for job in jobs:
         row = done.get(job.name)
-        if row and "ig" in row and row["ig"].get("analysis", analysis_overrides(row.get("overrides", []))) \
-                != analysis_overrides(job.overrides):
-            row["ig_superseded"] = row.pop("ig")
+        if not row:
+            continue
+        kept = ([row.pop("ig")] if "ig" in row else []) + row.pop("ig_superseded", [])
+        want = ig_settings(job.overrides, subjects)
+        made = [ig.get("settings") or ig_settings(row.get("overrides", []), ig.get("subjects", 0)) for ig in kept]
+        match = [ig for ig, m in zip(kept, made, strict=True)
+                 if (m == want if subjects else unsized(m) == unsized(want))]
+        if match:
+            row["ig"] = match[0]
+        if others := [ig for ig in kept if ig is not row.get("ig")]:
+            row["ig_superseded"] = others
 
 
 def _cohort_settings(effect: str, args: argparse.Namespace) -> dict:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from brainmt.train import checkpoint as ckpt
 from brainmt.train.evaluation import evaluate
 from brainmt.train.loop import TrainingError, train
 from brainmt.train.metrics import auroc, classification_metrics, per_subject, regression_metrics, with_intervals
+from brainmt.tune.ray_cluster import free_port
 
 OVERRIDES = ["data.num_frames=8", "model.num_frames=8", "train.epochs=2", "data.samples_per_epoch=24",
              "train.log_every=1", "train.keep_last=2"]
@@ -95,16 +95,10 @@ def test_evaluate_writes_per_subject_predictions_and_intervals(shards, tmp_path)
     assert (tmp_path / "run" / "predictions-validation.csv").exists() and reg["split"] == "validation"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_processes_match_one_process_with_twice_the_batch(tmp_path):
     torch.manual_seed(1)
     x, y = torch.randn(4, 4, 1, 20, 24, 20), torch.randn(4)
-    port = _free_port()
+    port = free_port("127.0.0.1")
     torch.multiprocessing.spawn(ddp_step_worker, args=(2, port, x, y, str(tmp_path / "ddp.pt")), nprocs=2)
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
     rank0, rank1 = ddp["params"]
@@ -130,7 +124,7 @@ def test_head_norm_statistics_under_ddp_are_the_global_batch_s_on_every_rank(tmp
 
     torch.manual_seed(2)
     batches = [torch.randn(5, 6) * 3 + 7 for _ in range(4)]
-    torch.multiprocessing.spawn(running_standardize_worker, args=(2, _free_port(), batches, str(tmp_path / "b")),
+    torch.multiprocessing.spawn(running_standardize_worker, args=(2, free_port("127.0.0.1"), batches, str(tmp_path / "b")),
                                 nprocs=2)
     ranks = [torch.load(tmp_path / f"b.{r}", weights_only=True) for r in (0, 1)]
     one = RunningStandardize(6).train()
